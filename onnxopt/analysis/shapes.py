@@ -1,0 +1,67 @@
+"""The `shapes` analysis: ONNX shape inference on the current graph, as a name -> info map.
+
+Shapes are inferred with onnx's own inference (with data propagation, so shapes computed
+from constant tensors are known) on an export of the graph as it is now. Nothing is
+written back into the graph: a pass that wants a shape reads it from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..context import register_analysis
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: np.dtype | None
+    shape: tuple | None  # ints for known dims, str for symbolic ones, None for unknown
+
+    @property
+    def is_static(self) -> bool:
+        return self.shape is not None and all(isinstance(d, int) for d in self.shape)
+
+
+def _info(type_proto: onnx.TypeProto) -> TensorInfo | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tt = type_proto.tensor_type
+    dtype = None
+    if tt.elem_type:
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        except (KeyError, TypeError):
+            dtype = None
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in tt.shape.dim)
+    return TensorInfo(dtype, shape)
+
+
+@register_analysis("shapes")
+def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
+    from ..graph_io import export_model
+
+    proto = export_model(model.graph, model.template)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort; passes fall back to what they know
+        logger.debug("shape inference failed: %s", exc)
+        inferred = proto
+    out: dict[str, TensorInfo] = {}
+    graph = inferred.graph
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        info = _info(value.type)
+        if info is not None:
+            out[value.name] = info
+    for init in graph.initializer:
+        out[init.name] = TensorInfo(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                                    if init.data_type else None, tuple(init.dims))
+    return out

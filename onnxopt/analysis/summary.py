@@ -1,0 +1,77 @@
+"""What `onnxopt inspect` shows: counts, opsets, interface, sizes of a model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from ..model import Model, model_tensors
+
+_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+
+
+def _value_type(value: onnx.ValueInfoProto) -> dict:
+    t = value.type
+    if t.HasField("tensor_type"):
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.tensor_type.shape.dim] if t.tensor_type.HasField("shape") else None
+        return {"name": value.name, "dtype": onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower(),
+                "shape": dims}
+    return {"name": value.name, "dtype": t.WhichOneof("value") or "unknown", "shape": None}
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    bits = _BITS.get(tensor.data_type)
+    if bits:
+        return (n * bits + 7) // 8
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return len(tensor.raw_data)
+
+
+def summarize(model: Model) -> dict:
+    """A JSON-ready summary of ``model`` (the proto as it would be written)."""
+    proto = model.to_proto()
+    ops: Counter = Counter()
+
+    def walk(graph: onnx.GraphProto) -> int:
+        count = 0
+        for node in graph.node:
+            ops[(node.domain + "." if node.domain not in ("", "ai.onnx") else "") + node.op_type] += 1
+            count += 1
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    count += walk(attr.g)
+                for g in attr.graphs:
+                    count += walk(g)
+        return count
+
+    nodes = walk(proto.graph)
+    params = weight_bytes = 0
+    for tensor in model_tensors(proto):
+        n = 1
+        for d in tensor.dims:
+            n *= d
+        params += n
+        weight_bytes += tensor_bytes(tensor)
+    return {
+        "file": str(model.path) if model.path else None,
+        "file_bytes": Path(model.path).stat().st_size if model.path else proto.ByteSize(),
+        "ir_version": proto.ir_version,
+        "opsets": {(imp.domain or "ai.onnx"): imp.version for imp in proto.opset_import},
+        "producer": (proto.producer_name + " " + proto.producer_version).strip(),
+        "nodes": nodes,
+        "functions": len(proto.functions),
+        "params": params,
+        "weight_bytes": weight_bytes,
+        "inputs": [_value_type(v) for v in proto.graph.input
+                   if v.name not in {i.name for i in proto.graph.initializer}],
+        "outputs": [_value_type(v) for v in proto.graph.output],
+        "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }

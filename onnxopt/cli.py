@@ -1,0 +1,238 @@
+"""The `onnxopt` command line: argparse subcommands, errors mapped to exit codes.
+
+Exit codes (DESIGN.md section 5): 0 done; 1 internal error (traceback shown); 2 bad input
+or usage (one line `onnxopt: error: …`, traceback only with --debug); 3 quality gate or
+verification failed. On any non-zero exit the output file is not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import OnnxoptError, OutputError, UsageError
+
+logger = logging.getLogger("onnxopt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog.split()[-1] if ' ' in self.prog else 'usage'}: {message}"
+                         f" (see `{self.prog} --help`)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxopt", description=(
+        "Optimize ONNX models for a hardware target: lossless cleanup and fusion, "
+        "quantization, and a report of what it cost."),
+        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 quality gate not met")
+    parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="optimize a model for a target",
+                       description="Optimize IN.onnx for a target and write OUT.onnx atomically.")
+    p.add_argument("input", metavar="IN.onnx", help="the model to optimize (never modified)")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the result")
+    p.add_argument("--target", default="cpu", metavar="cpu|gpu|npu|FILE.toml",
+                   help="hardware target: a built-in name or a target file (default: cpu)")
+    p.add_argument("--pipeline", metavar="NAME|TEXT",
+                   help="a pipeline name of the target (lossless, default, …) or pipeline text "
+                        "such as 'lossless,fuse-conv-bn' (default: the target's 'default')")
+    p.add_argument("--calibration", metavar="DATA", help="calibration data: an .npz file or a folder of them")
+    p.add_argument("--report", metavar="FILE", help="write a report (.json)")
+    p.add_argument("--verify", action="store_true",
+                   help="check each pass in onnxruntime; roll back a lossless pass that changes outputs")
+    p.add_argument("--strict", action="store_true",
+                   help="a pass that fails or breaks the model stops the run (exit 1 or 3)")
+    p.add_argument("--external-data", action="store_true",
+                   help="write weights to OUT.onnx.data (automatic over 2 GB)")
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="show a model's size, ops, interface",
+                       description="Show nodes, op histogram, params, bytes, opsets, inputs and outputs.")
+    p.add_argument("model", metavar="MODEL", help="an .onnx file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    p = sub.add_parser("passes", help="list every registered pass and its options")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    p = sub.add_parser("targets", help="list targets and their pipelines")
+    p.add_argument("name", nargs="?", metavar="TARGET", help="show one target (name or .toml file)")
+    p.add_argument("--json", action="store_true", help="print the effective targets (after extends) as JSON")
+    _add_common(p)
+    return parser
+
+
+# -- subcommands -------------------------------------------------------------------------------
+def _check_output(input_path: str, output: str) -> None:
+    out = Path(output)
+    if out.exists() and out.is_dir():
+        raise OutputError(f"{output}: is a folder; give a file name")
+    if Path(input_path).exists() and out.exists() and os.path.samefile(input_path, out):
+        raise UsageError(f"{output}: output would overwrite the input (the input is never modified)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{output}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{output}: output folder '{folder}' is not writable")
+
+
+def cmd_optimize(args) -> int:
+    from .model import save
+    from .optimize import optimize
+
+    _check_output(args.input, args.output)
+    if args.report:
+        _check_output(args.input, args.report)
+    progress = not args.quiet and sys.stderr.isatty()
+    result = optimize(args.input, target=args.target, pipeline=args.pipeline,
+                      calibration=args.calibration, verify=args.verify, strict=args.strict,
+                      progress=progress)
+    save(result.model, args.output, external_data=True if args.external_data else None)
+    report = result.report
+    report["output"] = args.output
+    report["output_bytes"] = Path(args.output).stat().st_size
+    report["input_bytes"] = Path(args.input).stat().st_size
+    if args.report:
+        _write_text_atomic(Path(args.report), json.dumps(report, indent=2, default=str) + "\n")
+    if not args.quiet:
+        print(_summary_table(report))
+    return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _summary_table(report: dict) -> str:
+    b, a = report["before"], report["after"]
+
+    def ratio(x, y):
+        return f"{y / x:.2f}x" if x else "-"
+
+    rows = [("", "before", "after", "ratio"),
+            ("nodes", b["nodes"], a["nodes"], ratio(b["nodes"], a["nodes"])),
+            ("params", b["params"], a["params"], ratio(b["params"], a["params"])),
+            ("file bytes", report["input_bytes"], report["output_bytes"],
+             ratio(report["input_bytes"], report["output_bytes"]))]
+    lines = [f"{r[0]:<12}{r[1]!s:>14}{r[2]!s:>14}{r[3]!s:>9}" for r in rows]
+    changed = [p["name"] for p in report["passes"] if p["status"] == "changed"]
+    trouble = [f"{p['name']} ({p['status']}: {p['error']})" for p in report["passes"]
+               if p["status"] in ("failed", "rolled-back")]
+    lines.append(f"target {report['target']}; pipeline {report['pipeline']}")
+    lines.append(f"changed by: {', '.join(changed) or 'nothing'}; {report['seconds']:.2f} s")
+    for t in trouble:
+        lines.append(f"rolled back: {t}")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from .analysis.summary import summarize
+    from .model import load
+
+    info = summarize(load(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['file_bytes']:,} bytes, IR {info['ir_version']}, opsets "
+          + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()))
+    print(f"nodes {info['nodes']:,}, params {info['params']:,} ({info['weight_bytes']:,} bytes), "
+          f"functions {info['functions']}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            print(f"  {kind[:-1]:<6} {v['name']}: {v['dtype']} {v['shape']}")
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items()))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from .registry import all_passes
+
+    passes = all_passes()
+    if args.json:
+        out = [{"name": name, "summary": cls.summary(), "lossless": cls.lossless,
+                "needs_calibration": cls.needs_calibration, "module": cls.__module__,
+                "options": [{"name": s.name, "type": s.type_name, "default": s.default,
+                             "help": s.help, "choices": list(s.choices) if s.choices else None}
+                            for s in cls.option_specs()]} for name, cls in passes.items()]
+        print(json.dumps(out, indent=2))
+        return 0
+    for name, cls in passes.items():
+        kind = "lossless" if cls.lossless else "lossy"
+        print(f"{name:<24} {kind:<9} {cls.summary()}")
+        for s in cls.option_specs():
+            choices = f" ({'|'.join(map(str, s.choices))})" if s.choices else ""
+            print(f"    {s.name}={s.default!r} [{s.type_name}]{choices}  {s.help}")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .target import _plugin_targets, builtin_target_names, load_target
+
+    names = [args.name] if args.name else builtin_target_names() + sorted(_plugin_targets())
+    targets = [load_target(n) for n in names]
+    if args.json:
+        print(json.dumps([t.to_json() | {"source": t.source} for t in targets], indent=2))
+        return 0
+    for t in targets:
+        print(f"{t.name}: {t.description} ({t.source})")
+        for pname, text in t.pipelines.items():
+            print(f"    {pname:<10} {text}")
+    return 0
+
+
+COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "passes": cmd_passes,
+            "targets": cmd_targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    quiet = "-q" in argv or "--quiet" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING),
+                        format="onnxopt: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except OnnxoptError as exc:
+        if debug:
+            traceback.print_exc()
+        message = str(exc).replace("\n", " ")
+        print(f"onnxopt: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted; no output written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxopt: error: out of memory", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The one call behind `onnxopt optimize` and `onnxopt.optimize(...)`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from . import __version__
+from .context import PassContext
+from .model import Model, add_provenance, load, save
+from .pass_manager import PassManager, PassRecord, count_nodes, count_params
+from .pipeline import PassSpec, format_pipeline, resolve
+from .target import Target, load_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model, what was done to it, and a way to write it."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    records: list[PassRecord] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+        """Write the model atomically (external data when asked or over 2 GB)."""
+        return save(self.model, path, external_data=external_data)
+
+
+def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSpec] | None = None,
+         has_calibration: bool = False) -> tuple[Target, list[PassSpec], list[str]]:
+    """(target, resolved specs, notes): the pipeline a run would execute."""
+    target = load_target(target)
+    notes: list[str] = []
+    text = pipeline if pipeline is not None else "default"
+    specs = resolve(text, target.pipelines, target.passes)
+    if not has_calibration:
+        from .registry import get_pass
+
+        needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
+        if needing:
+            if pipeline is None:  # the default pipeline: drop what needs data, and say so
+                specs = [s for s in specs if s.name not in needing]
+                notes.append(f"no calibration data: skipped {', '.join(needing)} "
+                             "(static quantization needs --calibration)")
+            else:
+                from .errors import CalibrationError
+
+                raise CalibrationError(f"pass(es) {', '.join(needing)} need calibration data "
+                                       "(--calibration DATA or calibration=…)")
+    return target, specs, notes
+
+
+def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | os.PathLike | Target = "cpu",
+             pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
+             verify: bool = False, strict: bool = False, progress: bool = False,
+             seed: int = 0) -> OptimizeResult:
+    """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
+
+    ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
+    Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
+    The input (file or proto) is never modified.
+    """
+    started = time.perf_counter()
+    target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
+    m = load(model)
+    calib = None
+    if calibration is not None:
+        from .calibration import open_calibration
+
+        calib = open_calibration(calibration, m)
+    ctx = PassContext(target=target, calibration=calib, seed=seed)
+    ctx.notes.extend(notes)
+    for note in notes:
+        logger.warning(note)
+    before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph)}
+    manager = PassManager(specs, verify=verify, strict=strict, progress=progress)
+    records = manager.run(m, ctx)
+    proto = m.to_proto()
+    pipeline_text = format_pipeline(specs)
+    add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
+                   source_sha256=m.source_sha256)
+    report = {
+        "onnxopt_version": __version__,
+        "target": target.name,
+        "pipeline": pipeline_text,
+        "source": str(m.path) if m.path else None,
+        "source_sha256": m.source_sha256,
+        "before": before,
+        "after": {"nodes": count_nodes(m.graph), "params": count_params(m.graph)},
+        "passes": [r.to_json() for r in records],
+        "notes": list(ctx.notes),
+        "seconds": time.perf_counter() - started,
+    }
+    return OptimizeResult(model=proto, report=report, records=records)

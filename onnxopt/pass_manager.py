@@ -1,0 +1,241 @@
+"""Run a resolved pipeline over a model: time, count, verify, roll back, invalidate.
+
+For each pass: snapshot the graph, run, then (if the pass reports a change) check the
+graph is still well formed and, under verify, that a lossless pass kept the outputs of
+its input in onnxruntime. A pass that raises or breaks the model is rolled back to the
+snapshot and reported; ``strict`` makes that fatal (PassFailedError, exit 1, for a pass
+that raised; VerificationError, exit 3, for a pass that broke the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import verify
+from .context import PassContext
+from .errors import OnnxoptError, PassFailedError, VerificationError
+from .model import Model
+from .pipeline import PassSpec
+from .registry import get_pass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassRecord:
+    """What happened to one pass of the pipeline (one row of the report)."""
+
+    name: str
+    options: dict[str, Any]
+    status: str = "pending"  # changed | unchanged | rolled-back | failed | skipped
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    verified: str | None = None  # "equal" | "skipped: …" | None (not asked)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    """Nodes of the graph and of every subgraph inside it."""
+    from .model import iter_graphs
+
+    return sum(len(g.nodes) for g in iter_graphs(graph))
+
+
+def count_params(graph: gs.Graph) -> int:
+    """Elements of every constant tensor (initializers and Constant-node values)."""
+    seen, total = set(), 0
+    from .model import iter_graphs
+
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    total += int(_volume(t.shape))
+            if node.op == "Constant" and "value" in node.attrs:
+                value = node.attrs["value"]
+                if isinstance(value, gs.Constant):
+                    total += int(_volume(value.shape))
+    return total
+
+
+def _volume(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= int(d) if isinstance(d, int) else 1
+    return n
+
+
+def graph_digest(model: Model) -> str:
+    """A hash of the model as it would be written (used to catch dishonest `changed`)."""
+    from .graph_io import export_model
+
+    proto = export_model(model.graph, model.template)
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def structural_problem(graph: gs.Graph) -> str | None:
+    """A cheap check after every change: no cycle, every input produced or constant."""
+    from .model import iter_graphs
+
+    try:
+        graph.toposort(recurse_subgraphs=False)
+    except Exception as exc:
+        return f"graph is no longer a DAG ({exc})"
+    available = {t.name for t in graph.inputs}
+    for sub in iter_graphs(graph):
+        if sub is not graph:
+            available.update(t.name for t in sub.inputs)
+        for node in sub.nodes:
+            available.update(t.name for t in node.outputs)
+    for sub in iter_graphs(graph):
+        for node in sub.nodes:
+            for t in node.inputs:
+                if t.name and not isinstance(t, gs.Constant) and t.name not in available:
+                    return f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces"
+    for out in graph.outputs:
+        if not isinstance(out, gs.Constant) and out.name not in available:
+            return f"graph output '{out.name}' is no longer produced"
+    return None
+
+
+class PassManager:
+    """Runs resolved PassSpecs in order on one model."""
+
+    def __init__(self, specs: list[PassSpec], verify: bool = False, strict: bool = False,
+                 verify_inputs: dict | None = None, progress: bool = False):
+        self.specs = specs
+        self.verify = verify
+        self.strict = strict
+        self.verify_inputs = verify_inputs
+        self.progress = progress
+        self.records: list[PassRecord] = []
+        self._reference: tuple[dict, dict] | None = None  # (feeds, outputs) of the last good state
+
+    def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
+        from tqdm import tqdm
+
+        bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            self.records.append(self._run_one(spec, model, ctx))
+        bar.close()
+        return self.records
+
+    # -- one pass --------------------------------------------------------------------------
+    def _run_one(self, spec: PassSpec, model: Model, ctx: PassContext) -> PassRecord:
+        cls = get_pass(spec.name)
+        pass_ = cls(**spec.options)
+        record = PassRecord(spec.name, dict(spec.options))
+        record.nodes_before = count_nodes(model.graph)
+        record.params_before = count_params(model.graph)
+        snapshot = model.graph.copy()
+        was_modified = model.modified
+        digest_before = graph_digest(model) if self.verify else None
+        if self.verify and cls.lossless and self._reference is None:
+            self._reference = self._outputs(model)
+
+        start = time.perf_counter()
+        try:
+            result = pass_.run(model, ctx)
+        except OnnxoptError:
+            self._restore(model, snapshot, was_modified, ctx)
+            raise  # bad input found by the pass: the user's problem, not the pass's
+        except Exception as exc:
+            record.seconds = time.perf_counter() - start
+            self._restore(model, snapshot, was_modified, ctx)
+            record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.warning("pass %s raised and was rolled back: %s", spec.name, record.error)
+            logger.debug("%s", traceback.format_exc())
+            if self.strict:
+                raise PassFailedError(f"pass '{spec.name}' raised {type(exc).__name__}: {exc}") from exc
+            record.nodes_after, record.params_after = record.nodes_before, record.params_before
+            return record
+        record.seconds = time.perf_counter() - start
+        record.stats = dict(result.stats)
+        changed = bool(result.changed)
+
+        if self.verify:
+            digest_after = graph_digest(model)
+            if digest_after != digest_before and not changed:
+                record.stats["dishonest_changed"] = "reported no change but changed the graph"
+                logger.warning("pass %s reported no change but changed the graph", spec.name)
+                changed = True
+
+        problem = structural_problem(model.graph) if changed else None
+        if changed and problem is None and self.verify:
+            problem = self._verify_change(model, cls.lossless, record)
+        if problem is not None:
+            self._restore(model, snapshot, was_modified, ctx)
+            record.status, record.error = "rolled-back", problem
+            logger.warning("pass %s broke the model and was rolled back: %s", spec.name, problem)
+            if self.strict:
+                raise VerificationError(f"pass '{spec.name}' broke the model: {problem}")
+        elif changed:
+            model.modified = True
+            record.status = "changed"
+            ctx.invalidate(cls.preserves)
+        else:
+            record.status = "unchanged"
+        record.nodes_after = count_nodes(model.graph)
+        record.params_after = count_params(model.graph)
+        return record
+
+    def _restore(self, model: Model, snapshot: gs.Graph, was_modified: bool, ctx: PassContext) -> None:
+        model.graph = snapshot
+        model.modified = was_modified
+        ctx.invalidate()
+
+    def _outputs(self, model: Model):
+        try:
+            return verify.run(model.to_proto() if not model.modified else _export(model),
+                              self.verify_inputs)
+        except verify.CannotRun as exc:
+            return ("skipped", str(exc))
+
+    def _verify_change(self, model: Model, lossless: bool, record: PassRecord) -> str | None:
+        """Check the changed model: valid ONNX, and equal outputs for a lossless pass."""
+        proto = _export(model)
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            return f"onnx checker: {str(exc).splitlines()[0]}"
+        if not lossless:
+            record.verified = "skipped: lossy pass (fidelity is measured on the whole run)"
+            self._reference = None
+            return None
+        ref = self._reference
+        if ref is None or ref[0] == "skipped":
+            record.verified = f"skipped: {ref[1] if ref else 'no reference'}"
+            return None
+        feeds, expected = ref
+        try:
+            _, got = verify.run(proto, feeds)
+        except verify.CannotRun as exc:
+            return f"onnxruntime can no longer run the model: {exc}"
+        mismatches = verify.compare_outputs(expected, got)
+        if mismatches:
+            return "; ".join(map(str, mismatches[:3]))
+        record.verified = "equal"
+        return None
+
+
+def _export(model: Model) -> onnx.ModelProto:
+    from .graph_io import export_model
+
+    return export_model(model.graph, model.template)

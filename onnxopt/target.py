@@ -1,0 +1,305 @@
+"""Target descriptors: TOML data that chooses and parameterizes passes for some hardware.
+
+A target file is validated strictly on load against ``SCHEMA`` below: an unknown key or a
+value of the wrong type is an error that names the file, the table and the nearest valid
+key. ``extends`` names another target (a built-in name or a path relative to the file);
+tables merge key by key, the extending file winning. Passes read the target through the
+PassContext (``ctx.target.capabilities.float16``), never by its name. targets/README.md
+documents every key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .errors import TargetError
+
+SCHEMA_VERSION = 1
+
+
+# -- schema description ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ListOf:
+    item: Any
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table with a fixed set of keys (each optional; defaults come from ``DEFAULTS``)."""
+
+    keys: dict
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """A table whose keys are free names (pipelines, pass names, scheme names)."""
+
+    value: Any
+
+
+ANY_OPTION = "any-option"  # a pass option value: checked against the pass itself
+
+SCHEMA = Table({
+    "schema": int,
+    "name": str,
+    "description": str,
+    "extends": str,
+    "runtime": Table({
+        "execution_providers": ListOf(str),
+        "contrib_ops": bool,
+        "intra_op_threads": int,
+    }),
+    "capabilities": Table({
+        "static_shapes": bool,
+        "float16": bool,
+        "bfloat16": bool,
+        "int4": bool,
+        "nm_sparsity": ListOf(str),
+        "channel_multiple": int,
+        "allowed_ops": ListOf(str),
+    }),
+    "quantization": Table({
+        "activations": str,
+        "weights": str,
+        "bias_bits": int,
+        "schemes": MapOf(Table({
+            "dtype": str,
+            "symmetric": bool,
+            "granularity": str,
+            "reduce_range": bool,
+            "block_size": int,
+        })),
+        "quantized_ops": ListOf(str),
+        "unified_scale_ops": ListOf(str),
+        "passthrough_ops": ListOf(str),
+        "float_ops": ListOf(str),
+        "residual_add": bool,
+        "full_graph": bool,
+    }),
+    "pipelines": MapOf(str),
+    "passes": MapOf(MapOf(ANY_OPTION)),
+})
+
+DEFAULTS: dict[str, Any] = {
+    "description": "",
+    "runtime": {"execution_providers": ["CPUExecutionProvider"], "contrib_ops": False,
+                "intra_op_threads": 0},
+    "capabilities": {"static_shapes": False, "float16": False, "bfloat16": False, "int4": False,
+                     "nm_sparsity": [], "channel_multiple": 1, "allowed_ops": []},
+    "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {},
+                     "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
+                     "float_ops": [], "residual_add": False, "full_graph": False},
+    "pipelines": {},
+    "passes": {},
+}
+
+REQUIRED_PIPELINES = ("lossless", "default")
+
+
+class Section(dict):
+    """A validated table: a dict whose keys also read as attributes."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _sectioned(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Section({k: _sectioned(v) for k, v in value.items()})
+    return value
+
+
+@dataclass
+class Target:
+    """An effective target (after ``extends``)."""
+
+    name: str
+    description: str
+    source: str  # file it came from
+    runtime: Section
+    capabilities: Section
+    quantization: Section
+    pipelines: dict[str, str]
+    passes: dict[str, dict[str, Any]]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(self.raw))
+
+
+# -- validation ------------------------------------------------------------------------------
+def _type_name(spec: Any) -> str:
+    if isinstance(spec, ListOf):
+        return f"a list of {_type_name(spec.item)}"
+    if isinstance(spec, (Table, MapOf)):
+        return "a table"
+    return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(spec, str(spec))
+
+
+def _validate(value: Any, spec: Any, where: str, file: str) -> None:
+    from .registry import nearest
+
+    if spec is ANY_OPTION:
+        return
+    if isinstance(spec, Table):
+        if not isinstance(value, dict):
+            raise TargetError(f"{file}: {where} must be a table")
+        for key, item in value.items():
+            if key not in spec.keys:
+                hint = nearest(key, list(spec.keys))
+                table = f"[{where}]" if where else "top level"
+                raise TargetError(f"{file}: {table}: unknown key '{key}'"
+                                  + (f"; did you mean '{hint}'?" if hint else "")
+                                  + f" (valid: {', '.join(spec.keys)})")
+            _validate(item, spec.keys[key], f"{where}.{key}" if where else key, file)
+        return
+    if isinstance(spec, MapOf):
+        if not isinstance(value, dict):
+            raise TargetError(f"{file}: {where} must be a table")
+        for key, item in value.items():
+            _validate(item, spec.value, f"{where}.{key}", file)
+        return
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            raise TargetError(f"{file}: {where} must be {_type_name(spec)}, not {value!r}")
+        for i, item in enumerate(value):
+            _validate(item, spec.item, f"{where}[{i}]", file)
+        return
+    ok = isinstance(value, spec) and not (spec is int and isinstance(value, bool))
+    if spec is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise TargetError(f"{file}: {where} must be {_type_name(spec)}, not {value!r}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- loading -------------------------------------------------------------------------------------
+def builtin_target_names() -> list[str]:
+    folder = resources.files("onnxopt.targets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _plugin_targets() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group="onnxopt.targets"):
+        found[ep.name] = ep.value
+    return found
+
+
+def _find(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> tuple[str, str]:
+    """(file label, TOML text) for a built-in name, a plugin name or a path."""
+    text_name = str(name_or_path)
+    if text_name in builtin_target_names():
+        res = resources.files("onnxopt.targets") / f"{text_name}.toml"
+        return f"targets/{text_name}.toml", res.read_text(encoding="utf-8")
+    plugins = _plugin_targets()
+    if text_name in plugins:
+        from importlib.metadata import entry_points
+
+        (ep,) = [e for e in entry_points(group="onnxopt.targets") if e.name == text_name]
+        try:
+            path = Path(ep.load())
+            return str(path), path.read_text(encoding="utf-8")
+        except Exception as exc:
+            raise TargetError(f"target plugin '{text_name}' ({ep.value}) failed to load: {exc}") from None
+    path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise TargetError(f"{path}: target file not found")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TargetError(f"{path}: cannot read target file ({exc})") from None
+    from .registry import nearest
+
+    names = builtin_target_names() + sorted(plugins)
+    hint = nearest(text_name, names)
+    raise TargetError(f"unknown target '{text_name}'" + (f"; did you mean '{hint}'?" if hint else "")
+                      + f" (built-in: {', '.join(names)}; or give a .toml file)")
+
+
+def _read_raw(name_or_path: str | os.PathLike, relative_to: Path | None, chain: tuple) -> tuple[dict, str]:
+    label, text = _find(name_or_path, relative_to)
+    if label in chain:
+        raise TargetError(f"{label}: 'extends' forms a cycle: {' -> '.join(chain + (label,))}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"{label}: not valid TOML ({exc})") from None
+    _validate(data, SCHEMA, "", label)
+    if data.get("schema") != SCHEMA_VERSION:
+        raise TargetError(f"{label}: 'schema' must be {SCHEMA_VERSION} (got {data.get('schema')!r})")
+    if "extends" in data:
+        here = Path(label).parent if not label.startswith("targets/") else None
+        base, _ = _read_raw(data["extends"], here, chain + (label,))
+        data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return data, label
+
+
+def load_target(name_or_path: str | os.PathLike) -> Target:
+    """Load a built-in target by name, a plugin target, or a user's TOML file."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    raw, label = _read_raw(name_or_path, None, ())
+    data = _merge(DEFAULTS, raw)
+    if "name" not in data:
+        raise TargetError(f"{label}: missing required key 'name'")
+    for pipeline in REQUIRED_PIPELINES:
+        if pipeline not in data["pipelines"]:
+            raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
+    _check_passes(data, label)
+    target = Target(
+        name=data["name"], description=data["description"], source=label,
+        runtime=_sectioned(data["runtime"]), capabilities=_sectioned(data["capabilities"]),
+        quantization=_sectioned(data["quantization"]), pipelines=dict(data["pipelines"]),
+        passes={k: dict(v) for k, v in data["passes"].items()}, raw=data)
+    return target
+
+
+def _check_passes(data: dict, label: str) -> None:
+    """Check [passes.NAME] tables and pipeline texts against the registry."""
+    from .errors import PipelineError
+    from .pipeline import resolve
+
+    for name, options in data["passes"].items():
+        try:
+            resolve([_spec(name, options)])
+        except PipelineError as exc:
+            raise TargetError(f"{label}: [passes.{name}]: {exc}") from None
+    for name, text in data["pipelines"].items():
+        try:
+            resolve(text, data["pipelines"])
+        except PipelineError as exc:
+            raise TargetError(f"{label}: [pipelines] {name}: {exc}") from None
+
+
+def _spec(name: str, options: dict):
+    from .pipeline import PassSpec
+
+    return PassSpec(name, dict(options))

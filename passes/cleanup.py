@@ -1,0 +1,111 @@
+"""Cleanup passes: lift Constant nodes into initializers, and remove dead code.
+
+lift-constants
+    A Constant node (default domain) whose value is a dense tensor or a value_float(s)/
+    value_int(s) attribute becomes an initializer of the graph it sits in, so every later
+    pass finds every weight in one place (the PP-OCR models keep all their weights in
+    Constant nodes). Left alone: Constants whose output is a graph output (an output must
+    be computed by a node), sparse and string values, and Constants inside local functions
+    (a FunctionProto has no initializers).
+
+eliminate-dead-code
+    Nodes that contribute to no graph output, and initializers nothing reads, are removed
+    in the main graph, in If/Loop/Scan bodies and in local functions. Graph inputs are
+    never removed (that would change the model's interface).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.analysis.use_def import is_op
+from onnxopt.pass_base import Pass, PassResult
+from onnxopt.registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+def _constant_value(node: gs.Node):
+    """The value of a Constant node as something gs.Constant accepts, or None."""
+    attrs = node.attrs
+    if len(attrs) != 1:
+        return None, None
+    (key, value), = attrs.items()
+    if key == "value" and isinstance(value, gs.Constant):
+        if value.export_dtype is not None and str(value.export_dtype) in ("string",):
+            return None, None
+        return value._values, value.export_dtype
+    if key == "value_float":
+        return np.array(value, dtype=np.float32), None
+    if key == "value_floats":
+        return np.array(value, dtype=np.float32).reshape(-1), None
+    if key == "value_int":
+        return np.array(value, dtype=np.int64), None
+    if key == "value_ints":
+        return np.array(value, dtype=np.int64).reshape(-1), None
+    return None, None
+
+
+@register_pass("lift-constants")
+class LiftConstantsPass(Pass):
+    """Turn Constant nodes into initializers, so every weight lives in one place."""
+
+    lossless = True
+
+    def run(self, model, ctx) -> PassResult:
+        lifted = 0
+        for graph in model.graphs():
+            output_ids = {id(t) for t in graph.outputs}
+            for node in list(graph.nodes):
+                if not is_op(node, "Constant") or len(node.outputs) != 1:
+                    continue
+                out = node.outputs[0]
+                if id(out) in output_ids:
+                    continue
+                values, export_dtype = _constant_value(node)
+                if values is None:
+                    continue
+                if isinstance(values, np.ndarray) and values.dtype.kind in "OUS":
+                    continue
+                const = gs.Constant(out.name, values, export_dtype=export_dtype)
+                for consumer in list(out.outputs):
+                    for i, t in enumerate(consumer.inputs):
+                        if t is out:
+                            consumer.inputs[i] = const
+                node.outputs.clear()
+                graph.nodes.remove(node)
+                lifted += 1
+        return PassResult(changed=lifted > 0, stats={"lifted": lifted})
+
+
+def _size(graph: gs.Graph) -> tuple[int, int]:
+    from onnxopt.model import iter_graphs
+
+    nodes = tensors = 0
+    for g in iter_graphs(graph):
+        nodes += len(g.nodes)
+        tensors += len(g.tensors())
+    for func in graph.functions:
+        nodes += len(func.nodes)
+    return nodes, tensors
+
+
+@register_pass("eliminate-dead-code")
+class EliminateDeadCodePass(Pass):
+    """Remove nodes and initializers that no graph output depends on."""
+
+    lossless = True
+
+    def run(self, model, ctx) -> PassResult:
+        nodes_before, tensors_before = _size(model.graph)
+        model.graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True,
+                            remove_unused_graph_inputs=False, recurse_functions=True)
+        nodes_after, tensors_after = _size(model.graph)
+        removed_nodes = nodes_before - nodes_after
+        removed_tensors = tensors_before - tensors_after
+        return PassResult(changed=removed_nodes > 0 or removed_tensors > 0,
+                          stats={"removed_nodes": removed_nodes, "removed_tensors": removed_tensors})

@@ -1,0 +1,1 @@
+"""Built-in target descriptors (TOML data), installed as ``onnxopt.targets``."""
