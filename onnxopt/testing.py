@@ -1,0 +1,70 @@
+"""Helpers for testing passes, ours and third-party ones.
+
+    from onnxopt.testing import run_pass, assert_equivalent, check_pass_contract
+
+``check_pass_contract(MyPass, [model, …])`` is what a plugin author runs: the pass keeps
+every model valid, a lossless pass keeps outputs equal in onnxruntime, a second run
+reports no change, and an unchanged model stays byte-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import verify
+from .context import PassContext
+from .model import load
+from .pass_base import PassResult
+from .registry import get_pass
+from .target import load_target
+
+
+def run_pass(pass_or_name: Any, model: onnx.ModelProto | str, target: str = "cpu", ctx: PassContext | None = None,
+             **options: Any) -> tuple[onnx.ModelProto, PassResult]:
+    """Run one pass directly (no manager, no rollback); returns (new proto, result)."""
+    cls = get_pass(pass_or_name) if isinstance(pass_or_name, str) else pass_or_name
+    m = load(model)
+    ctx = ctx or PassContext(target=load_target(target))
+    result = cls(**options).run(m, ctx)
+    if result.changed:
+        m.modified = True
+    return m.to_proto(), result
+
+
+def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count in the main graph."""
+    out: dict[str, int] = {}
+    for node in proto.graph.node:
+        out[node.op_type] = out.get(node.op_type, 0) + 1
+    return out
+
+
+def assert_equivalent(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
+                      rtol: float = 1e-3, atol: float = 1e-5, seed: int = 0) -> None:
+    """Both models give the same outputs in onnxruntime (ORT_DISABLE_ALL on both sides)."""
+    feeds, expected = verify.run(ref, feeds, seed=seed)
+    _, got = verify.run(cand, feeds)
+    problems = verify.compare_outputs(expected, got, rtol=rtol, atol=atol)
+    assert not problems, "; ".join(map(str, problems))
+
+
+def check_pass_contract(pass_cls: type, models: list[onnx.ModelProto], **options: Any) -> None:
+    """The contract every pass keeps; raises AssertionError naming the broken rule."""
+    for proto in models:
+        out, result = run_pass(pass_cls, proto, **options)
+        onnx.checker.check_model(out)
+        if not result.changed:
+            assert out.SerializeToString() == _plain(proto).SerializeToString(), \
+                f"{pass_cls.name}: reported no change but the model differs"
+            continue
+        if pass_cls.lossless:
+            assert_equivalent(proto, out)
+        again, second = run_pass(pass_cls, out, **options)
+        assert not second.changed, f"{pass_cls.name}: a second run still changed the model ({second.stats})"
+
+
+def _plain(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return load(proto).to_proto()
