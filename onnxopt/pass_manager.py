@@ -67,10 +67,14 @@ def count_params(graph: gs.Graph) -> int:
                 if isinstance(t, gs.Constant) and id(t) not in seen:
                     seen.add(id(t))
                     total += int(_volume(t.shape))
-            if node.op == "Constant" and "value" in node.attrs:
-                value = node.attrs["value"]
-                if isinstance(value, gs.Constant):
-                    total += int(_volume(value.shape))
+            if node.op == "Constant":
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        total += int(_volume(value.shape))
+                    elif isinstance(value, (list, tuple)):
+                        total += len(value)
+                    elif isinstance(value, (int, float)):
+                        total += 1
     return total
 
 

@@ -1,0 +1,158 @@
+"""The pass manager: records, rollback of passes that raise or break, verify, strict, analyses."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import onnxopt
+from onnxopt import Pass, PassResult, option, register_pass
+from onnxopt.cli import main
+from onnxopt.context import PassContext, register_analysis
+from onnxopt.errors import PassFailedError, VerificationError
+from onnxopt.model import load
+from onnxopt.pass_manager import PassManager
+from onnxopt.pipeline import PassSpec
+from onnxopt.target import load_target
+
+from graphs import const_chain, matmul_add
+
+
+@register_pass("test-raise")
+class RaisePass(Pass):
+    """Deletes a node, then raises (a buggy pass)."""
+
+    def run(self, model, ctx):
+        model.graph.nodes.pop()
+        raise RuntimeError("boom")
+
+
+@register_pass("test-break")
+class BreakPass(Pass):
+    """Removes the producer of the graph output (leaves the graph broken)."""
+
+    def run(self, model, ctx):
+        model.graph.nodes.pop()
+        return PassResult(True, {})
+
+
+@register_pass("test-wrong-math")
+class WrongMathPass(Pass):
+    """Claims to be lossless but scales every float initializer by 2."""
+
+    def run(self, model, ctx):
+        for t in model.graph.tensors().values():
+            if isinstance(t, gs.Constant) and t.values.dtype == np.float32:
+                t.values = t.values * 2
+        return PassResult(True, {})
+
+
+@register_pass("test-liar")
+class LiarPass(Pass):
+    """Renames a node but reports no change."""
+
+    def run(self, model, ctx):
+        model.graph.nodes[0].name = "renamed"
+        return PassResult(False, {})
+
+
+CALLS = []
+
+
+@register_analysis("test-counter")
+def _count(model, ctx):
+    CALLS.append(1)
+    return len(CALLS)
+
+
+@register_pass("test-use-analysis")
+class UseAnalysisPass(Pass):
+    """Reads the test analysis; changes the graph when asked."""
+
+    @dataclass
+    class Options:
+        change: bool = option(False, "change the graph")
+
+    def run(self, model, ctx):
+        ctx.analysis("test-counter", model)
+        if self.options.change:
+            model.graph.nodes[0].name = model.graph.nodes[0].name + "_"
+        return PassResult(self.options.change, {})
+
+
+def run(specs, proto=None, **kw):
+    model = load(proto or matmul_add())
+    ctx = PassContext(target=load_target("cpu"))
+    records = PassManager([PassSpec(s) if isinstance(s, str) else s for s in specs], **kw).run(model, ctx)
+    return model, records
+
+
+def test_records_time_and_counts():
+    model, (rec,) = run(["lift-constants"], const_chain())
+    assert rec.status == "changed" and rec.stats == {"lifted": 2}
+    assert rec.nodes_before == 4 and rec.nodes_after == 2
+    assert rec.params_before == rec.params_after == 8
+    assert rec.seconds >= 0
+
+
+def test_raising_pass_is_rolled_back():
+    model, (rec, after) = run(["test-raise", "lift-constants"])
+    assert rec.status == "failed" and "boom" in rec.error
+    assert len(model.graph.nodes) == 2  # the popped node is back
+    assert after.status == "unchanged"
+
+
+def test_breaking_pass_is_rolled_back_even_without_verify():
+    model, (rec,) = run(["test-break"])
+    assert rec.status == "rolled-back" and "no longer produced" in rec.error
+    assert len(model.graph.nodes) == 2 and not model.modified
+
+
+def test_strict_makes_failures_fatal():
+    with pytest.raises(PassFailedError, match="boom"):
+        run(["test-raise"], strict=True)
+    with pytest.raises(VerificationError, match="broke the model"):
+        run(["test-break"], strict=True)
+
+
+def test_verify_catches_a_lossless_pass_that_changes_outputs():
+    model, (rec,) = run(["test-wrong-math"], verify=True)
+    assert rec.status == "rolled-back" and "max abs error" in rec.error
+    _, (rec,) = run(["lift-constants"], const_chain(), verify=True)
+    assert rec.status == "changed" and rec.verified == "equal"
+
+
+def test_verify_catches_a_pass_that_lies_about_changed():
+    model, (rec,) = run(["test-liar"], verify=True)
+    assert rec.status == "changed" and "dishonest_changed" in rec.stats
+
+
+def test_analyses_cached_until_a_change():
+    CALLS.clear()
+    run([PassSpec("test-use-analysis"), PassSpec("test-use-analysis")])
+    assert len(CALLS) == 1  # second pass used the cache
+    CALLS.clear()
+    run([PassSpec("test-use-analysis", {"change": True}), PassSpec("test-use-analysis")])
+    assert len(CALLS) == 2  # the change invalidated it
+
+
+def test_cli_strict_exit_codes(tmp_path, capsys):
+    import onnx
+
+    p = tmp_path / "m.onnx"
+    onnx.save(matmul_add(), p)
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(p), "-o", str(out), "--pipeline", "test-raise", "--strict"]) == 1
+    assert main(["optimize", str(p), "-o", str(out), "--pipeline", "test-wrong-math", "--verify", "--strict"]) == 3
+    assert not out.exists()
+    assert main(["optimize", str(p), "-o", str(out), "--pipeline", "test-wrong-math", "--verify", "-q"]) == 0
+    assert out.exists()
+    capsys.readouterr()
+
+
+def test_api_result_and_report():
+    result = onnxopt.optimize(const_chain(), pipeline="lossless")
+    assert result.report["before"]["nodes"] == 4 and result.report["after"]["nodes"] < 4
+    assert [p["name"] for p in result.report["passes"]][:1] == ["lift-constants"]
+    assert result.report["pipeline"] == {p.key: p.value for p in result.model.metadata_props}["onnxopt.pipeline"]

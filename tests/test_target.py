@@ -1,0 +1,105 @@
+"""Target descriptors: built-ins load, the schema is strict, extends merges, errors name the place."""
+
+import json
+
+import pytest
+
+from onnxopt.cli import main
+from onnxopt.errors import TargetError
+from onnxopt.target import builtin_target_names, load_target
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "npu"])
+def test_builtin_targets_load_with_required_pipelines(name):
+    t = load_target(name)
+    assert t.name == name
+    assert {"lossless", "default"} <= set(t.pipelines)
+    assert isinstance(t.capabilities.static_shapes, bool)
+
+
+def test_builtins_are_listed():
+    assert {"cpu", "gpu", "npu"} <= set(builtin_target_names())
+
+
+def write(tmp_path, text, name="t.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = 'schema = 1\nname = "mine"\n[pipelines]\nlossless = "eliminate-dead-code"\ndefault = "lossless"\n'
+
+
+def test_user_target_file(tmp_path):
+    t = load_target(write(tmp_path, BASE))
+    assert t.name == "mine" and t.runtime.execution_providers == ["CPUExecutionProvider"]
+
+
+def test_unknown_key_names_file_table_and_nearest(tmp_path):
+    p = write(tmp_path, BASE + "[capabilities]\nstatic_shape = true\n")
+    with pytest.raises(TargetError, match=r"t\.toml: \[capabilities\]: unknown key 'static_shape'; did you mean 'static_shapes'"):
+        load_target(p)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = write(tmp_path, BASE + "[capabilities]\nchannel_multiple = \"8\"\n")
+    with pytest.raises(TargetError, match="capabilities.channel_multiple must be an integer"):
+        load_target(p)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(TargetError, match="not valid TOML"):
+        load_target(write(tmp_path, "schema = = 1"))
+    with pytest.raises(TargetError, match="not found"):
+        load_target(tmp_path / "nope.toml")
+    with pytest.raises(TargetError, match="did you mean 'cpu'"):
+        load_target("cpx")
+
+
+def test_schema_version_and_required_pipelines(tmp_path):
+    with pytest.raises(TargetError, match="'schema' must be 1"):
+        load_target(write(tmp_path, BASE.replace("schema = 1", "schema = 2")))
+    with pytest.raises(TargetError, match="must define 'default'"):
+        load_target(write(tmp_path, 'schema = 1\nname = "x"\n[pipelines]\nlossless = "eliminate-dead-code"\n'))
+
+
+def test_pipeline_and_pass_tables_are_checked_against_the_registry(tmp_path):
+    with pytest.raises(TargetError, match=r"\[pipelines\] lossless: unknown pass 'eliminate-dead'"):
+        load_target(write(tmp_path, BASE.replace('"eliminate-dead-code"', '"eliminate-dead"')))
+    with pytest.raises(TargetError, match=r"\[passes.nope\]"):
+        load_target(write(tmp_path, BASE + "[passes.nope]\nx = 1\n"))
+
+
+def test_extends_merges_tables_key_by_key(tmp_path):
+    p = write(tmp_path, 'schema = 1\nname = "mycpu"\nextends = "cpu"\n[capabilities]\nfloat16 = true\n'
+                        '[pipelines]\ndefault = "eliminate-dead-code"\n')
+    t = load_target(p)
+    cpu = load_target("cpu")
+    assert t.capabilities.float16 is True
+    assert t.capabilities.int4 == cpu.capabilities.int4  # kept from the base
+    assert t.pipelines["lossless"] == cpu.pipelines["lossless"]
+    assert t.pipelines["default"] == "eliminate-dead-code"
+
+
+def test_extends_a_relative_file_and_cycles(tmp_path):
+    write(tmp_path, BASE, "base.toml")
+    t = load_target(write(tmp_path, 'schema = 1\nname = "child"\nextends = "base.toml"\n'))
+    assert t.pipelines["default"] == "lossless"
+    write(tmp_path, 'schema = 1\nname = "a"\nextends = "b.toml"\n', "a.toml")
+    write(tmp_path, 'schema = 1\nname = "b"\nextends = "a.toml"\n', "b.toml")
+    with pytest.raises(TargetError, match="cycle"):
+        load_target(tmp_path / "a.toml")
+
+
+def test_cli_targets_json_shows_effective_target(capsys):
+    assert main(["targets", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {t["name"] for t in data} >= {"cpu", "gpu", "npu"}
+    assert all("lossless" in t["pipelines"] for t in data)
+
+
+def test_cli_bad_target_file_exit_2(tmp_path, capsys):
+    p = write(tmp_path, BASE + "[runtime]\nproviders = []\n")
+    assert main(["targets", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxopt: error:") and "unknown key 'providers'" in err and err.count("\n") == 1
