@@ -67,13 +67,14 @@ def sample_inputs(sess, seed: int = 0) -> dict[str, np.ndarray]:
         shape = [d if isinstance(d, int) and d >= 0 else (DEFAULT_BATCH if i == 0 else DEFAULT_DIM)
                  for i, d in enumerate(inp.shape or [])]
         if dtype.kind == "f":
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            value = rng.standard_normal(shape)
         elif dtype.kind == "b":
-            feeds[inp.name] = rng.random(shape) < 0.5
+            value = rng.random(shape) < 0.5
         elif dtype.kind in "iu":
-            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            value = rng.integers(0, 2, size=shape)
         else:
-            feeds[inp.name] = np.full(shape, "a", dtype=object)
+            value = np.full(shape, "a", dtype=object)
+        feeds[inp.name] = np.asarray(value, dtype=object if dtype.kind == "U" else dtype)
     return feeds
 
 
