@@ -164,6 +164,151 @@ def _check_proto(proto: onnx.ModelProto, where: str) -> None:
                 raise ModelError(
                     f"{where}: opset {imp.version} of the default domain is newer than the "
                     f"installed onnx supports ({newest})")
+    opset = next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), None)
+    functions = {(f.domain, f.name) for f in proto.functions}
+    check_graph_structure(proto.graph, where, opset, functions)
+
+
+# -- structural validation -------------------------------------------------------------------
+# graphsurgeon imports a cyclic graph, a doubly defined tensor or a dangling input without a
+# word and passes would then rewrite garbage; these checks run once at load, in linear time.
+def check_graph_structure(graph: onnx.GraphProto, where: str, opset: int | None,
+                          functions: set = frozenset(), outer: frozenset = frozenset()) -> None:
+    """Raise ModelError for duplicate tensor names, dangling inputs, cycles, unknown ops
+    of the default domain and tensors whose data does not fit their declared shape."""
+    defined = {v.name for v in graph.input}
+    seen_init: set[str] = set()
+    for t in graph.initializer:
+        if t.name in seen_init:
+            raise ModelError(f"{where}: initializer '{t.name}' is defined twice")
+        seen_init.add(t.name)
+        _check_tensor_data(t, where, f"initializer '{t.name}'")
+    defined |= seen_init
+    defined.update(s.values.name for s in graph.sparse_initializer)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in producer or name in defined:
+                first = (f"node {_node_label(graph.node[producer[name]])}" if name in producer
+                         else "a graph input or initializer")
+                raise ModelError(f"{where}: tensor '{name}' is defined twice: by {first} and by "
+                                 f"node {_node_label(node)}")
+            producer[name] = i
+    visible = outer | defined | producer.keys()
+    deps: list[set[int]] = []
+    for node in graph.node:
+        needs = set()
+        for name in node.input:
+            if name and name not in visible:
+                raise ModelError(f"{where}: node {_node_label(node)} reads '{name}', which no node, "
+                                 "graph input or initializer produces")
+            if name in producer:
+                needs.add(producer[name])
+        if node.domain in ("", "ai.onnx") and ("", node.op_type) not in functions \
+                and (node.domain, node.op_type) not in functions and opset is not None:
+            _check_known_op(node, where, opset)
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                _check_tensor_data(attr.t, where, f"attribute '{attr.name}' of node {_node_label(node)}")
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                check_graph_structure(sub, where, opset, functions, frozenset(visible))
+                needs.update(producer[n] for n in _names_read(sub) if n in producer)
+        deps.append(needs)
+    _check_acyclic(graph, deps, where)
+    for out in graph.output:
+        if out.name not in visible:
+            raise ModelError(f"{where}: graph output '{out.name}' is produced by no node, input or initializer")
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"'{node.name or (node.output[0] if node.output else '?')}' ({node.op_type})"
+
+
+def _check_known_op(node: onnx.NodeProto, where: str, opset: int) -> None:
+    if not onnx.defs.has(node.op_type):
+        raise ModelError(f"{where}: node {_node_label(node)} uses op '{node.op_type}', which the "
+                         "default ONNX domain does not define (a custom op needs its own domain)")
+    try:
+        onnx.defs.get_schema(node.op_type, opset)
+    except onnx.defs.SchemaError:
+        raise ModelError(f"{where}: node {_node_label(node)}: op '{node.op_type}' does not exist at "
+                         f"opset {opset}, which the model imports") from None
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+    names.update(o.name for o in graph.output)
+    return names
+
+
+def _check_acyclic(graph: onnx.GraphProto, deps: list[set[int]], where: str) -> None:
+    """Kahn's algorithm; on a cycle, name a node that lies on it."""
+    users: list[list[int]] = [[] for _ in deps]
+    indegree = [0] * len(deps)
+    for i, needs in enumerate(deps):
+        for j in needs:
+            users[j].append(i)
+            indegree[i] += 1
+    ready = [i for i, d in enumerate(indegree) if d == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for u in users[i]:
+            indegree[u] -= 1
+            if indegree[u] == 0:
+                ready.append(u)
+    if done == len(deps):
+        return
+    # Walk back through unfinished producers until a node repeats: that node is on a cycle.
+    node = next(i for i, d in enumerate(indegree) if d > 0)
+    visited: set[int] = set()
+    while node not in visited:
+        visited.add(node)
+        node = next(j for j in deps[node] if indegree[j] > 0)
+    raise ModelError(f"{where}: the graph has a cycle through node {_node_label(graph.node[node])}")
+
+
+def _check_tensor_data(t: onnx.TensorProto, where: str, what: str) -> None:
+    """The stored data holds exactly as many elements as the declared shape."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return  # resolved (and length-checked) by load_external_data
+    count = 1
+    for d in t.dims:
+        count *= d
+    if t.HasField("raw_data") or t.raw_data:
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        if bits is None and getattr(onnx.TensorProto, "FLOAT4E2M1", None) == t.data_type:
+            bits = 4
+        if bits is not None:
+            expected = (count * bits + 7) // 8
+        else:
+            try:
+                expected = count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:
+                return  # a type numpy has no size for (strings never use raw_data)
+        if len(t.raw_data) != expected:
+            raise ModelError(f"{where}: {what} declares shape {list(t.dims)} ({expected} bytes) "
+                             f"but holds {len(t.raw_data)} bytes")
+        return
+    fields = {"float_data": t.float_data, "int32_data": t.int32_data, "int64_data": t.int64_data,
+              "double_data": t.double_data, "uint64_data": t.uint64_data, "string_data": t.string_data}
+    held = max(len(v) for v in fields.values())
+    if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        held //= 2
+    elif t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and held * 2 in (count, count + 1):
+        return  # int4 in int32_data is packed two a value
+    if held != count:
+        raise ModelError(f"{where}: {what} declares shape {list(t.dims)} ({count} elements) "
+                         f"but holds {held}")
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -253,7 +398,10 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         raise OutputError(f"{path}: output folder '{folder}' is not writable")
     if external_data is None:
         external_data = _serialized_size(proto) >= PROTOBUF_LIMIT
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:  # e.g. a read-only or pseudo file system (root passes os.access)
+        raise OutputError(f"{path}: cannot write in '{folder}' ({exc.strerror or exc})") from None
     try:
         tmp_model = tmp_dir / path.name
         data_name = path.name + ".data"
