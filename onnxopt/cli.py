@@ -90,6 +90,14 @@ def _check_output(input_path: str, output: str) -> None:
         raise OutputError(f"{output}: output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{output}: output folder '{folder}' is not writable")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write in output folder '{folder}' "
+                          f"({exc.strerror or exc})") from None
 
 
 def cmd_optimize(args) -> int:
