@@ -1,0 +1,323 @@
+"""Rewrite rules: named patterns with a checked rewrite, grouped in rule sets, run to a fixed point.
+
+A fusion is a ``RewriteRule`` subclass (one idea each, in the style of MLIR's
+``RewritePattern`` and onnxscript's rewriter):
+
+    class FuseFooBar(RewriteRule):
+        name = "foo-bar"
+        root_ops = ("Bar",)                  # op types a match can start from
+
+        def match(self, node, graph):        # structure only: op types and wiring
+            foo = producer_op(node, 0, "Foo")
+            return {"foo": foo, "bar": node} if foo else None
+
+        def check(self, match, model, ctx):  # legality: None = apply, else the reason not
+            if not single_use(match["foo"].outputs[0], match["graph"]):
+                return "Foo output has other consumers"
+            return None
+
+        def rewrite(self, match, graph):     # returns the new nodes (or None after in-place edits)
+            fused = gs.Node("FooBar", inputs=list(match["foo"].inputs))
+            take_outputs(match["bar"], fused)  # the fused node writes bar's tensors (same names)
+            return [fused]
+
+Contract of a rule:
+
+- A match is anchored at its *root*, the last node of the pattern in graph order, and walks
+  up to producers. The engine inserts the nodes that ``rewrite`` returns just before the
+  root, which is a valid topological position because every tensor the pattern reads is
+  computed before the root.
+- ``match`` returns a dict of the matched nodes and tensors (any keys; every ``gs.Node``
+  among the values, also inside lists, counts as a matched node) or None. It must not
+  change the graph.
+- ``check`` returns None to apply the rewrite or a short, node-independent reason (for
+  example "weight is not constant") that the engine counts, as MLIR's
+  ``notifyMatchFailure`` does. Put legality conditions here rather than in ``match`` so
+  that the pass's stats say why a fusion did not happen.
+- ``rewrite`` rewires the graph through graphsurgeon's live links (node.inputs/outputs),
+  never edits ``graph.nodes`` itself, never mutates numpy arrays or attribute values in
+  place (build new ones), and keeps the names of the root's output tensors: move them to
+  the new node with ``take_outputs`` so graph output names never change. Matched nodes
+  left without consumers are removed by the engine; shared ones (other consumers) stay.
+
+``RuleSet(rules).apply(model, ctx)`` sweeps every graph of the model (subgraphs
+included): each sweep indexes the nodes by op type once and tries the rules in their
+order on every node whose op is a root op of some rule, so one sweep is linear in the
+graph size. Sweeps repeat until one changes nothing, bounded by ``max_sweeps``.
+``RewritePass`` turns a rule list into a pass whose stats are the rewrites per rule and
+the reasons of failed checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .analysis.use_def import is_op
+from .pass_base import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+
+class RewriteRule:
+    """One named rewrite: ``match`` (structure), ``check`` (legality + reason), ``rewrite``."""
+
+    name: ClassVar[str] = ""
+    root_ops: ClassVar[tuple[str, ...]] = ()
+
+    def match(self, node: gs.Node, graph: gs.Graph) -> dict[str, Any] | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def check(self, match: dict[str, Any], model, ctx) -> str | None:
+        return None
+
+    def rewrite(self, match: dict[str, Any], graph: gs.Graph) -> list[gs.Node] | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"
+
+
+@dataclass
+class RewriteStats:
+    """What a rule set did: rewrites per rule, failed-check reasons, sweeps run."""
+
+    applied: Counter = field(default_factory=Counter)  # rule name -> rewrites
+    skipped: Counter = field(default_factory=Counter)  # "rule: reason" -> matches refused
+    sweeps: int = 0
+    hit_limit: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.applied.values())
+
+    def as_stats(self, rule_names: Iterable[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {name: self.applied.get(name, 0) for name in rule_names}
+        if self.skipped:
+            out["skipped"] = dict(sorted(self.skipped.items()))
+        if self.hit_limit:
+            out["hit_sweep_limit"] = True
+        return out
+
+
+class RuleSet:
+    """Rules tried in order on every node, sweep after sweep, until nothing changes."""
+
+    def __init__(self, rules: Iterable[RewriteRule], max_sweeps: int = 10):
+        self.rules = list(rules)
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"rule names must be unique and non-empty: {names}")
+        self.max_sweeps = max_sweeps
+        self._by_op: dict[str, list[RewriteRule]] = {}
+        for rule in self.rules:
+            for op in rule.root_ops:
+                self._by_op.setdefault(op, []).append(rule)
+
+    def apply(self, model, ctx) -> RewriteStats:
+        stats = RewriteStats()
+        graphs = list(model.graphs())
+        names = _NameTable(graphs)  # one table: a new name must be unique in every scope
+        for graph in graphs:
+            _NAMES[id(graph)] = names
+        try:
+            for graph in graphs:
+                self._apply_graph(graph, model, ctx, stats)
+        finally:
+            for graph in graphs:
+                _NAMES.pop(id(graph), None)
+        return stats
+
+    def _apply_graph(self, graph: gs.Graph, model, ctx, stats: RewriteStats) -> None:
+        refused: set[tuple[str, int]] = set()  # (rule, root id) whose refusal is counted
+        for _ in range(self.max_sweeps):
+            stats.sweeps += 1
+            if not self._sweep(graph, model, ctx, stats, refused):
+                return
+        stats.hit_limit = True
+        logger.warning("rewrite rules still matching after %d sweeps in graph '%s'; stopped",
+                       self.max_sweeps, graph.name)
+
+    def _sweep(self, graph, model, ctx, stats, refused) -> bool:
+        output_ids = {id(t) for t in graph.outputs}
+        inserts: dict[int, list[gs.Node]] = {}  # root id -> new nodes to place before it
+        removed: set[int] = set()
+        changed = False
+        for node in list(graph.nodes):
+            if id(node) in removed:
+                continue
+            for rule in self._by_op.get(node.op, ()):
+                match = rule.match(node, graph)
+                if match is None:
+                    continue
+                match.setdefault("graph", graph)
+                reason = rule.check(match, model, ctx)
+                if reason is not None:
+                    key = (rule.name, id(node))
+                    if key not in refused:
+                        refused.add(key)
+                        stats.skipped[f"{rule.name}: {reason}"] += 1
+                    logger.debug("%s not applied at %s: %s", rule.name, node.name, reason)
+                    continue
+                matched = list(_nodes_in(match))
+                guarded = [t for n in matched for t in n.outputs if id(t) in output_ids]
+                new_nodes = list(rule.rewrite(match, graph) or ())
+                if new_nodes:
+                    inserts.setdefault(id(node), []).extend(new_nodes)
+                _remove_dead(matched, output_ids, removed)
+                for t in guarded:
+                    if not t.inputs or id(t.inputs[0]) in removed:
+                        raise RuntimeError(f"rule {rule.name} left graph output '{t.name}' without a producer")
+                stats.applied[rule.name] += 1
+                changed = True
+                logger.debug("%s applied at %s", rule.name, node.name)
+                break
+        if changed:
+            nodes = []
+            for node in graph.nodes:
+                # a new node may already have been folded by a later match of this sweep
+                nodes.extend(n for n in inserts.get(id(node), ()) if id(n) not in removed)
+                if id(node) not in removed:
+                    nodes.append(node)
+            graph.nodes = nodes
+        return changed
+
+
+def _nodes_in(match: dict[str, Any]) -> Iterator[gs.Node]:
+    seen: set[int] = set()
+    for value in match.values():
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, gs.Node) and id(item) not in seen:
+                seen.add(id(item))
+                yield item
+
+
+def _remove_dead(nodes: list[gs.Node], output_ids: set[int], removed: set[int]) -> None:
+    """Disconnect matched nodes whose outputs nobody reads, until none is left."""
+    progress = True
+    while progress:
+        progress = False
+        for node in nodes:
+            if id(node) in removed:
+                continue
+            if any(t.outputs or id(t) in output_ids for t in node.outputs):
+                continue
+            _detach(node)
+            removed.add(id(node))
+            progress = True
+
+
+def _detach(node: gs.Node) -> None:
+    """Unlink ``node`` from its tensors by identity (gs compares nodes structurally, so
+    its own list.remove could unlink a look-alike node instead)."""
+    for links, tensors in (("outputs", node.inputs), ("inputs", node.outputs)):
+        for t in tensors:
+            users = getattr(t, links)
+            for i, user in enumerate(users):
+                if user is node:
+                    list.__delitem__(users, i)
+                    break
+        list.clear(tensors)
+
+
+class RewritePass(Pass):
+    """Base of fusion passes: subclasses list their ``rules`` (instances) and nothing else."""
+
+    rules: ClassVar[tuple[RewriteRule, ...]] = ()
+    max_sweeps: ClassVar[int] = 10
+
+    def run(self, model, ctx) -> PassResult:
+        stats = RuleSet(self.rules, max_sweeps=self.max_sweeps).apply(model, ctx)
+        return PassResult(changed=stats.total > 0, stats=stats.as_stats(r.name for r in self.rules))
+
+
+# -- helpers for rules ----------------------------------------------------------------------
+def producer_op(node: gs.Node, index: int, *ops: str) -> gs.Node | None:
+    """The producer of ``node.inputs[index]`` when it is one of ``ops`` (default domain)."""
+    if index >= len(node.inputs):
+        return None
+    tensor = node.inputs[index]
+    if not tensor.inputs:
+        return None
+    prod = tensor.inputs[0]
+    return prod if is_op(prod, *ops) else None
+
+
+def single_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    """Exactly one node reads ``tensor`` (subgraph readers count) and it is no graph output."""
+    return len(tensor.outputs) == 1 and not any(t is tensor for t in graph.outputs)
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's ``value``; None if not constant."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if tensor.inputs and is_op(tensor.inputs[0], "Constant"):
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant) and len(tensor.inputs[0].attrs) == 1:
+            return np.asarray(value.values)
+    return None
+
+
+def is_present(node: gs.Node, index: int) -> bool:
+    """Optional input ``index`` is given (exists and is not the empty name)."""
+    return index < len(node.inputs) and bool(node.inputs[index].name)
+
+
+def take_outputs(old: gs.Node, new: gs.Node) -> None:
+    """Make ``new`` compute ``old``'s output tensors (same objects, same names)."""
+    outputs = list(old.outputs)
+    old.outputs.clear()
+    new.outputs.clear()
+    new.outputs.extend(outputs)
+
+
+class _NameTable:
+    """Names used in a set of graphs, collected on first use (most rule sets never ask)."""
+
+    def __init__(self, graphs: list[gs.Graph]):
+        self._graphs = graphs
+        self._names: set[str] | None = None
+
+    def fresh(self, base: str) -> str:
+        if self._names is None:
+            self._names = set()
+            for g in self._graphs:
+                for node in g.nodes:
+                    if node.name:
+                        self._names.add(node.name)
+                    self._names.update(t.name for t in node.inputs)
+                    self._names.update(t.name for t in node.outputs)
+                self._names.update(t.name for t in g.inputs)
+                self._names.update(t.name for t in g.outputs)
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+
+# graph id -> the name table of the rule set running on it
+_NAMES: dict[int, _NameTable] = {}
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not yet used in the model, derived from ``base``."""
+    table = _NAMES.get(id(graph))
+    if table is None:  # called outside a rule set: this graph and its subgraphs
+        from .model import iter_graphs
+
+        table = _NameTable(list(iter_graphs(graph)))
+    return table.fresh(base)
+
+
+def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
+    """An initializer holding ``values`` under a fresh name."""
+    return gs.Constant(fresh_name(graph, base), np.ascontiguousarray(values))
