@@ -23,16 +23,12 @@ from typing import Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from . import graph_io
 from .errors import ExternalDataError, ModelError, OutputError
 
 logger = logging.getLogger(__name__)
-
-# Protobuf cannot serialize a message of 2 GiB or more; stay a little below.
-PROTOBUF_LIMIT = 2**31 - 2**20
-
 
 class Model:
     """An ONNX model as passes see it: ``graph`` (graphsurgeon) plus the original proto."""
@@ -396,8 +392,11 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         raise OutputError(f"{path}: output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{path}: output folder '{folder}' is not writable")
-    if external_data is None:
-        external_data = _serialized_size(proto) >= PROTOBUF_LIMIT
+    data = None
+    if not external_data:
+        data = _serialize(proto)  # None when over protobuf's 2 GB limit
+        if data is None and external_data is False:
+            raise OutputError(f"{path}: model is over 2 GB; it can only be written with external data")
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     except OSError as exc:  # e.g. a read-only or pseudo file system (root passes os.access)
@@ -405,13 +404,13 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     try:
         tmp_model = tmp_dir / path.name
         data_name = path.name + ".data"
-        if external_data:
+        if data is None:
             proto = _with_external_data(proto, data_name)
             onnx.save_model(proto, str(tmp_model), save_as_external_data=False)
             os.replace(tmp_dir / data_name, folder / data_name)
         else:
             with open(tmp_model, "wb") as f:
-                f.write(proto.SerializeToString(deterministic=True))
+                f.write(data)
         os.replace(tmp_model, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
@@ -422,8 +421,12 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     return path
 
 
-def _serialized_size(proto: onnx.ModelProto) -> int:
-    return proto.ByteSize()
+def _serialize(proto: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when protobuf cannot hold it in one message (2 GB)."""
+    try:
+        return proto.SerializeToString(deterministic=True)
+    except (ValueError, EncodeError):
+        return None
 
 
 def _with_external_data(proto: onnx.ModelProto, data_name: str) -> onnx.ModelProto:

@@ -60,7 +60,8 @@ class LiftConstantsPass(Pass):
         lifted = 0
         for graph in model.graphs():
             output_ids = {id(t) for t in graph.outputs}
-            for node in list(graph.nodes):
+            removed = set()
+            for node in graph.nodes:
                 if not is_op(node, "Constant") or len(node.outputs) != 1:
                     continue
                 out = node.outputs[0]
@@ -77,8 +78,10 @@ class LiftConstantsPass(Pass):
                         if t is out:
                             consumer.inputs[i] = const
                 node.outputs.clear()
-                graph.nodes.remove(node)
+                removed.add(id(node))
                 lifted += 1
+            if removed:  # one rebuild: list.remove per node would be quadratic
+                graph.nodes = [n for n in graph.nodes if id(n) not in removed]
         return PassResult(changed=lifted > 0, stats={"lifted": lifted})
 
 
