@@ -1,18 +1,862 @@
-"""PLACEHOLDER by the lead so the core can run; helper-2 owns and replaces this file."""
+"""The faithful bridge between ``onnx.ModelProto`` and onnx-graphsurgeon's ``Graph``.
+
+``import_graph`` builds the graph every pass rewrites; ``export_model`` turns it back into
+a ModelProto, taking everything a Graph does not model (IR version, opset imports, local
+functions, model metadata, training info, ...) from a template proto. A model whose graph
+no pass touched comes back byte-identical.
+
+We use graphsurgeon's IR but not its importer/exporter, which (0.6.1) lose or break:
+non-tensor value types (optional/map crash the exporter), node and value doc strings and
+metadata, attribute types (empty lists cannot be exported; SPARSE_TENSOR, TYPE_PROTO,
+TENSORS, GRAPHS attributes are dropped), initializers that are also graph inputs (turned
+into foldable constants), unreferenced initializers, int4/uint4/fnuz/string constants
+re-encoded from numpy, and the exporter writes tensor names into the caller's protos.
+Findings in tools/conformance.py's docstring and /tmp/gs_findings.md.
+
+How the extra information travels with the graph (and survives ``Graph.copy()``, which
+the pass manager uses for rollback snapshots):
+
+* ``OnnxGraph`` keeps a ``GraphSource``: the original value_info, input/output infos,
+  initializer order, defaults of inputs that have an initializer, metadata, and the
+  ``unused_initializers`` no node reads (kept so nothing is lost; a dead-code pass may
+  clear that dict).
+* ``OnnxNode`` keeps its source NodeProto (doc string, metadata, attribute types) and a
+  snapshot of what it looked like; an unchanged node is written back as its source proto.
+* ``OnnxVariable`` only fixes ``copy()``, which in gs resets ``type`` to tensor_type.
+* Constants keep graphsurgeon's ``LazyValues``: the original TensorProto is written back
+  (renamed on a copy when the tensor was renamed); nothing is decoded to numpy unless a
+  pass reads ``.values``.
+
+Local functions are not imported into ``graph.functions``: graphsurgeon's Function round
+trip is lossy, so they are carried unchanged from the template.
+
+An input that also has an initializer is imported as a graph input (a Variable, so no
+pass folds it: a caller may feed it) whose default value is re-emitted on export.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import ChainMap
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import Message
+from onnx import numpy_helper
+from onnx_graphsurgeon.importers.onnx_importer import get_numpy_type
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.util import misc as gs_misc
+
+logger = logging.getLogger(__name__)
+
+_AP = onnx.AttributeProto
+
+__all__ = ["import_graph", "export_model", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
+
+
+# --------------------------------------------------------------------------- IR classes
+
+
+class OnnxVariable(gs.Variable):
+    """A Variable whose ``copy()`` keeps its ``type`` (gs resets it to tensor_type)."""
+
+    def copy(self):
+        return OnnxVariable(self.name, self.dtype, self.shape, self.type)
+
+
+class OnnxNode(gs.Node):
+    """A Node that remembers the NodeProto it came from.
+
+    ``source`` gives the doc string, metadata and attribute types back on export;
+    ``snapshot`` is (op, domain, name, input names, output names, attributes) at import,
+    or None when the node has a subgraph. A node still equal to its snapshot is written
+    back as its source proto.
+    """
+
+    source: onnx.NodeProto | None = None
+    snapshot: tuple | None = None
+
+    def copy(self, inputs=None, outputs=None, tensor_map=None):
+        node = super().copy(inputs=inputs, outputs=outputs, tensor_map=tensor_map)
+        node.__class__ = OnnxNode
+        node.source = self.source
+        node.snapshot = self.snapshot
+        return node
+
+
+@dataclass
+class GraphSource:
+    """What a GraphProto held that graphsurgeon's Graph has no field for."""
+
+    proto: onnx.GraphProto | None = None  # for metadata_props, quantization_annotation, name
+    initializer_rank: dict[str, int] = field(default_factory=dict)  # original order
+    sparse_rank: dict[str, int] = field(default_factory=dict)
+    input_defaults: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    value_info: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    input_info: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    output_info: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    # Initializers (dense or sparse) that no node or output of this graph reads.
+    unused_initializers: dict[str, Message] = field(default_factory=dict)
+
+    def copy(self) -> "GraphSource":
+        # The protos are shared (never modified); the dicts a pass may edit are not.
+        return GraphSource(
+            proto=self.proto,
+            initializer_rank=self.initializer_rank,
+            sparse_rank=self.sparse_rank,
+            input_defaults=dict(self.input_defaults),
+            value_info=self.value_info,
+            input_info=self.input_info,
+            output_info=self.output_info,
+            unused_initializers=dict(self.unused_initializers),
+        )
+
+
+class OnnxGraph(gs.Graph):
+    """A Graph with its ``GraphSource``; ``copy()`` keeps it (and the producer fields)."""
+
+    def copy(self, tensor_map=None):
+        graph = super().copy(tensor_map)
+        graph.__class__ = OnnxGraph
+        graph.producer_name = self.producer_name
+        graph.producer_version = self.producer_version
+        source = self.__dict__.get("onnx_source")
+        graph.onnx_source = source.copy() if source is not None else GraphSource()
+        return graph
+
+    @property
+    def unused_initializers(self) -> dict[str, Message]:
+        """Initializers no node reads, written back on export unless removed from here."""
+        return self.onnx_source.unused_initializers
+
+
+def _source_of(graph: gs.Graph) -> GraphSource | None:
+    return graph.__dict__.get("onnx_source")
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _np_dtype(elem_type: int):
+    """The dtype graphsurgeon uses for an ONNX element type (np dtype, or the int)."""
+    if elem_type == onnx.TensorProto.UNDEFINED:
+        return None
+    dtype = get_numpy_type(elem_type)
+    return dtype if dtype is not None else elem_type
+
+
+def _elem_type(dtype: Any) -> int:
+    """ONNX element type of a graphsurgeon dtype (np dtype, numpy type, ONNX int or None)."""
+    if dtype is None:
+        return onnx.TensorProto.UNDEFINED
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
+    if isinstance(dtype, onnx.TypeProto):  # what gs's importer stores for optional/map
+        return onnx.TensorProto.UNDEFINED
+    # onnx maps the ml_dtypes types (bfloat16, float8 incl. fnuz, int4, ...) correctly;
+    # graphsurgeon's dtype_to_onnx maps float8e4m3fnuz to FLOAT8E4M3FN.
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _kind(type_proto: onnx.TypeProto) -> str | None:
+    which = type_proto.WhichOneof("value")
+    return which
+
+
+def _inner_elem_type(type_proto: onnx.TypeProto) -> int:
+    """The element type graphsurgeon reports for a value: the innermost tensor's."""
+    kind = type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        return getattr(type_proto, kind).elem_type
+    if kind == "sequence_type":
+        return _inner_elem_type(type_proto.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _inner_elem_type(type_proto.optional_type.elem_type)
+    return onnx.TensorProto.UNDEFINED
+
+
+def _shape_of(type_proto: onnx.TypeProto) -> list | None:
+    kind = type_proto.WhichOneof("value")
+    if kind not in ("tensor_type", "sparse_tensor_type"):
+        return None
+    tensor_type = getattr(type_proto, kind)
+    if not tensor_type.HasField("shape"):
+        return None
+    shape = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_param"):
+            shape.append(dim.dim_param)
+        elif dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        else:
+            shape.append(None)
+    return shape
+
+
+def _info_key(vi: onnx.ValueInfoProto) -> tuple:
+    """(element type, shape, kind) of a ValueInfoProto, as the Variable would hold it."""
+    # An empty type (allowed in subgraphs) reads as a Variable with no dtype and shape.
+    kind = _kind(vi.type) or "tensor_type"
+    return (_inner_elem_type(vi.type), _shape_key(_shape_of(vi.type)), kind)
+
+
+def _variable_key(t: gs.Variable) -> tuple:
+    kind = t.type if t.type is not None else "tensor_type"
+    return (_elem_type(t.dtype), _shape_key(t.shape), kind)
+
+
+def _shape_key(shape) -> tuple | None:
+    if shape is None:
+        return None
+    return tuple(None if d is None or (isinstance(d, int) and d < 0) else d for d in shape)
+
+
+def _fill_from_info(t: gs.Variable, vi: onnx.ValueInfoProto, overwrite: bool) -> None:
+    if vi.type.ByteSize() == 0:
+        return
+    if overwrite or t.dtype is None:
+        t.dtype = _np_dtype(_inner_elem_type(vi.type))
+    if overwrite or t.shape is None:
+        t.shape = _shape_of(vi.type)
+    kind = _kind(vi.type)
+    if overwrite or (kind and t.type in (None, "tensor_type")):
+        t.type = kind
+
+
+def _variable_from_info(vi: onnx.ValueInfoProto) -> OnnxVariable:
+    t = OnnxVariable(vi.name)
+    _fill_from_info(t, vi, overwrite=True)
+    return t
+
+
+# --------------------------------------------------------------------------- import
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """The main graph of ``model`` as an onnx-graphsurgeon Graph (see module docstring).
+
+    The graph refers to ``model``'s TensorProtos (no weight is copied): do not modify
+    ``model`` while the graph is in use.
+    """
+    opset = None
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = imp.version
+    domains = []
+    for imp in model.opset_import:
+        copy = onnx.OperatorSetIdProto()
+        copy.CopyFrom(imp)
+        domains.append(copy)
+    graph = _import_graph(model.graph, {}, opset, domains)
+    graph.producer_name = model.producer_name
+    graph.producer_version = model.producer_version
+    graph.ir_version = model.ir_version
+    return graph
+
+
+def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, domains) -> OnnxGraph:
+    local: dict[str, gs.Tensor] = {}
+    scope: Mapping[str, gs.Tensor] = ChainMap(local, outer) if outer else local
+    source = GraphSource(proto=gp)
+
+    input_names = {vi.name for vi in gp.input}
+    initializers: dict[str, Message] = {}
+    for rank, tensor in enumerate(gp.initializer):
+        source.initializer_rank.setdefault(tensor.name, rank)
+        if tensor.name in input_names:
+            source.input_defaults[tensor.name] = tensor
+            continue
+        location = int(tensor.data_location) if tensor.HasField("data_location") else None
+        local[tensor.name] = gs.Constant(tensor.name, LazyValues(tensor), data_location=location)
+        initializers[tensor.name] = tensor
+    for rank, sparse in enumerate(gp.sparse_initializer):
+        name = sparse.values.name
+        source.sparse_rank.setdefault(name, rank)
+        local[name] = gs.Constant(name, SparseValues(sparse), data_location=sparse.values.data_location)
+        initializers[name] = sparse
+
+    for vi in gp.value_info:
+        source.value_info.setdefault(vi.name, vi)
+        t = local.get(vi.name)
+        if t is None:
+            if vi.name in scope:
+                continue  # annotates an outer tensor; kept in source.value_info
+            local[vi.name] = _variable_from_info(vi)
+        elif isinstance(t, gs.Variable):
+            _fill_from_info(t, vi, overwrite=False)
+
+    # Graph inputs and outputs never resolve to an outer tensor (as in graphsurgeon).
+    inputs = []
+    for vi in gp.input:
+        source.input_info.setdefault(vi.name, vi)
+        t = local.get(vi.name)
+        if t is None or isinstance(t, gs.Constant):
+            t = local[vi.name] = _variable_from_info(vi)
+        else:
+            _fill_from_info(t, vi, overwrite=False)
+        inputs.append(t)
+    outputs = []
+    for vi in gp.output:
+        source.output_info.setdefault(vi.name, vi)
+        t = local.get(vi.name)
+        if t is None:
+            t = local[vi.name] = _variable_from_info(vi)
+        elif isinstance(t, gs.Variable):
+            _fill_from_info(t, vi, overwrite=False)
+        outputs.append(t)
+
+    def tensor_in(name: str) -> gs.Tensor:
+        if not name:
+            return gs.Variable.empty()
+        t = scope.get(name)
+        if t is None:
+            t = local[name] = OnnxVariable(name)
+        return t
+
+    def tensor_out(name: str) -> gs.Tensor:
+        if not name:
+            return gs.Variable.empty()
+        t = local.get(name)
+        if t is None:
+            t = local[name] = OnnxVariable(name)
+        return t
+
+    nodes = []
+    for proto in gp.node:
+        node_inputs = [tensor_in(name) for name in proto.input]
+        node_outputs = [tensor_out(name) for name in proto.output]
+        attrs, snap_attrs = _import_attributes(proto.attribute, scope, opset, domains)
+        node = OnnxNode(
+            op=proto.op_type,
+            name=proto.name,
+            attrs=attrs,
+            inputs=node_inputs,
+            outputs=node_outputs,
+            domain=proto.domain if proto.HasField("domain") else None,
+        )
+        node.source = proto
+        if snap_attrs is not None:
+            node.snapshot = (
+                node.op,
+                node.domain,
+                node.name,
+                tuple(proto.input),
+                tuple(proto.output),
+                snap_attrs,
+            )
+        nodes.append(node)
+
+    # Initializers nothing reads stay out of the IR (gs would drop them) but are kept.
+    output_ids = {id(t) for t in outputs}
+    for name, proto in initializers.items():
+        t = local[name]
+        if not t.outputs and id(t) not in output_ids:
+            source.unused_initializers[name] = proto
+            del local[name]
+
+    graph = OnnxGraph(
+        nodes=nodes,
+        inputs=inputs,
+        outputs=outputs,
+        name=gp.name,
+        doc_string=gp.doc_string,
+        opset=opset,
+        import_domains=domains,
+    )
+    graph.onnx_source = source
+    return graph
+
+
+@dataclass(frozen=True)
+class _TensorSnap:
+    """Snapshot of a TENSOR attribute: unchanged while the Constant still wraps the proto."""
+
+    const: gs.Constant
+    proto: onnx.TensorProto
+
+
+def _import_attributes(attributes, scope, opset, domains) -> tuple[dict, dict | None]:
+    """(attrs for gs, snapshot of them or None when a subgraph makes a snapshot useless)."""
+    attrs: dict[str, Any] = {}
+    snap: dict[str, Any] | None = {}
+    for attr in attributes:
+        kind = attr.type
+        if attr.ref_attr_name:
+            value = gs.Node.AttributeRef(attr.ref_attr_name, gs_misc.convert_from_onnx_attr_type(kind))
+            attrs[attr.name] = value
+            if snap is not None:
+                snap[attr.name] = value
+            continue
+        if kind == _AP.FLOAT:
+            value = attr.f
+        elif kind == _AP.INT:
+            value = attr.i
+        elif kind == _AP.STRING:
+            value = _decode(attr.s)
+        elif kind == _AP.FLOATS:
+            value = list(attr.floats)
+        elif kind == _AP.INTS:
+            value = list(attr.ints)
+        elif kind == _AP.STRINGS:
+            value = [_decode(s) for s in attr.strings]
+        elif kind == _AP.TENSOR:
+            value = gs.Constant(attr.t.name, LazyValues(attr.t))
+            attrs[attr.name] = value
+            if snap is not None:
+                snap[attr.name] = _TensorSnap(value, attr.t)
+            continue
+        elif kind == _AP.GRAPH:
+            attrs[attr.name] = _import_graph(attr.g, scope, opset, domains)
+            snap = None
+            continue
+        elif kind == _AP.SPARSE_TENSOR:
+            value = attr.sparse_tensor
+        elif kind == _AP.TYPE_PROTO:
+            value = attr.tp
+        elif kind == _AP.TENSORS:
+            value = list(attr.tensors)
+        elif kind == _AP.GRAPHS:
+            # No standard op has GRAPHS attributes; they are carried as protos.
+            value = list(attr.graphs)
+        elif kind == _AP.SPARSE_TENSORS:
+            value = list(attr.sparse_tensors)
+        elif kind == _AP.TYPE_PROTOS:
+            value = list(attr.type_protos)
+        else:
+            raise ValueError(f"attribute '{attr.name}' has unknown type {kind}")
+        attrs[attr.name] = value
+        if snap is not None:
+            snap[attr.name] = list(value) if isinstance(value, list) else value
+    return attrs, snap
+
+
+def _decode(raw: bytes) -> str | bytes:
+    # gs decodes STRING attributes and crashes on non-UTF-8 bytes; keep those as bytes.
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+# --------------------------------------------------------------------------- export
+
+
+class _Scope:
+    """Names visible in a graph: its own, then its enclosing graphs' (a chain, not a copy)."""
+
+    __slots__ = ("names", "parent")
+
+    def __init__(self, names: set[str], parent: "_Scope | None" = None):
+        self.names = names
+        self.parent = parent
+
+    def __contains__(self, name: str) -> bool:
+        scope = self
+        while scope is not None:
+            if name in scope.names:
+                return True
+            scope = scope.parent
+        return False
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = template.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(template.opset_import)
-    del out.metadata_props[:]
-    out.metadata_props.extend(template.metadata_props)
-    out.producer_name, out.producer_version = template.producer_name, template.producer_version
-    return out
+    """A new ModelProto: ``graph`` as its graph, everything else from ``template``.
+
+    ``template`` is not modified. Unchanged parts of the graph are written back from the
+    protos they were imported from.
+    """
+    model = onnx.ModelProto()
+    for desc, value in template.ListFields():
+        if desc.name == "graph":
+            continue
+        target = getattr(model, desc.name)
+        if hasattr(value, "extend") and hasattr(target, "extend"):
+            target.extend(value)
+        elif isinstance(value, Message):
+            target.CopyFrom(value)
+        else:
+            setattr(model, desc.name, value)
+    used_domains: set[str] = set()
+    _export_graph(graph, model.graph, None, used_domains)
+    _sync_opsets(model, graph, used_domains)
+    return model
+
+
+def _sync_opsets(model: onnx.ModelProto, graph: gs.Graph, used_domains: set[str]) -> None:
+    imported = {imp.domain for imp in model.opset_import}
+    if "ai.onnx" in imported:
+        imported.add("")
+    for imp in model.opset_import:
+        # A pass may raise graph.opset (graphsurgeon's own field) to emit newer ops.
+        if imp.domain in ("", "ai.onnx") and graph.opset and graph.opset > imp.version:
+            imp.version = graph.opset
+    for domain in sorted(used_domains - imported):
+        # As graphsurgeon does: a domain a pass introduced without importing it.
+        version = onnx.defs.onnx_opset_version() if domain in ("", "ai.onnx") else 1
+        logger.warning("domain '%s' is used but not imported; importing version %d", domain, version)
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, used_domains: set[str]) -> None:
+    source = _source_of(graph)
+    src_proto = source.proto if source is not None else None
+
+    # Phase 1: the tensors this graph refers to, and the names its nodes define.
+    referenced: dict[str, gs.Tensor] = {}
+    produced: set[str] = set()
+    node_io: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    for t in graph.inputs:
+        if t.name:
+            referenced.setdefault(t.name, t)
+    for node in graph.nodes:
+        in_names = tuple([t.name for t in node.inputs])
+        out_names = tuple([t.name for t in node.outputs])
+        node_io.append((in_names, out_names))
+        for t in node.inputs:
+            if t.name and t.name not in referenced:
+                referenced[t.name] = t
+        for t in node.outputs:
+            if t.name:
+                referenced.setdefault(t.name, t)
+                produced.add(t.name)
+    for t in graph.outputs:
+        if t.name:
+            referenced.setdefault(t.name, t)
+
+    # Phase 2: the initializers written here: constants this graph reads that no
+    # enclosing graph defines, plus those its subgraphs read that it owned originally.
+    def outside(name: str) -> bool:
+        return outer is not None and name in outer
+
+    constants: dict[str, gs.Constant] = {
+        name: t for name, t in referenced.items() if isinstance(t, gs.Constant) and not outside(name)
+    }
+    owned = source.initializer_rank.keys() | source.sparse_rank.keys() if source is not None else ()
+    if owned:
+        for name, t in _subgraph_constants(graph).items():
+            if name in owned and name not in constants and not outside(name):
+                constants[name] = t
+    defaults = {}
+    if source is not None:
+        for t in graph.inputs:
+            default = source.input_defaults.get(t.name)
+            if default is not None and isinstance(t, gs.Variable):
+                defaults[t.name] = default
+    defined = set(referenced) | constants.keys()
+    unused = {}
+    if source is not None:
+        unused = {
+            name: proto
+            for name, proto in source.unused_initializers.items()
+            if name not in defined and not outside(name)
+        }
+    scope = _Scope(defined | unused.keys(), outer)
+
+    # Phase 3: nodes (subgraphs see this graph's names as outer names).
+    nodes = gp.node
+    for node, (in_names, out_names) in zip(graph.nodes, node_io):
+        used_domains.add(node.domain or "")
+        snap = getattr(node, "snapshot", None)
+        if snap is not None and _node_unchanged(node, snap, in_names, out_names):
+            nodes.append(node.source)
+        else:
+            _export_node(node, nodes.add(), in_names, out_names, scope, used_domains)
+
+    if graph.name or (src_proto is not None and src_proto.HasField("name")):
+        gp.name = graph.name
+    if graph.doc_string:
+        gp.doc_string = graph.doc_string
+
+    # Initializers in their original order, then new ones in the order they are used.
+    dense: list[tuple[tuple, onnx.TensorProto]] = []
+    sparse: list[tuple[tuple, onnx.SparseTensorProto]] = []
+    init_rank = source.initializer_rank if source is not None else {}
+    sparse_rank = source.sparse_rank if source is not None else {}
+    for order, (name, t) in enumerate(constants.items()):
+        if isinstance(t._values, SparseValues):
+            sparse.append((_rank_key(sparse_rank, name, order), _sparse_proto(t)))
+        else:
+            dense.append((_rank_key(init_rank, name, order), _tensor_proto(t)))
+    for name, proto in defaults.items():
+        dense.append((_rank_key(init_rank, name, len(constants)), proto))
+    for name, proto in unused.items():
+        if isinstance(proto, onnx.SparseTensorProto):
+            sparse.append((_rank_key(sparse_rank, name, len(constants)), proto))
+        else:
+            dense.append((_rank_key(init_rank, name, len(constants)), proto))
+    dense.sort(key=lambda item: item[0])
+    sparse.sort(key=lambda item: item[0])
+    gp.initializer.extend([proto for _, proto in dense])
+    gp.sparse_initializer.extend([proto for _, proto in sparse])
+
+    input_info = source.input_info if source is not None else {}
+    output_info = source.output_info if source is not None else {}
+    gp.input.extend([_value_info(t, input_info.get(t.name)) for t in graph.inputs])
+    gp.output.extend([_value_info(t, output_info.get(t.name)) for t in graph.outputs])
+
+    # value_info: the original entries still meaningful, then any local Variable a pass
+    # gave a type or shape (as graphsurgeon's exporter does).
+    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    infos = []
+    done = set()
+    if source is not None:
+        for name, vi in source.value_info.items():
+            t = referenced.get(name)
+            if t is None or name in io_names:
+                continue
+            if isinstance(t, gs.Constant):
+                if name in constants and _constant_key(t) == _info_key(vi)[:2]:
+                    infos.append(vi)
+                    done.add(name)
+                continue
+            if t.dtype is None and t.shape is None:
+                continue
+            infos.append(_value_info(t, vi))
+            done.add(name)
+    for name, t in referenced.items():
+        if (
+            name in done
+            or name in io_names
+            or name not in produced
+            or not isinstance(t, gs.Variable)
+            or (t.dtype is None and t.shape is None)
+        ):
+            continue
+        infos.append(_value_info(t, None))
+    gp.value_info.extend(infos)
+
+    if src_proto is not None:
+        gp.metadata_props.extend(src_proto.metadata_props)
+        for annotation in src_proto.quantization_annotation:
+            if annotation.tensor_name in scope:
+                gp.quantization_annotation.append(annotation)
+
+
+def _rank_key(rank: dict[str, int], name: str, order: int) -> tuple:
+    r = rank.get(name)
+    return (0, r) if r is not None else (1, order)
+
+
+def _subgraph_constants(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """Constants read anywhere inside the subgraphs of ``graph``'s nodes."""
+    found: dict[str, gs.Constant] = {}
+    stack = [sub for node in graph.nodes for sub in _graph_attrs(node)]
+    while stack:
+        sub = stack.pop()
+        for node in sub.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and t.name:
+                    found.setdefault(t.name, t)
+            stack.extend(_graph_attrs(node))
+        for t in sub.outputs:
+            if isinstance(t, gs.Constant) and t.name:
+                found.setdefault(t.name, t)
+    return found
+
+
+def _graph_attrs(node: gs.Node) -> list[gs.Graph]:
+    return [v for v in node.attrs.values() if isinstance(v, gs.Graph)]
+
+
+def _node_unchanged(node: gs.Node, snap: tuple, in_names: tuple, out_names: tuple) -> bool:
+    op, domain, name, ins, outs, attrs = snap
+    if node.op != op or node.domain != domain or node.name != name or in_names != ins or out_names != outs:
+        return False
+    current = node.attrs
+    if len(current) != len(attrs):
+        return False
+    for key, before in attrs.items():
+        if key not in current or not _attr_unchanged(current[key], before):
+            return False
+    return True
+
+
+def _attr_unchanged(value: Any, before: Any) -> bool:
+    if isinstance(before, _TensorSnap):
+        return (
+            value is before.const
+            and isinstance(value._values, LazyValues)
+            and value._values.tensor is before.proto
+            and value.name == before.proto.name
+            and value._export_dtype is None
+        )
+    if isinstance(before, Message):
+        return value is before
+    if isinstance(before, list) and before and isinstance(before[0], Message):
+        return isinstance(value, list) and len(value) == len(before) and all(a is b for a, b in zip(value, before))
+    return type(value) is type(before) and value == before
+
+
+def _export_node(node: gs.Node, proto: onnx.NodeProto, in_names, out_names, scope: _Scope, used_domains) -> None:
+    source = getattr(node, "source", None)
+    proto.op_type = node.op
+    if node.domain is not None:
+        proto.domain = node.domain
+    if node.name or (source is not None and source.HasField("name")):
+        proto.name = node.name
+    proto.input.extend(in_names)
+    proto.output.extend(out_names)
+    src_attrs = {a.name: a for a in source.attribute} if source is not None else {}
+    snap = getattr(node, "snapshot", None)
+    snap_attrs = snap[5] if snap is not None else {}
+    for key, value in node.attrs.items():
+        src = src_attrs.get(key)
+        if src is not None and key in snap_attrs and _attr_unchanged(value, snap_attrs[key]):
+            proto.attribute.append(src)
+            continue
+        attr = proto.attribute.add()
+        _export_attribute(attr, node, key, value, src, scope, used_domains)
+    if source is not None:
+        if source.doc_string:
+            proto.doc_string = source.doc_string
+        if source.HasField("overload"):
+            proto.overload = source.overload
+        proto.metadata_props.extend(source.metadata_props)
+        proto.device_configurations.extend(source.device_configurations)
+
+
+def _export_attribute(attr: onnx.AttributeProto, node: gs.Node, key: str, value: Any,
+                      src: onnx.AttributeProto | None, scope: _Scope, used_domains) -> None:
+    attr.name = key
+    if src is not None and src.doc_string:
+        attr.doc_string = src.doc_string
+    if isinstance(value, gs.Graph):
+        attr.type = _AP.GRAPH
+        _export_graph(value, attr.g, scope, used_domains)
+        return
+    if isinstance(value, gs.Constant):
+        attr.type = _AP.TENSOR
+        attr.t.CopyFrom(_tensor_proto(value))
+        return
+    if isinstance(value, gs.Node.AttributeRef):
+        attr.type = gs_misc.convert_to_onnx_attr_type(value.type)
+        attr.ref_attr_name = value.name
+        return
+    expected = src.type if src is not None else _schema_attr_type(node.op, node.domain or "", key)
+    value = _plain(value)
+    if expected == _AP.FLOAT and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif expected == _AP.FLOATS and isinstance(value, (list, tuple)):
+        value = [float(v) for v in value]
+    attr_type = None
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        if expected is None:
+            raise ValueError(
+                f"node '{node.name}' ({node.op}): attribute '{key}' is an empty list of "
+                "unknown type (not in the op's schema)")
+        attr_type = expected
+    made = onnx.helper.make_attribute(key, value, attr_type=attr_type)
+    doc = attr.doc_string
+    attr.CopyFrom(made)
+    if doc:
+        attr.doc_string = doc
+
+
+def _plain(value: Any) -> Any:
+    """Python values onnx.helper.make_attribute understands."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.dtype, type)) and not issubclass(getattr(value, "type", value), Message):
+        try:
+            return _elem_type(value)  # e.g. Cast's `to` given as np.float32
+        except (TypeError, ValueError):
+            return value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_attr_type(op: str, domain: str, key: str) -> int | None:
+    try:
+        schema = onnx.defs.get_schema(op, domain=domain)
+    except Exception:  # noqa: BLE001 - custom op: no schema
+        return None
+    attr = schema.attributes.get(key)
+    return int(attr.type) if attr is not None else None
+
+
+def _tensor_proto(c: gs.Constant) -> onnx.TensorProto:
+    """The TensorProto of a Constant; its source proto when unchanged (no weight copy)."""
+    values = c._values
+    export_type = _elem_type(c._export_dtype) if c._export_dtype is not None else None
+    if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
+        src = values.tensor
+        if export_type is None or export_type == src.data_type:
+            if src.name == c.name:
+                return src
+            # Renamed: copy rather than rename the caller's proto (gs does the latter).
+            renamed = onnx.TensorProto()
+            renamed.CopyFrom(src)
+            renamed.name = c.name
+            return renamed
+    array = values.load() if isinstance(values, LazyValues) else np.asarray(values)
+    if export_type is not None and export_type != _elem_type(array.dtype):
+        array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(export_type))
+    return numpy_helper.from_array(array, c.name)
+
+
+def _sparse_proto(c: gs.Constant) -> onnx.SparseTensorProto:
+    src = c._values.tensor
+    if src.values.name == c.name:
+        return src
+    renamed = onnx.SparseTensorProto()
+    renamed.CopyFrom(src)
+    renamed.values.name = c.name
+    return renamed
+
+
+def _constant_key(c: gs.Constant) -> tuple:
+    return (_elem_type(c.export_dtype), _shape_key(list(c.shape)))
+
+
+def _value_info(t: gs.Tensor, source: onnx.ValueInfoProto | None) -> onnx.ValueInfoProto:
+    """A ValueInfoProto for ``t``: its source when type and shape are unchanged."""
+    if isinstance(t, gs.Constant):
+        info = onnx.helper.make_tensor_value_info(t.name, _elem_type(t.export_dtype), list(t.shape))
+        return info
+    if source is not None and _variable_key(t) == _info_key(source):
+        if source.name == t.name:
+            return source
+        info = onnx.ValueInfoProto()
+        info.CopyFrom(source)
+        info.name = t.name
+        return info
+    info = onnx.ValueInfoProto()
+    info.name = t.name
+    kind = t.type or "tensor_type"
+    if source is not None and kind != "tensor_type" and _kind(source.type) == kind:
+        # graphsurgeon only models the innermost element type of a sequence/optional/
+        # map; their structure comes from the source when the kind is unchanged.
+        info.type.CopyFrom(source.type)
+    elif kind == "tensor_type" and (t.dtype is not None or t.shape is not None):
+        _fill_tensor_type(info.type.tensor_type, t)
+    elif kind == "sparse_tensor_type":
+        _fill_tensor_type(info.type.sparse_tensor_type, t)
+    elif kind == "sequence_type" and t.dtype is not None:
+        _fill_tensor_type(info.type.sequence_type.elem_type.tensor_type, t, with_shape=False)
+    if source is not None:
+        if source.doc_string:
+            info.doc_string = source.doc_string
+        info.metadata_props.extend(source.metadata_props)
+    return info
+
+
+def _fill_tensor_type(tensor_type, t: gs.Variable, with_shape: bool = True) -> None:
+    tensor_type.elem_type = _elem_type(t.dtype)
+    if not with_shape or t.shape is None:
+        return
+    shape = tensor_type.shape
+    shape.SetInParent()  # a scalar has a shape with no dims
+    for d in t.shape:
+        dim = shape.dim.add()
+        if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0:
+            dim.dim_value = int(d)
+        elif isinstance(d, str):
+            dim.dim_param = d
