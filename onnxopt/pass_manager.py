@@ -135,8 +135,12 @@ class PassManager:
         from tqdm import tqdm
 
         bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
-        for spec in bar:
+        for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
+            if ctx.calibration is not None:  # one streamed run for consecutive calibrating passes
+                from .calibration import gather_requests
+
+                gather_requests(self.specs, index, model, ctx, self.progress)
             self.records.append(self._run_one(spec, model, ctx))
         bar.close()
         return self.records
