@@ -256,13 +256,32 @@ def single_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of an initializer or of a Constant node's ``value``; None if not constant."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if tensor.inputs and is_op(tensor.inputs[0], "Constant"):
-        value = tensor.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant) and len(tensor.inputs[0].attrs) == 1:
-            return np.asarray(value.values)
-    return None
+    if not isinstance(tensor, gs.Constant):
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or not is_op(node, "Constant") or len(node.attrs) != 1:
+            return None
+        tensor = node.attrs.get("value")
+        if not isinstance(tensor, gs.Constant):
+            return None
+    values = _peek(tensor)
+    if values.dtype.kind not in "biuf":  # strings, sparse values
+        return None
+    try:  # a type numpy lacks (bfloat16, float8) is stored in another dtype: not usable
+        if np.dtype(tensor.export_dtype) != values.dtype:
+            return None
+    except TypeError:
+        return None
+    return values
+
+
+def _peek(const: gs.Constant) -> np.ndarray:
+    """A Constant's value without caching it on the tensor: graphsurgeon's ``.values``
+    replaces lazy values by the array, which changes how the model is written (raw_data
+    instead of float_data) although nothing was rewritten."""
+    lazy = const._values
+    if isinstance(lazy, gs.ir.tensor.LazyValues):
+        return np.asarray(lazy.load())
+    return np.asarray(const.values)
 
 
 def is_present(node: gs.Node, index: int) -> bool:
@@ -270,12 +289,21 @@ def is_present(node: gs.Node, index: int) -> bool:
     return index < len(node.inputs) and bool(node.inputs[index].name)
 
 
-def take_outputs(old: gs.Node, new: gs.Node) -> None:
-    """Make ``new`` compute ``old``'s output tensors (same objects, same names)."""
-    outputs = list(old.outputs)
+def take_outputs(old: gs.Node, new: gs.Node, count: int | None = None) -> None:
+    """Make ``new`` compute ``old``'s output tensors (same objects, same names).
+
+    With ``count``, only the first ``count`` outputs move (the rule has checked that the
+    others, such as BatchNormalization's training outputs, are unused).
+    """
+    outputs = list(old.outputs)[:count]
     old.outputs.clear()
     new.outputs.clear()
     new.outputs.extend(outputs)
+
+
+def unused(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    """Nothing reads ``tensor`` and it is not a graph output."""
+    return not tensor.outputs and not any(t is tensor for t in graph.outputs)
 
 
 class _NameTable:
