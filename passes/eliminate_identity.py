@@ -1,0 +1,224 @@
+"""Remove nodes that pass their input through unchanged.
+
+eliminate-identity
+    A node is removed, and its consumers read its data input instead, when it is one of
+    (default ONNX domain only):
+
+    - ``Identity``;
+    - ``Dropout`` in inference: no ``training_mode`` input or a constant false one (opset
+      >= 12), ``is_test=1`` or opset >= 7 before that, and its ``mask`` output unused;
+    - ``Cast`` to the input's own element type; ``CastLike`` whose two inputs have the same
+      element type;
+    - ``Transpose`` with the identity permutation (or no ``perm`` on a tensor of rank <= 1);
+    - ``Pad`` whose pads are all zero (any mode);
+    - ``Tile`` whose repeats are all one;
+    - ``Slice`` with positive steps whose output has the input's static shape (it can
+      only be the whole range);
+    - ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Expand`` whose output has the
+      input's static shape (from the ``shapes`` analysis);
+    - ``Concat``, ``Sum``, ``Max``, ``Min``, ``Mean`` of a single input.
+
+    Graph output names never change. When the removed node writes an output of its graph,
+    the producer of its input is made to write that name instead, provided that input is
+    computed by a node of the same graph, has no other reader (in this graph or in a body)
+    and is no graph output itself; otherwise the node is kept. Bodies of If/Loop/Scan are
+    handled the same way (a tensor from the enclosing scope counts as "not produced here").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.pass_base import Pass, PassResult
+from onnxopt.registry import register_pass
+
+from .fold_constants import constant_node_value, exact_array, is_default_domain, topological_order
+
+logger = logging.getLogger(__name__)
+
+SAME_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
+SINGLE_INPUT_OPS = ("Concat", "Sum", "Max", "Min", "Mean")
+
+
+@register_pass("eliminate-identity")
+class EliminateIdentityPass(Pass):
+    """Remove Identity, inference Dropout and ops that leave their input unchanged."""
+
+    lossless = True
+    preserves = frozenset({"shapes"})  # every remaining tensor keeps its shape and type
+
+    def run(self, model, ctx) -> PassResult:
+        shapes = ctx.analysis("shapes", model) if ctx is not None else {}
+        rules = _Rules(model, shapes)
+        removed: Counter = Counter()
+        kept_for_output = 0
+        output_ids = {id(t) for g in model.graphs() for t in g.outputs}
+        for graph in list(model.graphs()):
+            own = {id(n) for n in graph.nodes}
+            gone = set()
+            for node in topological_order(graph):
+                rule = rules.match(node)
+                if rule is None:
+                    continue
+                src, dst = node.inputs[0], node.outputs[0]
+                if id(dst) in output_ids:
+                    if not _can_take_over(src, node, own, output_ids):
+                        kept_for_output += 1
+                        continue
+                    producer = src.inputs[0]
+                    _detach(node)
+                    slot = next(i for i, t in enumerate(producer.outputs) if t is src)
+                    producer.outputs[slot] = dst
+                else:
+                    for user in list(dst.outputs):
+                        for i, t in enumerate(user.inputs):
+                            if t is dst:
+                                user.inputs[i] = src
+                    _detach(node)
+                gone.add(id(node))
+                removed[rule] += 1
+            if gone:
+                graph.nodes[:] = [n for n in graph.nodes if id(n) not in gone]
+        stats = dict(sorted(removed.items()))
+        stats["removed"] = sum(removed.values())
+        if kept_for_output:
+            stats["kept_graph_output"] = kept_for_output
+        return PassResult(changed=stats["removed"] > 0, stats=stats)
+
+
+def _detach(node: gs.Node) -> None:
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set) -> bool:
+    """May the producer of ``src`` write ``node``'s output name instead (so ``node`` goes)?"""
+    if isinstance(src, gs.Constant) or not src.inputs or id(src.inputs[0]) not in own:
+        return False  # graph input, initializer or a tensor of an enclosing graph
+    if id(src) in output_ids:
+        return False
+    return len(src.outputs) == 1 and src.outputs[0] is node
+
+
+class _Rules:
+    """Which rule (if any) says a node is a no-op."""
+
+    def __init__(self, model, shapes: dict):
+        self.opset = model.opset
+        self.shapes = shapes
+
+    def match(self, node: gs.Node) -> str | None:
+        if not is_default_domain(node) or not node.inputs or not node.outputs:
+            return None
+        src = node.inputs[0]
+        if not src.name:
+            return None
+        live_outputs = [o for o in node.outputs if o.name]
+        op = node.op
+        if op == "Dropout":
+            return "dropout" if self.inference_dropout(node) else None
+        if len(live_outputs) != 1 or node.outputs[0] is not live_outputs[0]:
+            return None
+        if op == "Identity":
+            return "identity"
+        if op in SINGLE_INPUT_OPS:
+            return f"single_input_{op.lower()}" if len(node.inputs) == 1 else None
+        if op == "Cast":
+            dtype = self.dtype(src)
+            to = node.attrs.get("to")
+            if dtype is not None and to is not None and _np_type(to) == dtype:
+                return "cast_same_type"
+            return None
+        if op == "CastLike":
+            a, b = self.dtype(src), self.dtype(node.inputs[1])
+            return "cast_same_type" if a is not None and a == b else None
+        if op == "Transpose":
+            perm = node.attrs.get("perm")
+            if perm is not None:
+                return "transpose_identity" if list(perm) == list(range(len(perm))) else None
+            shape = self.shape(src)
+            return "transpose_identity" if shape is not None and len(shape) <= 1 else None
+        if op == "Pad":
+            pads = self.ints(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("pads")
+            return "pad_zero" if pads is not None and all(p == 0 for p in pads) else None
+        if op == "Tile":
+            repeats = self.ints(node.inputs[1]) if len(node.inputs) > 1 else None
+            return "tile_ones" if repeats is not None and all(r == 1 for r in repeats) else None
+        if op == "Slice":
+            if len(node.inputs) > 4 and node.inputs[4].name:
+                steps = self.ints(node.inputs[4])
+                if steps is None or any(s <= 0 for s in steps):
+                    return None
+            elif self.opset >= 10 and len(node.inputs) < 3:
+                return None
+            return "slice_whole" if self.same_static_shape(src, node.outputs[0]) else None
+        if op in SAME_SHAPE_OPS:
+            return f"{op.lower()}_same_shape" if self.same_static_shape(src, node.outputs[0]) else None
+        return None
+
+    def inference_dropout(self, node: gs.Node) -> bool:
+        if len(node.outputs) > 1:
+            mask = node.outputs[1]
+            if mask.name and mask.outputs:
+                return False
+        if len(node.outputs) > 2:
+            return False
+        if self.opset >= 12:
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                flag = self.value(node.inputs[2])
+                return flag is not None and flag.size == 1 and not bool(flag.reshape(-1)[0])
+            return True
+        return self.opset >= 7 or node.attrs.get("is_test", 0) == 1
+
+    # -- facts about tensors -------------------------------------------------------------
+    def value(self, t: gs.Tensor) -> np.ndarray | None:
+        if isinstance(t, gs.Constant):
+            return exact_array(t)
+        if t.inputs and t.inputs[0].op == "Constant" and is_default_domain(t.inputs[0]):
+            return constant_node_value(t.inputs[0])
+        return None
+
+    def ints(self, t: gs.Tensor) -> list[int] | None:
+        if not t.name:
+            return None
+        v = self.value(t)
+        return None if v is None or v.dtype.kind not in "iu" else [int(x) for x in v.reshape(-1)]
+
+    def dtype(self, t: gs.Tensor) -> np.dtype | None:
+        v = self.value(t)
+        if v is not None:
+            return v.dtype
+        info = self.shapes.get(t.name)
+        if info is not None and info.dtype is not None:
+            return np.dtype(info.dtype)
+        if isinstance(t, gs.Variable) and t.dtype is not None:
+            try:
+                return np.dtype(t.dtype)
+            except TypeError:
+                return None
+        return None
+
+    def shape(self, t: gs.Tensor) -> tuple | None:
+        v = self.value(t)
+        if v is not None:
+            return tuple(v.shape)
+        info = self.shapes.get(t.name)
+        return info.shape if info is not None else None
+
+    def same_static_shape(self, a: gs.Tensor, b: gs.Tensor) -> bool:
+        sa, sb = self.shape(a), self.shape(b)
+        return (sa is not None and sb is not None and all(isinstance(d, int) for d in sa)
+                and tuple(sa) == tuple(sb))
+
+
+def _np_type(onnx_type: int) -> np.dtype | None:
+    import onnx
+
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+    except (KeyError, TypeError, ValueError):
+        return None
