@@ -34,6 +34,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary table")
 
 
+def _add_fidelity_options(p: argparse.ArgumentParser, gate: str) -> None:
+    p.add_argument("--metric", default="cosine", metavar="cosine|snr|top1|mse|module:function",
+                   help="fidelity metric for the gate (default cosine); module:function is called "
+                        "with (reference outputs, candidate outputs), see onnxopt/metrics.py")
+    p.add_argument(gate, type=float, metavar="X", dest="max_drop",
+                   help="quality gate: exit 3 when the metric's drop exceeds X (cosine: 1-cosine; "
+                        "top1: 1-agreement; snr: 10^(-SNR/10); mse: the mse; user metric: its drop)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description=(
         "Optimize ONNX models for a hardware target: lossless cleanup and fusion, "
@@ -64,6 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a model's size, ops, interface",
                        description="Show nodes, op histogram, params, bytes, opsets, inputs and outputs.")
     p.add_argument("model", metavar="MODEL", help="an .onnx file")
+    p.add_argument("--json", action="store_true", help="print JSON (with per-node and per-weight costs)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,…",
+                   help="fix an input's shape so symbolic MACs and memory become numbers (repeatable)")
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="compare two models: fidelity, size, latency, memory",
+                       description="Run REF and CAND in onnxruntime on the same inputs and report, per "
+                                   "output, cosine, SNR, max/mean absolute error and top-1 agreement; "
+                                   "file sizes; interleaved median latency; peak memory of each session.")
+    p.add_argument("reference", metavar="REF", help="the reference model (.onnx)")
+    p.add_argument("candidate", metavar="CAND", help="the model to judge (.onnx)")
+    p.add_argument("--data", metavar="DATA", help="inputs: an .npz file or a folder of them "
+                   "(default: random inputs made from the input specs)")
+    _add_fidelity_options(p, gate="--max-drop")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs of each model (default 20)")
+    p.add_argument("--max-batches", type=int, metavar="N", help="use at most N batches of DATA")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,…",
+                   help="shape of a generated input (without --data; repeatable)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
@@ -161,7 +191,9 @@ def cmd_inspect(args) -> int:
     from .analysis.summary import summarize
     from .model import load
 
-    info = summarize(load(args.model))
+    from .analysis.cost import parse_input_shapes
+
+    info = summarize(load(args.model), parse_input_shapes(args.input_shape))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -173,7 +205,27 @@ def cmd_inspect(args) -> int:
         for v in info[kind]:
             print(f"  {kind[:-1]:<6} {v['name']}: {v['dtype']} {v['shape']}")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items()))
+    print(_cost_lines(info["cost"]))
     return 0
+
+
+def _cost_lines(cost: dict) -> str:
+    """The cost model's figures for `inspect` (onnxopt.analysis.cost)."""
+    from .analysis.cost import human
+
+    mem = cost["activation_memory"]
+    lines = [f"MACs {human(cost['macs'])}, FLOPs {human(cost['flops'])}"
+             + (f" (lower bound: {len(cost['uncounted_nodes'])} node(s) of unknown shape)"
+                if cost["uncounted_nodes"] else ""),
+             "MACs by kind: " + ", ".join(f"{k} {human(v)}" for k, v in cost["macs_by_category"].items()),
+             f"peak activation memory {human(mem['peak_bytes'], 'B')} at {mem['at_node']}"
+             + (f" ({mem['unsized_tensors']} tensor(s) of unknown size not counted)"
+                if mem["unsized_tensors"] else "")
+             + f"; weights {human(mem['weight_bytes'], 'B')}"]
+    if cost["symbolic_dims"]:
+        lines.append(f"symbolic dims: {', '.join(cost['symbolic_dims'])} "
+                     "(fix them with --input-shape NAME:D1,D2,…)")
+    return "\n".join(lines)
 
 
 def cmd_passes(args) -> int:
@@ -212,8 +264,31 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .analysis.cost import parse_input_shapes
+    from .compare import compare, format_comparison
+    from .errors import QualityGateError
+    from .metrics import load_metric
+
+    for path in (args.reference, args.candidate):
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: no such model file")
+    metric = load_metric(args.metric)  # a bad name fails before any model runs
+    result = compare(args.reference, args.candidate, data=args.data, metric=metric,
+                     max_drop=args.max_drop, threads=args.threads, runs=args.runs,
+                     latency=not args.no_latency, memory=not args.no_memory,
+                     max_batches=args.max_batches, input_shapes=parse_input_shapes(args.input_shape),
+                     progress=not args.quiet and sys.stderr.isatty())
+    print(json.dumps(result, indent=2, default=str) if args.json else format_comparison(result))
+    gate = result.get("gate")
+    if gate and not gate["passed"]:
+        raise QualityGateError(f"{result['metric']['metric']} drop {gate['drop']:.6g} exceeds "
+                               f"--max-drop {gate['max_drop']:g}")
+    return 0
+
+
 COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "passes": cmd_passes,
-            "targets": cmd_targets}
+            "targets": cmd_targets, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

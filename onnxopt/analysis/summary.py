@@ -35,8 +35,13 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
         return len(tensor.raw_data)
 
 
-def summarize(model: Model) -> dict:
-    """A JSON-ready summary of ``model`` (the proto as it would be written)."""
+def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
+              cost: bool = True) -> dict:
+    """A JSON-ready summary of ``model`` (the proto as it would be written).
+
+    With ``cost``, adds MACs, FLOPs and peak activation memory (onnxopt.analysis.cost) under
+    "cost"; ``input_shapes`` fixes input dims so that symbolic counts become numbers.
+    """
     proto = model.to_proto()
     ops: Counter = Counter()
 
@@ -60,7 +65,7 @@ def summarize(model: Model) -> dict:
             n *= d
         params += n
         weight_bytes += tensor_bytes(tensor)
-    return {
+    out = {
         "file": str(model.path) if model.path else None,
         "file_bytes": Path(model.path).stat().st_size if model.path else proto.ByteSize(),
         "ir_version": proto.ir_version,
@@ -75,3 +80,8 @@ def summarize(model: Model) -> dict:
         "outputs": [_value_type(v) for v in proto.graph.output],
         "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
+    if cost:
+        from .cost import model_cost
+
+        out["cost"] = model_cost(proto, input_shapes).to_json(per_node=True)
+    return out
