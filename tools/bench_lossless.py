@@ -1,0 +1,228 @@
+"""Benchmark `--pipeline lossless` against load+save and the lossless peers, side by side.
+
+    python tools/bench_lossless.py                      # real models + chains of 10k/30k/100k
+    python tools/bench_lossless.py --chains 10000 --no-real --tools onnxopt,loadsave
+
+Every tool runs in its own child process (``--child``); the parent reads the child's wall
+time and peak RSS from ``os.wait4`` (the child's own rusage, not an aggregate), and counts
+the nodes left (subgraphs included) in the file the child wrote. The child also reports
+the time of the work alone (load -> optimize -> save, imports excluded) as ``work``.
+A tool that exceeds ``--timeout`` is killed and reported as a timeout; a crash is reported
+with its exit status. With ``--check``, onnxopt's output is run in onnxruntime against the
+input (ORT_DISABLE_ALL) and the result is reported as ``equal`` or the mismatch.
+
+Tools: loadsave (onnx.load + onnx.save), onnxopt (the CLI's main, --pipeline lossless),
+graphsurgeon (import, cleanup, toposort, export), onnxsim (simplify, no check),
+onnxslim (slim), onnxoptimizer (its default pass list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ["loadsave", "onnxopt", "graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer"]
+REAL_MODELS = ["ppocr_mobile_v2_cls.onnx", "ppocr_v4_det.onnx", "ppocr_v4_rec.onnx",
+               "silero_vad_16k_op15.onnx", "silero_vad_16k_sequence.onnx", "minilm_l6.onnx"]
+
+
+# -- child side: one tool on one model ----------------------------------------------------------
+def child(tool: str, src: str, dst: str, pipeline: str) -> None:
+    import onnx
+
+    start = time.perf_counter()
+    if tool == "loadsave":
+        onnx.save(onnx.load(src), dst)
+    elif tool == "onnxopt":
+        from onnxopt.cli import main
+
+        rc = main(["optimize", src, "-o", dst, "--pipeline", pipeline, "-q"])
+        if rc:
+            sys.exit(rc)
+    elif tool == "graphsurgeon":
+        import onnx_graphsurgeon as gs
+
+        graph = gs.import_onnx(onnx.load(src))
+        graph.cleanup().toposort()
+        onnx.save(gs.export_onnx(graph), dst)
+    elif tool == "onnxsim":
+        import onnxsim
+
+        model, _ = onnxsim.simplify(onnx.load(src), check_n=0)
+        onnx.save(model, dst)
+    elif tool == "onnxslim":
+        import onnxslim
+
+        onnx.save(onnxslim.slim(onnx.load(src)), dst)
+    elif tool == "onnxoptimizer":
+        import onnxoptimizer
+
+        onnx.save(onnxoptimizer.optimize(onnx.load(src)), dst)
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+    print(json.dumps({"work": time.perf_counter() - start}))
+
+
+# -- parent side --------------------------------------------------------------------------------
+def count_nodes(path: str) -> int:
+    import onnx
+
+    def walk(graph) -> int:
+        n = 0
+        for node in graph.node:
+            n += 1
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    n += walk(attr.g)
+                for g in attr.graphs:
+                    n += walk(g)
+        return n
+
+    return walk(onnx.load(path, load_external_data=False).graph)
+
+
+def run_tool(tool: str, src: Path, workdir: Path, pipeline: str, timeout: float) -> dict:
+    dst = workdir / f"{src.stem}.{tool}.onnx"
+    dst.unlink(missing_ok=True)
+    rss_file = workdir / f".{tool}.rss"
+    # /usr/bin/time reports the peak RSS of its own child. Reading our child's rusage
+    # directly would not do: Linux carries the forking parent's RSS into the child's
+    # ru_maxrss, and this parent holds the models it counts.
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file),
+           sys.executable, str(Path(__file__).resolve()), "--child", tool, str(src), str(dst),
+           "--pipeline", pipeline]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=workdir, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds time and the tool
+        proc.communicate()
+        return {"tool": tool, "status": f"timeout after {timeout:.0f} s", "peak_rss_mb": None}
+    wall = time.perf_counter() - start
+    last = rss_file.read_text().split()[-1:] if rss_file.exists() else []
+    row = {"tool": tool, "wall": wall,
+           "peak_rss_mb": int(last[0]) / 1024 if last and last[0].isdigit() else None}
+    code = proc.returncode  # time exits with its child's status (128+N for a signal)
+    if code != 0 or not dst.exists():
+        last = (err.strip().splitlines() or ["?"])[-1]
+        row["status"] = f"crash (exit {code}): {last[:160]}"
+        return row
+    row["status"] = "ok"
+    try:
+        row["work"] = json.loads(out.strip().splitlines()[-1])["work"]
+    except (ValueError, IndexError, KeyError):
+        row["work"] = None
+    row["nodes"] = count_nodes(str(dst))
+    row["output"] = str(dst)
+    return row
+
+
+def check_equal(src: Path, dst: str) -> str:
+    import onnx
+
+    from onnxopt import verify
+
+    try:
+        feeds, ref = verify.run(onnx.load(str(src)))
+        _, got = verify.run(onnx.load(dst), feeds)
+    except verify.CannotRun as exc:
+        return f"not run: {exc}"
+    problems = verify.compare_outputs(ref, got)
+    return "equal" if not problems else "; ".join(map(str, problems[:2]))
+
+
+def lossless_text() -> str:
+    from onnxopt.target import load_target
+
+    return load_target("cpu").pipelines["lossless"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", nargs=3, metavar=("TOOL", "IN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", default="lossless", help="onnxopt pipeline (default: lossless)")
+    ap.add_argument("--models", default=str(REPO / ".models"), help="folder of the real models")
+    ap.add_argument("--no-real", action="store_true", help="skip the real models")
+    ap.add_argument("--chains", default="10000,30000,100000", help="chain sizes ('' for none)")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
+    ap.add_argument("--check", action="store_true", help="check onnxopt's outputs in onnxruntime")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--workdir", help="where models and outputs go (default: a temporary folder)")
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child, args.pipeline)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_synthetic_models import chain_model
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lossless.")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    models: list[Path] = []
+    if not args.no_real:
+        for name in REAL_MODELS:
+            p = (Path(args.models) / name).resolve()
+            if p.exists():
+                models.append(p)
+            else:
+                print(f"# skipped {name}: not in {args.models}", file=sys.stderr)
+    for n in [int(s) for s in args.chains.split(",") if s.strip()]:
+        p = workdir / f"chain{n // 1000}k.onnx"
+        if not p.exists():
+            p.write_bytes(chain_model(n).SerializeToString())
+        models.append(p)
+
+    tools = [t for t in args.tools.split(",") if t]
+    print(f"# {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"# onnxopt pipeline '{args.pipeline}'" +
+          (f" = {lossless_text()}" if args.pipeline == "lossless" else ""))
+    rows = []
+    for model in models:
+        base = None
+        nodes_in = count_nodes(str(model))
+        for tool in tools:
+            row = run_tool(tool, model, workdir, args.pipeline, args.timeout)
+            row.update(model=model.name, nodes_in=nodes_in, bytes=model.stat().st_size)
+            if tool == "loadsave" and row["status"] == "ok":
+                base = row["wall"]
+            if base and row.get("wall"):
+                row["x_loadsave"] = row["wall"] / base
+            if tool == "onnxopt" and args.check and row["status"] == "ok":
+                row["check"] = check_equal(model, row["output"])
+            rows.append(row)
+            wall = f"{row['wall']:.2f} s" if "wall" in row else "-"
+            work = f"{row['work']:.2f} s" if row.get("work") is not None else "-"
+            ratio = f"{row['x_loadsave']:.1f}x" if "x_loadsave" in row else "-"
+            rss = f"{row['peak_rss_mb']:7.0f} MB" if row.get("peak_rss_mb") else "      - MB"
+            print(f"{model.name:<30} {tool:<14} {row['status'][:40]:<12} wall {wall:>9} "
+                  f"(work {work:>8}) {ratio:>6}  rss {rss}  "
+                  f"nodes {nodes_in} -> {row.get('nodes', '-')}"
+                  + (f"  [{row['check']}]" if "check" in row else ""), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
