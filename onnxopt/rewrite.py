@@ -33,7 +33,12 @@ Contract of a rule:
 - ``check`` returns None to apply the rewrite or a short, node-independent reason (for
   example "weight is not constant") that the engine counts, as MLIR's
   ``notifyMatchFailure`` does. Put legality conditions here rather than in ``match`` so
-  that the pass's stats say why a fusion did not happen.
+  that the pass's stats say why a fusion did not happen. A ``check`` that reads an
+  analysis (``ctx.analysis("shapes", model)``) lists it in ``analyses``: the engine
+  computes those before its first rewrite, because during a sweep the node list is not
+  yet in order (new nodes are placed when the sweep ends). Results computed then stay
+  valid for the tensors the rules keep (they keep output names); tensors made by a
+  rewrite are missing from them, so fall back to "unknown".
 - ``rewrite`` rewires the graph through graphsurgeon's live links (node.inputs/outputs),
   never edits ``graph.nodes`` itself, never mutates numpy arrays or attribute values in
   place (build new ones), and keeps the names of the root's output tensors: move them to
@@ -69,6 +74,8 @@ class RewriteRule:
 
     name: ClassVar[str] = ""
     root_ops: ClassVar[tuple[str, ...]] = ()
+    # Analyses (ctx.analysis names) that ``check`` reads; see the module docstring.
+    analyses: ClassVar[tuple[str, ...]] = ()
 
     def match(self, node: gs.Node, graph: gs.Graph) -> dict[str, Any] | None:  # pragma: no cover
         raise NotImplementedError
@@ -114,6 +121,7 @@ class RuleSet:
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"rule names must be unique and non-empty: {names}")
         self.max_sweeps = max_sweeps
+        self._analyses = sorted({a for r in self.rules for a in r.analyses})
         self._by_op: dict[str, list[RewriteRule]] = {}
         for rule in self.rules:
             for op in rule.root_ops:
@@ -121,29 +129,30 @@ class RuleSet:
 
     def apply(self, model, ctx) -> RewriteStats:
         stats = RewriteStats()
+        pending = list(self._analyses)  # computed before the first rewrite, then cleared
         graphs = list(model.graphs())
         names = _NameTable(graphs)  # one table: a new name must be unique in every scope
         for graph in graphs:
             _NAMES[id(graph)] = names
         try:
             for graph in graphs:
-                self._apply_graph(graph, model, ctx, stats)
+                self._apply_graph(graph, model, ctx, stats, pending)
         finally:
             for graph in graphs:
                 _NAMES.pop(id(graph), None)
         return stats
 
-    def _apply_graph(self, graph: gs.Graph, model, ctx, stats: RewriteStats) -> None:
+    def _apply_graph(self, graph: gs.Graph, model, ctx, stats: RewriteStats, pending: list[str]) -> None:
         refused: set[tuple[str, int]] = set()  # (rule, root id) whose refusal is counted
         for _ in range(self.max_sweeps):
             stats.sweeps += 1
-            if not self._sweep(graph, model, ctx, stats, refused):
+            if not self._sweep(graph, model, ctx, stats, refused, pending):
                 return
         stats.hit_limit = True
         logger.warning("rewrite rules still matching after %d sweeps in graph '%s'; stopped",
                        self.max_sweeps, graph.name)
 
-    def _sweep(self, graph, model, ctx, stats, refused) -> bool:
+    def _sweep(self, graph, model, ctx, stats, refused, pending) -> bool:
         output_ids = {id(t) for t in graph.outputs}
         inserts: dict[int, list[gs.Node]] = {}  # root id -> new nodes to place before it
         removed: set[int] = set()
@@ -164,6 +173,8 @@ class RuleSet:
                         stats.skipped[f"{rule.name}: {reason}"] += 1
                     logger.debug("%s not applied at %s: %s", rule.name, node.name, reason)
                     continue
+                while pending:  # last chance to see the graph in order
+                    ctx.analysis(pending.pop(), model)
                 matched = list(_nodes_in(match))
                 guarded = [t for n in matched for t in n.outputs if id(t) in output_ids]
                 new_nodes = list(rule.rewrite(match, graph) or ())

@@ -94,6 +94,7 @@ class FuseMatMulAdd(RewriteRule):
 
     name = "matmul-add"
     root_ops = ("Add",)
+    analyses = ("shapes",)
 
     def match(self, node, graph):
         found = _add_operands(node, "MatMul")
@@ -138,6 +139,7 @@ class FuseGemmAdd(RewriteRule):
 
     name = "gemm-add"
     root_ops = ("Add",)
+    analyses = ("shapes",)
 
     def match(self, node, graph):
         found = _add_operands(node, "Gemm")

@@ -187,3 +187,32 @@ def test_rewrite_pass_reports_counts_and_changed():
 def test_duplicate_rule_names_are_rejected():
     with pytest.raises(ValueError):
         RuleSet([FoldDoubleRelu(), FoldDoubleRelu()])
+
+
+class ShapeReadingRule(FoldDoubleRelu):
+    """Reads the shapes analysis in ``check`` (after an earlier rewrite of the same sweep)."""
+
+    name = "shape-reading"
+    analyses = ("shapes",)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def check(self, match, model, ctx):
+        info = ctx.analysis("shapes", model).get(match["inner"].inputs[0].name)
+        self.seen.append(None if info is None else info.shape)
+        return None
+
+
+def test_listed_analyses_are_computed_while_the_graph_is_in_order():
+    # two separate Relu pairs: the second check runs after the first rewrite, mid-sweep
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Neg", ["b"], ["c"]),
+             helper.make_node("Relu", ["c"], ["d"]), helper.make_node("Relu", ["d"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])])
+    rule = ShapeReadingRule()
+    out, stats = run(proto, [rule])
+    assert stats.applied["shape-reading"] == 2
+    assert rule.seen == [(2, 3), (2, 3)]  # shape of "c" known although a rewrite came first
+    assert_equivalent(proto, out)

@@ -1,0 +1,202 @@
+"""fuse-conv-bn: Conv/ConvTranspose + inference BatchNormalization fold into the conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import real_model
+from graphs import conv_bn_relu, init, make_model, tensor
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxopt.context import PassContext
+from onnxopt.model import load
+from onnxopt.pass_manager import graph_digest
+from onnxopt.registry import get_pass
+from onnxopt.target import load_target
+from onnxopt.testing import assert_equivalent, op_histogram, run_pass
+
+NP_TO_ONNX = {np.float16: TensorProto.FLOAT16, np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE}
+
+
+def conv_bn(op="Conv", dims=2, group=1, bias=True, dtype=np.float32, c_in=4, c_out=6, seed=0,
+            bn_attrs=None, bn_outputs=("n",), extra_reader=False, bn_is_output=False) -> onnx.ModelProto:
+    """x -> Conv/ConvTranspose -> BatchNormalization -> Relu (or straight to y)."""
+    r = np.random.default_rng(seed)
+    k = (3,) * dims
+    if op == "Conv":
+        w_shape = (c_out, c_in // group, *k)
+    else:
+        w_shape = (c_in, c_out // group, *k)
+    inits = [init("w", r.standard_normal(w_shape).astype(dtype))]
+    conv_in = ["x", "w"]
+    if bias:
+        inits.append(init("b", r.standard_normal(c_out).astype(dtype)))
+        conv_in.append("b")
+    inits += [init("s", r.uniform(0.5, 1.5, c_out).astype(dtype)), init("bb", r.standard_normal(c_out).astype(dtype)),
+              init("m", r.standard_normal(c_out).astype(dtype)), init("v", r.uniform(0.5, 2, c_out).astype(dtype))]
+    nodes = [helper.make_node(op, conv_in, ["c"], group=group, pads=[1] * (2 * dims), name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], list(bn_outputs), epsilon=1e-3,
+                              **(bn_attrs or {}))]
+    elem = NP_TO_ONNX[dtype]
+    spatial = (5,) * dims
+    outputs = [tensor("n" if bn_is_output else "y", [1, c_out, *spatial], elem)]
+    if not bn_is_output:
+        nodes.append(helper.make_node("Relu", ["n"], ["y"]))
+    if extra_reader:  # the conv output is also read by a Sigmoid: the BN must not be folded
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["z"]))
+        outputs.append(tensor("z", [1, c_out, *spatial], elem))
+    return make_model(nodes, [tensor("x", [1, c_in, *spatial], elem)], outputs, inits)
+
+
+def fused(proto, **kw):
+    out, result = run_pass("fuse-conv-bn", proto, **kw)
+    onnx.checker.check_model(out, full_check=True)
+    return out, result
+
+
+def reference_outputs(proto, feeds):
+    return ReferenceEvaluator(proto).run(None, feeds)
+
+
+def assert_untouched(proto):
+    """The pass reports no change and leaves the graph exactly as it was."""
+    m = load(proto)
+    before = graph_digest(m)
+    result = get_pass("fuse-conv-bn")().run(m, PassContext(target=load_target("cpu")))
+    assert not result.changed and result.stats["conv-bn"] == 0
+    assert graph_digest(m) == before
+    return result
+
+
+CASES = {
+    "conv2d": dict(),
+    "conv2d-no-bias": dict(bias=False),
+    "conv2d-grouped": dict(group=2),
+    "conv2d-depthwise": dict(group=4, c_out=4),
+    "conv1d": dict(dims=1),
+    "conv3d": dict(dims=3),
+    "convtranspose2d": dict(op="ConvTranspose"),
+    "convtranspose2d-grouped": dict(op="ConvTranspose", group=2),
+    "convtranspose1d-no-bias": dict(op="ConvTranspose", dims=1, bias=False),
+    "convtranspose3d-grouped": dict(op="ConvTranspose", dims=3, group=2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_folds_and_keeps_outputs(case):
+    proto = conv_bn(**CASES[case])
+    op = CASES[case].get("op", "Conv")
+    out, result = fused(proto)
+    assert op_histogram(proto) == {op: 1, "BatchNormalization": 1, "Relu": 1}
+    assert op_histogram(out) == {op: 1, "Relu": 1}
+    assert result.changed and result.stats == {"conv-bn": 1}
+    conv = out.graph.node[0]
+    assert len(conv.input) == 3 and conv.output[0] == "n"
+    assert_equivalent(proto, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64], ids=["float16", "double"])
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_weights_keep_their_dtype(dtype, op):
+    # (onnx's reference ConvTranspose does not handle groups; grouped ones run in ORT above)
+    proto = conv_bn(op=op, dtype=dtype, group=2 if op == "Conv" else 1)
+    out, result = fused(proto)
+    assert result.stats == {"conv-bn": 1}
+    elem = NP_TO_ONNX[dtype]
+    assert {i.data_type for i in out.graph.initializer} == {elem}
+    # onnxruntime's CPU Conv has no double kernel: compare with onnx's reference evaluator
+    x = np.random.default_rng(1).standard_normal((1, 4, 5, 5)).astype(dtype)
+    (want,), (got,) = reference_outputs(proto, {"x": x}), reference_outputs(out, {"x": x})
+    assert got.dtype == dtype
+    tol = 2e-2 if dtype == np.float16 else 1e-10
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol)
+
+
+def test_bn_writing_a_graph_output_keeps_the_name():
+    proto = conv_bn(bn_is_output=True)
+    out, result = fused(proto)
+    assert op_histogram(out) == {"Conv": 1}
+    assert out.graph.node[0].output[0] == "n" and [o.name for o in out.graph.output] == ["n"]
+    assert_equivalent(proto, out)
+
+
+def test_bn_output_read_twice_still_folds():
+    proto = conv_bn()
+    proto.graph.node.append(helper.make_node("Neg", ["n"], ["z"]))
+    proto.graph.output.append(tensor("z", [1, 6, 5, 5]))
+    out, result = fused(proto)
+    assert result.stats == {"conv-bn": 1}
+    assert_equivalent(proto, out)
+
+
+def test_conv_output_shared_with_another_reader_is_not_folded():
+    result = assert_untouched(conv_bn(extra_reader=True))
+    assert result.stats["skipped"] == {"conv-bn: conv output has other consumers": 1}
+
+
+def test_training_mode_bn_is_not_folded():
+    proto = conv_bn(bn_attrs={"training_mode": 1}, bn_outputs=("n", "running_mean", "running_var"))
+    result = assert_untouched(proto)
+    assert result.stats["skipped"] == {"conv-bn: BatchNormalization is not in inference form": 1}
+
+
+def test_non_constant_weight_is_not_folded():
+    proto = conv_bn()
+    w = next(i for i in proto.graph.initializer if i.name == "w")
+    proto.graph.initializer.remove(w)
+    proto.graph.input.append(tensor("w", list(w.dims)))
+    result = assert_untouched(proto)
+    assert result.stats["skipped"] == {"conv-bn: conv weight is not constant": 1}
+
+
+def test_shared_weight_initializer_is_not_mutated():
+    """Two convs read one weight; only the one followed by BN is folded."""
+    proto = conv_bn()
+    proto.graph.node.append(helper.make_node("Conv", ["x", "w", "b"], ["c2"], pads=[1, 1, 1, 1]))
+    proto.graph.output.append(tensor("c2", [1, 6, 5, 5]))
+    out, result = fused(proto)
+    assert result.stats == {"conv-bn": 1}
+    names = {i.name for i in out.graph.initializer}
+    assert "w" in names and len(names) == 4  # w, b for the plain conv + fused weight and bias
+    assert_equivalent(proto, out)
+
+
+def test_folds_inside_if_branch():
+    body = conv_bn()
+    then_g = helper.make_graph(list(body.graph.node), "then", [], [tensor("y", [1, 6, 5, 5])],
+                               initializer=list(body.graph.initializer))
+    else_g = helper.make_graph([helper.make_node("Relu", ["x"], ["e"]),
+                                helper.make_node("Pad", ["e", "pads"], ["e_out"])], "else", [],
+                               [tensor("e_out", [1, 6, 5, 5])],
+                               initializer=[init("pads", np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])
+    proto = make_model([helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
+                       [tensor("cond", [], TensorProto.BOOL), tensor("x", [1, 4, 5, 5])], [tensor("out", [1, 6, 5, 5])])
+    out, result = fused(proto)
+    assert result.stats == {"conv-bn": 1}
+    then_out = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_out.node] == ["Conv", "Relu"]
+    x = np.random.default_rng(2).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    assert_equivalent(proto, out, feeds={"cond": np.array(True), "x": x})
+
+
+def test_second_run_changes_nothing():
+    out, _ = fused(conv_bn_relu())
+    again, result = run_pass("fuse-conv-bn", out)
+    assert not result.changed
+
+
+def test_digits_cnn(digits_model):
+    lifted, _ = run_pass("lift-constants", str(digits_model))
+    out, result = fused(lifted)
+    assert result.stats["conv-bn"] == op_histogram(lifted).get("BatchNormalization", 0) > 0
+    assert "BatchNormalization" not in op_histogram(out)
+    assert_equivalent(lifted, out)
+
+
+def test_ppocr_cls_all_batchnorms_fold():
+    lifted, _ = run_pass("lift-constants", str(real_model("ppocr_mobile_v2_cls.onnx")))
+    out, result = fused(lifted)
+    assert result.stats["conv-bn"] == op_histogram(lifted)["BatchNormalization"] == 35
+    assert_equivalent(lifted, out, rtol=1e-3, atol=1e-4)
