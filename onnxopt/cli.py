@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a pipeline name of the target (lossless, default, …) or pipeline text "
                         "such as 'lossless,fuse-conv-bn' (default: the target's 'default')")
     p.add_argument("--calibration", metavar="DATA", help="calibration data: an .npz file or a folder of them")
-    p.add_argument("--report", metavar="FILE", help="write a report (.json)")
+    p.add_argument("--report", metavar="FILE",
+                   help="write a report: .json, or .html (a page with plots; needs matplotlib); "
+                        "adds fidelity and latency of the result against IN")
+    p.add_argument("--data", metavar="DATA",
+                   help="evaluation inputs (.npz file or folder) for fidelity, latency and the gate; "
+                        "keep them apart from --calibration data (default: random inputs)")
+    _add_fidelity_options(p, gate="--max-accuracy-drop")
     p.add_argument("--verify", action="store_true",
                    help="check each pass in onnxruntime; roll back a lossless pass that changes outputs")
     p.add_argument("--strict", action="store_true",
@@ -134,20 +140,40 @@ def cmd_optimize(args) -> int:
     from .model import save
     from .optimize import optimize
 
+    from .errors import QualityGateError
+    from .metrics import load_metric
+    from .report import add_measurements, render, require_matplotlib
+
     _check_output(args.input, args.output)
     if args.report:
         _check_output(args.input, args.report)
+        if args.report.lower().endswith((".html", ".htm")):
+            require_matplotlib()
+    metric = load_metric(args.metric)  # a bad metric fails before the pipeline runs
     progress = not args.quiet and sys.stderr.isatty()
     result = optimize(args.input, target=args.target, pipeline=args.pipeline,
                       calibration=args.calibration, verify=args.verify, strict=args.strict,
                       progress=progress)
-    save(result.model, args.output, external_data=True if args.external_data else None)
     report = result.report
+    comparison = None
+    if args.report or args.data or args.max_drop is not None:
+        # Fidelity (and, for a report, latency and memory) of the result against IN, before
+        # anything is written: a failed gate leaves no output behind.
+        comparison = add_measurements(report, args.input, result.model, data=args.data, metric=metric,
+                                      max_drop=args.max_drop, latency=bool(args.report),
+                                      progress=progress)
+    gate = comparison.get("gate") if comparison else None
+    if gate and not gate["passed"]:
+        if not args.quiet:
+            print(_summary_table(report | {"input_bytes": Path(args.input).stat().st_size}))
+        raise QualityGateError(f"{comparison['metric']['metric']} drop {gate['drop']:.6g} exceeds "
+                               f"--max-accuracy-drop {gate['max_drop']:g}; {args.output} not written")
+    save(result.model, args.output, external_data=True if args.external_data else None)
     report["output"] = args.output
     report["output_bytes"] = Path(args.output).stat().st_size
     report["input_bytes"] = Path(args.input).stat().st_size
     if args.report:
-        _write_text_atomic(Path(args.report), json.dumps(report, indent=2, default=str) + "\n")
+        _write_text_atomic(Path(args.report), render(report, args.report))
     if not args.quiet:
         print(_summary_table(report))
     return 0
@@ -164,20 +190,15 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _summary_table(report: dict) -> str:
-    b, a = report["before"], report["after"]
+    from .report import fidelity_line, summary_rows
 
-    def ratio(x, y):
-        return f"{y / x:.2f}x" if x else "-"
-
-    rows = [("", "before", "after", "ratio"),
-            ("nodes", b["nodes"], a["nodes"], ratio(b["nodes"], a["nodes"])),
-            ("params", b["params"], a["params"], ratio(b["params"], a["params"])),
-            ("file bytes", report["input_bytes"], report["output_bytes"],
-             ratio(report["input_bytes"], report["output_bytes"]))]
-    lines = [f"{r[0]:<12}{r[1]!s:>14}{r[2]!s:>14}{r[3]!s:>9}" for r in rows]
+    rows = [("", "before", "after", "ratio")] + summary_rows(report)
+    lines = [f"{r[0]:<15}{r[1]!s:>14}{r[2]!s:>14}{r[3]!s:>9}" for r in rows]
     changed = [p["name"] for p in report["passes"] if p["status"] == "changed"]
     trouble = [f"{p['name']} ({p['status']}: {p['error']})" for p in report["passes"]
                if p["status"] in ("failed", "rolled-back")]
+    if fidelity_line(report):
+        lines.append(fidelity_line(report))
     lines.append(f"target {report['target']}; pipeline {report['pipeline']}")
     lines.append(f"changed by: {', '.join(changed) or 'nothing'}; {report['seconds']:.2f} s")
     for t in trouble:

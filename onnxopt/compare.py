@@ -233,6 +233,7 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
             "candidate": {"path": str(candidate) if not isinstance(candidate, onnx.ModelProto) else None,
                           "file_bytes": cand_path.stat().st_size},
             "data": source, "batches": len(batches), "threads": threads,
+            "input_shapes": {k: list(np.shape(v)) for k, v in batches[0].items()},
             "outputs": stats,
         }
         result["size_ratio"] = result["candidate"]["file_bytes"] / max(1, result["reference"]["file_bytes"])
