@@ -1,0 +1,474 @@
+"""Static int8 quantization: QuantizeLinear/DequantizeLinear pairs with calibrated scales.
+
+quantize-static
+    Weights become integer initializers followed by DequantizeLinear (per-channel
+    symmetric int8 by default, per-tensor as an option); activations get QuantizeLinear ->
+    DequantizeLinear pairs whose scale and zero point come from calibration statistics
+    (minmax, percentile, entropy or mse; see onnxopt/calibration.py). Biases of Conv,
+    ConvTranspose and Gemm become int32 with scale = input_scale * weight_scale.
+
+    Where Q/DQ pairs go comes from the target's [quantization] table, never its name:
+      quantized_ops      ops whose float inputs (and outputs, with quantize_outputs) are
+                         quantized: the int8 kernels of the runtime (QLinearConv, QGemm, …)
+      unified_scale_ops  ops whose inputs and outputs share one scale (Concat)
+      passthrough_ops    data-movement ops Q/DQ moves through: quantized with their input's
+                         scale when their input is quantized (MaxPool, Reshape, Transpose, …)
+      float_ops          never quantized
+      residual_add       Add of two activations gets Q/DQ on both inputs (TensorRT)
+      quantize_outputs   quantize outputs too (onnxruntime's QDQ format) or inputs only
+      full_graph         every float tensor between graph input and output (NPU)
+    With asymmetric activations, a Relu (or Clip(0, c)) after a quantized op is folded
+    into the quantization of that op's output: Q with zero point at the lowest code clamps
+    negatives exactly as Relu does (onnxruntime's quantizer does the same).
+
+    Per-channel DequantizeLinear needs opset 13: an older model is raised to 13 when
+    every op keeps its meaning (or onnx's version converter can rewrite the changed ones);
+    otherwise weights fall back to per-tensor and the report says so. 16-bit activations
+    need opset 21 likewise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.calibration import METHODS, StatsRequest
+from onnxopt.errors import CalibrationError
+from onnxopt.pass_base import Pass, PassResult, option
+from onnxopt.registry import register_pass
+
+from . import _quant_common as qc
+
+logger = logging.getLogger(__name__)
+
+# Inputs that carry data (the rest are shapes, indices, parameters: never quantized here).
+DATA_INPUTS = {
+    "Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1), "Resize": (0,),
+    "Upsample": (0,), "Reshape": (0,), "Slice": (0,), "Pad": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
+    "Expand": (0,), "Tile": (0,), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,),
+    "Split": (0,), "Clip": (0,), "BatchNormalization": (0,), "InstanceNormalization": (0,),
+    "LayerNormalization": (0,), "PRelu": (0,), "TopK": (0,), "ReduceMean": (0,), "ReduceSum": (0,),
+    "ReduceMax": (0,), "ReduceMin": (0,), "Where": (1, 2), "MaxPool": (0,), "AveragePool": (0,),
+    "GlobalAveragePool": (0,), "GlobalMaxPool": (0,), "Transpose": (0,), "Flatten": (0,),
+    "DepthToSpace": (0,), "SpaceToDepth": (0,), "LpNormalization": (0,), "CumSum": (0,),
+}
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+def data_inputs(node: gs.Node) -> tuple[int, ...]:
+    return DATA_INPUTS.get(node.op, tuple(range(len(node.inputs))))
+
+
+def _cpu_has_vnni() -> bool:
+    """True when this x86 CPU has a u8*s8 dot product without int16 saturation (VNNI),
+    or is not x86 (ARM's dot products do not saturate either)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+        return bool(features.get("avx512vnni") or features.get("avxvnni"))
+    except Exception:  # unknown: assume the older CPU, which is the safe choice
+        return False
+
+
+@dataclass
+class Plan:
+    """What the pass will quantize, by tensor name (found on the graph after folding)."""
+
+    activations: dict[str, gs.Tensor] = field(default_factory=dict)
+    rewire_all: dict[str, bool] = field(default_factory=dict)
+    consumers: dict[str, list] = field(default_factory=dict)  # when not rewiring all
+    weights: list[tuple[gs.Node, int, int | None]] = field(default_factory=list)
+    biases: list[tuple[gs.Node, int]] = field(default_factory=list)
+    constants: list[tuple[gs.Node, int]] = field(default_factory=list)
+    parent: dict[str, str] = field(default_factory=dict)  # union-find of shared scales
+
+    def find(self, name: str) -> str:
+        root = name
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while self.parent.get(name, name) != root:
+            self.parent[name], name = root, self.parent[name]
+        return root
+
+    def unite(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+
+@register_pass("quantize-static")
+class QuantizeStaticPass(Pass):
+    """Insert QuantizeLinear/DequantizeLinear pairs with scales calibrated on data."""
+
+    lossless = False
+    needs_calibration = True
+
+    @dataclass
+    class Options:
+        calibration: str = option("minmax", "how activation ranges are chosen", choices=METHODS)
+        percentile: float = option(99.999, "percentile kept by calibration=percentile (each tail)")
+        activation_dtype: str = option("target", "activation integer type (target = the target's scheme)",
+                                       choices=("target", "uint8", "int8", "uint16", "int16"))
+        symmetric_activations: str = option("target", "symmetric activation ranges",
+                                            choices=("target", "true", "false"))
+        per_channel: bool = option(True, "per-channel weight scales (false: per-tensor)")
+        reduce_range: str = option("auto", "7-bit weights; auto = on for uint8 x int8 on x86 without VNNI "
+                                   "(int16 saturation), else the target's scheme", choices=("auto", "on", "off"))
+        fold_activations: bool = option(True, "fold Relu/Clip(0,c) into the preceding quantized output")
+        op_types: list[str] = option([], "op types to quantize (empty = the target's quantized_ops)")
+        exclude_nodes: list[str] = option([], "node names never quantized")
+
+    # -- schemes ---------------------------------------------------------------------------
+    def _schemes(self, ctx) -> tuple[qc.QuantScheme, qc.QuantScheme, str]:
+        q = ctx.target.quantization
+        schemes = q.get("schemes", {}) or {}
+        act = qc.scheme_from_table(schemes.get(q.get("activations", "")),
+                                   qc.QuantScheme("uint8", False, "per-tensor"))
+        wt = qc.scheme_from_table(schemes.get(q.get("weights", "")),
+                                  qc.QuantScheme("int8", True, "per-channel"))
+        o = self.options
+        act = qc.QuantScheme(o.activation_dtype if o.activation_dtype != "target" else act.dtype,
+                             act.symmetric if o.symmetric_activations == "target" else o.symmetric_activations == "true",
+                             "per-tensor", False)
+        why = "target"
+        if o.reduce_range == "on":
+            reduce, why = True, "option"
+        elif o.reduce_range == "off":
+            reduce, why = False, "option"
+        elif wt.reduce_range:
+            reduce = True
+        elif act.dtype == "uint8" and wt.dtype == "int8" and "CPUExecutionProvider" in \
+                ctx.target.runtime.get("execution_providers", [])[:1] and not _cpu_has_vnni():
+            reduce, why = True, "auto: x86 CPU without VNNI (u8*s8 saturates int16)"
+        else:
+            reduce = False
+        wt = qc.QuantScheme(wt.dtype, wt.symmetric, wt.granularity if o.per_channel else "per-tensor", reduce)
+        return act, wt, why
+
+    # -- planning --------------------------------------------------------------------------
+    def _fold_activations(self, graph: gs.Graph, act: qc.QuantScheme, ctx, quantized: set) -> int:
+        """Remove Relu/Clip(0, c) after a quantized op whose output will be quantized."""
+        q = ctx.target.quantization
+        if not (self.options.fold_activations and q.get("quantize_outputs", True)) or act.symmetric:
+            return 0
+        outputs = {id(t) for t in graph.outputs}
+        folded = 0
+        for node in list(graph.nodes):
+            if node.op not in FOLDABLE_ACTIVATIONS or node.domain not in (None, "", "ai.onnx"):
+                continue
+            if node.name in self.options.exclude_nodes or len(node.outputs) != 1:
+                continue
+            x = node.inputs[0]
+            if not x.inputs or id(x) in outputs or len(x.outputs) != 1:
+                continue
+            producer = x.inputs[0]
+            if producer.op not in quantized or producer.name in self.options.exclude_nodes:
+                continue
+            if node.op == "Clip" and not _clip_from_zero(node):
+                continue
+            y = node.outputs[0]
+            index = [i for i, t in enumerate(producer.outputs) if t is x][0]
+            node.inputs.clear()
+            node.outputs.clear()
+            producer.outputs[index] = y
+            graph.nodes.remove(node)
+            folded += 1
+        return folded
+
+    def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qc.QuantScheme) -> Plan:
+        q = ctx.target.quantization
+        o = self.options
+        quantized = set(o.op_types or q.get("quantized_ops", []))
+        unified = set(q.get("unified_scale_ops", []))
+        passthrough = set(q.get("passthrough_ops", []))
+        float_ops = set(q.get("float_ops", []))
+        full = bool(q.get("full_graph", False))
+        outputs_too = bool(q.get("quantize_outputs", True)) or full
+        plan = Plan()
+
+        def is_activation(t: gs.Tensor) -> bool:
+            return not isinstance(t, gs.Constant) and qc.constant_value(t) is None and t.name != "" \
+                and qc.is_float_tensor(t, shapes)
+
+        def add(t: gs.Tensor, consumer: gs.Node | None, rewire_all: bool) -> None:
+            plan.activations[t.name] = t
+            plan.rewire_all[t.name] = plan.rewire_all.get(t.name, False) or rewire_all
+            if consumer is not None:
+                plan.consumers.setdefault(t.name, [])
+                if all(c is not consumer for c in plan.consumers[t.name]):
+                    plan.consumers[t.name].append(consumer)
+
+        order = _topological(graph)
+        skip = set(o.exclude_nodes)
+        compute = []
+        for node in order:
+            if node.name in skip or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
+                continue
+            acts = [node.inputs[i] for i in data_inputs(node) if i < len(node.inputs) and is_activation(node.inputs[i])]
+            if not acts and not full:
+                continue
+            if node.op in unified:
+                members = acts + [t for t in node.outputs if is_activation(t)]
+                for t in members:
+                    add(t, node if t in acts else None, outputs_too)
+                for t in members[1:]:
+                    plan.unite(t.name, members[0].name)
+            elif node.op in passthrough:
+                continue  # second phase, once producers and consumers are known
+            elif node.op in quantized or full:
+                compute.append(node)
+                for t in acts:
+                    add(t, node, outputs_too)
+                if outputs_too:
+                    for t in node.outputs:
+                        if is_activation(t):
+                            add(t, None, True)
+                self._plan_constants(node, plan, shapes)
+            elif node.op == "Add" and q.get("residual_add", False) and len(acts) == 2:
+                for t in acts:
+                    add(t, node, outputs_too)
+        # Passthrough ops: quantized with their input's scale when their input is quantized.
+        changed = True
+        done: set[int] = set()
+        while changed:
+            changed = False
+            for node in order:
+                if node.op not in passthrough or node.name in skip or not node.inputs or id(node) in done:
+                    continue
+                x = node.inputs[0]
+                outs = [t for t in node.outputs if is_activation(t)]
+                if x.name not in plan.activations or not outs:
+                    continue
+                done.add(id(node))
+                add(x, node, outputs_too)
+                for t in outs:
+                    add(t, None, True)
+                    plan.unite(t.name, x.name)
+                changed = True
+        return plan
+
+    def _plan_constants(self, node: gs.Node, plan: Plan, shapes: dict) -> None:
+        extra = (1, 2) if node.op in ("Conv", "ConvTranspose", "Gemm") else ()
+        for i in tuple(dict.fromkeys(data_inputs(node) + extra)):
+            if i >= len(node.inputs) or not isinstance(node.inputs[i], gs.Constant):
+                continue
+            t = node.inputs[i]
+            if not qc.is_float_tensor(t):
+                continue
+            if node.op in WEIGHT_OPS and i == 1:
+                rank = len(t.shape)
+                plan.weights.append((node, i, qc.weight_channel_axis(node, i, rank)))
+            elif node.op in ("Conv", "ConvTranspose") and i == 2:
+                plan.biases.append((node, i))
+            elif node.op == "Gemm" and i == 2 and _gemm_bias_ok(node):
+                plan.biases.append((node, i))
+            elif i != 2 or node.op not in ("Conv", "ConvTranspose", "Gemm"):
+                plan.constants.append((node, i))
+
+    def _quantized_ops(self, graph: gs.Graph, ctx) -> set[str]:
+        q = ctx.target.quantization
+        ops = set(self.options.op_types or q.get("quantized_ops", []))
+        if q.get("full_graph"):
+            ops |= {n.op for n in graph.nodes} - set(q.get("float_ops", []))
+        return ops
+
+    # -- the calibration hook ----------------------------------------------------------------
+    def calibration_requests(self, model, ctx) -> list[StatsRequest]:
+        """The tensors this pass will ask statistics for (planned on a copy of the graph)."""
+        act, _, _ = self._schemes(ctx)
+        graph = model.graph.copy()
+        shapes = ctx.analysis("shapes", model)
+        self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
+        plan = self._plan(graph, ctx, shapes, act)
+        return [StatsRequest(tuple(plan.activations), self.options.calibration != "minmax")]
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self, model, ctx) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationError("quantize-static needs calibration data (--calibration DATA)")
+        act, wt, reduce_why = self._schemes(ctx)
+        stats: dict = {"method": self.options.calibration, "activations": act.dtype,
+                       "weights": f"{wt.dtype} {wt.granularity}" + (" reduce_range" if wt.reduce_range else "")}
+        if wt.reduce_range:
+            stats["reduce_range"] = reduce_why
+        needed = max(act.min_opset, qc.PER_CHANNEL_OPSET if wt.per_channel else 10)
+        if model.opset < needed:
+            ok, how = qc.raise_opset(model, needed)
+            stats["opset"] = how
+            if not ok and act.min_opset > model.opset:
+                raise CalibrationError(f"{act.dtype} activations need opset {act.min_opset} and the model's "
+                                       f"opset {model.opset} cannot be raised: {how}")
+            if not ok:
+                wt = qc.QuantScheme(wt.dtype, wt.symmetric, "per-tensor", wt.reduce_range)
+                note = (f"quantize-static: per-channel weights need opset 13; model stays at opset "
+                        f"{model.opset} ({how}); used per-tensor weights")
+                ctx.notes.append(note)
+                logger.warning(note)
+                stats["weights"] = f"{wt.dtype} per-tensor (opset)"
+            elif how != "already":
+                ctx.notes.append(f"quantize-static: raised the model's {how} for per-channel DequantizeLinear")
+        method = self.options.calibration
+        # Statistics first, on the graph as it is (folding removes the Relu outputs whose
+        # ranges the folded tensors take); cached when the manager gathered them already.
+        (request,) = self.calibration_requests(model, ctx)
+        tensor_stats = ctx.calibration.statistics(model, list(request.tensors), histogram=request.histogram)
+        graph = model.graph
+        shapes = ctx.analysis("shapes", model)
+        folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
+        plan = self._plan(graph, ctx, shapes, act)
+        qmin, qmax = qc.qrange(act.dtype, act.symmetric)
+        ranges: dict[str, tuple[float, float]] = {}
+        for name in plan.activations:
+            if name in tensor_stats and tensor_stats[name].count:
+                ranges[name] = tensor_stats[name].range(method, self.options.percentile, qmin, qmax,
+                                                        act.symmetric, levels=(qmax - qmin + 1) // 2)
+        group_range: dict[str, tuple[float, float]] = {}
+        for name, (lo, hi) in ranges.items():
+            root = plan.find(name)
+            glo, ghi = group_range.get(root, (lo, hi))
+            group_range[root] = (min(glo, lo), max(ghi, hi))
+        names = qc.Names(graph)
+        scales: dict[int, np.ndarray] = {}
+        inserted = 0
+        for name, tensor in plan.activations.items():
+            if name not in ranges:
+                continue
+            lo, hi = group_range[plan.find(name)]
+            scale, zp = qc.scale_zero_point(lo, hi, act)
+            dq = self._insert(graph, names, tensor, scale, zp, plan)
+            if dq is not None:
+                scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
+                inserted += 1
+        weights = self._quantize_weights(graph, names, plan, wt)
+        biases = self._quantize_biases(graph, names, plan, scales, weights) \
+            if int(ctx.target.quantization.get("bias_bits", 32)) == 32 else 0
+        constants = self._quantize_constants(graph, names, plan, act)
+        stats.update({"qdq_pairs": inserted, "weights_quantized": len(weights), "biases_quantized": biases,
+                      "constants_quantized": constants, "activations_folded": folded,
+                      "calibration_batches": ctx.calibration.batches,
+                      "uncalibrated": len(plan.activations) - len(ranges)})
+        changed = inserted + len(weights) + biases + constants + folded > 0
+        if changed:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(changed=changed, stats=stats)
+
+    def _insert(self, graph: gs.Graph, names: qc.Names, tensor: gs.Tensor, scale, zp, plan: Plan):
+        is_output = any(t is tensor for t in graph.outputs)
+        if plan.rewire_all.get(tensor.name):
+            consumers = list(tensor.outputs)
+        else:
+            consumers = [c for c in plan.consumers.get(tensor.name, []) if any(t is tensor for t in c.inputs)]
+        if not consumers and not (is_output and plan.rewire_all.get(tensor.name)):
+            return None
+        dq = qc.insert_qdq(graph, names, tensor, scale, zp, consumers)
+        if is_output and plan.rewire_all.get(tensor.name):
+            # the graph output keeps its name and becomes the dequantized value (the int8
+            # kernel of its producer then needs no float epilogue)
+            old = tensor.name
+            tensor.name = names(f"{old}_float")
+            dq.name = old
+            graph.outputs = [dq if t is tensor else t for t in graph.outputs]
+        return dq
+
+    def _quantize_weights(self, graph, names, plan: Plan, wt: qc.QuantScheme) -> dict:
+        done: dict = {}
+        cache: dict = {}
+        for node, index, axis in plan.weights:
+            const = node.inputs[index]
+            key = (id(const), axis)
+            if key not in cache:
+                q, scale, zp, used = qc.quantize_weight(const.values, wt, axis)
+                dq = qc.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
+                cache[key] = (dq, scale)
+            dq, scale = cache[key]
+            node.inputs[index] = dq
+            done[id(node)] = scale
+        return done
+
+    def _quantize_biases(self, graph, names, plan: Plan, scales: dict, weights: dict) -> int:
+        count = 0
+        for node, index in plan.biases:
+            x_scale = scales.get(id(node.inputs[0]))
+            if x_scale is None or id(node) not in weights:
+                continue
+            b = np.asarray(node.inputs[index].values, np.float32)
+            w_scale = np.asarray(weights[id(node)], np.float32).reshape(-1)
+            if w_scale.size not in (1, b.reshape(-1).size):
+                continue
+            q, scale, zp = qc.quantize_bias(b.reshape(-1), float(x_scale), w_scale)
+            per_tensor = bool(np.all(scale == scale.reshape(-1)[0]))  # also valid below opset 13
+            dq = qc.make_dequantized_constant(graph, names, node.inputs[index].name or "bias",
+                                              q.reshape(b.shape),
+                                              scale.reshape(-1)[:1] if per_tensor else scale.reshape(-1),
+                                              zp.reshape(-1)[:1] if per_tensor else zp.reshape(-1),
+                                              None if per_tensor else 0)
+            node.inputs[index] = dq
+            count += 1
+        return count
+
+    def _quantize_constants(self, graph, names, plan: Plan, act: qc.QuantScheme) -> int:
+        count = 0
+        for node, index in plan.constants:
+            const = node.inputs[index]
+            if not isinstance(const, gs.Constant):
+                continue
+            values = np.asarray(const.values, np.float32)
+            scheme = qc.QuantScheme(act.dtype, act.symmetric, "per-tensor", False)
+            q, scale, zp, _ = qc.quantize_weight(values, scheme, None)
+            node.inputs[index] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
+            count += 1
+        return count
+
+
+def _clip_from_zero(node: gs.Node) -> bool:
+    """Clip whose lower bound is the constant 0 (attribute before opset 11, input after)."""
+    if "min" in node.attrs:
+        return float(node.attrs["min"]) == 0.0
+    if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        value = np.asarray(node.inputs[1].values)
+        return value.size == 1 and float(value.reshape(-1)[0]) == 0.0
+    return False
+
+
+def _gemm_bias_ok(node: gs.Node) -> bool:
+    """Gemm's C is a per-output-channel bias when alpha = beta = 1 and C is (N,) or (1, N)."""
+    if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
+        return False
+    c = node.inputs[2]
+    shape = tuple(c.shape)
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
+
+
+def _topological(graph: gs.Graph) -> list[gs.Node]:
+    """Nodes in topological order, without reordering the graph itself."""
+    produced_by = {}
+    for node in graph.nodes:
+        for t in node.outputs:
+            produced_by[id(t)] = node
+    indegree = {id(n): 0 for n in graph.nodes}
+    users: dict[int, list] = {id(n): [] for n in graph.nodes}
+    for node in graph.nodes:
+        for t in node.inputs:
+            p = produced_by.get(id(t))
+            if p is not None:
+                indegree[id(node)] += 1
+                users[id(p)].append(node)
+    ready = [n for n in graph.nodes if indegree[id(n)] == 0]
+    order = []
+    while ready:
+        node = ready.pop(0)
+        order.append(node)
+        for user in users[id(node)]:
+            indegree[id(user)] -= 1
+            if indegree[id(user)] == 0:
+                ready.append(user)
+    return order if len(order) == len(graph.nodes) else list(graph.nodes)
