@@ -85,6 +85,7 @@ SCHEMA = Table({
         "float_ops": ListOf(str),
         "residual_add": bool,
         "full_graph": bool,
+        "quantize_outputs": bool,
     }),
     "pipelines": MapOf(str),
     "passes": MapOf(MapOf(ANY_OPTION)),
@@ -98,7 +99,8 @@ DEFAULTS: dict[str, Any] = {
                      "nm_sparsity": [], "channel_multiple": 1, "allowed_ops": []},
     "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {},
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
-                     "float_ops": [], "residual_add": False, "full_graph": False},
+                     "float_ops": [], "residual_add": False, "full_graph": False,
+                     "quantize_outputs": True},
     "pipelines": {},
     "passes": {},
 }
