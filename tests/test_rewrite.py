@@ -200,8 +200,12 @@ class ShapeReadingRule(FoldDoubleRelu):
         self.seen = []
 
     def check(self, match, model, ctx):
-        info = ctx.analysis("shapes", model).get(match["inner"].inputs[0].name)
-        self.seen.append(None if info is None else info.shape)
+        t = match["inner"].inputs[0]
+        if t.shape is not None:  # declared: no need for the analysis
+            self.seen.append(tuple(t.shape))
+        else:
+            info = ctx.analysis("shapes", model).get(t.name)
+            self.seen.append(None if info is None else info.shape)
         return None
 
 
