@@ -93,4 +93,88 @@ def if_subgraph() -> onnx.ModelProto:
                       [init("w", np.arange(3, dtype=np.float32))])
 
 
-BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph]
+def layernorm_decomposed(opset=OPSET, square="pow", divide="div", scale=True, bias=True, axes=(-1,),
+                         shape=(2, 5, 8), eps=1e-5, extra_reader=None) -> onnx.ModelProto:
+    """LayerNorm as torch exports it below opset 17: ReduceMean, Sub, Pow 2 (or Mul d*d),
+    ReduceMean, Add eps, Sqrt, Div (or Reciprocal+Mul), then Mul gamma and Add beta.
+    ``axes`` are an attribute before opset 18, an input from 18. ``extra_reader`` names an
+    intermediate (mean, d, var, n) that a Neg also reads, as a second graph output."""
+    r = rng(4)
+    norm = tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
+    inits = [init("two", np.array(2.0, np.float32)), init("eps", np.array(eps, np.float32))]
+    reduce_kw, reduce_in = ({"axes": list(axes)}, []) if opset < 18 else ({}, ["axes"])
+    if opset >= 18:
+        inits.append(init("axes", np.array(axes, np.int64)))
+    nodes = [
+        helper.make_node("ReduceMean", ["x"] + reduce_in, ["mean"], **reduce_kw),
+        helper.make_node("Sub", ["x", "mean"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["sq"]) if square == "pow" else helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"] + reduce_in, ["var"], **reduce_kw),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+    ]
+    if divide == "div":
+        nodes.append(helper.make_node("Div", ["d", "std"], ["n"]))
+    else:
+        nodes += [helper.make_node("Reciprocal", ["std"], ["rstd"]), helper.make_node("Mul", ["rstd", "d"], ["n"])]
+    last = "n"
+    if scale:
+        inits.append(init("gamma", r.uniform(0.5, 1.5, norm).astype(np.float32)))
+        nodes.append(helper.make_node("Mul", [last, "gamma"], ["scaled"]))
+        last = "scaled"
+    if bias:
+        inits.append(init("beta", r.standard_normal(norm).astype(np.float32)))
+        nodes.append(helper.make_node("Add", ["beta", last], ["shifted"]))
+        last = "shifted"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    outputs = [tensor("y", list(shape))]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", [extra_reader], ["extra"]))
+        reduced = extra_reader in ("mean", "var", "ve", "std", "rstd")
+        red_axes = {a % len(shape) for a in axes}
+        outputs.append(tensor("extra", [1 if reduced and i in red_axes else n for i, n in enumerate(shape)]))
+    return make_model(nodes, [tensor("x", list(shape))], outputs, inits, opset=opset)
+
+
+def gelu_erf(opset=OPSET, order="torch", scaled="div", shape=(2, 16)) -> onnx.ModelProto:
+    """x * 0.5 * (1 + erf(x / sqrt(2))): torch's ((x*u)*0.5), or (x*0.5)*u, or x*(u*0.5);
+    x/sqrt(2) as Div or as Mul by 1/sqrt(2)."""
+    inits = [init("one", np.array(1.0, np.float32)), init("half", np.array(0.5, np.float32))]
+    if scaled == "div":
+        inits.append(init("sqrt2", np.array(np.sqrt(2.0), np.float32)))
+        nodes = [helper.make_node("Div", ["x", "sqrt2"], ["s"])]
+    else:
+        inits.append(init("rsqrt2", np.array(1 / np.sqrt(2.0), np.float32)))
+        nodes = [helper.make_node("Mul", ["rsqrt2", "x"], ["s"])]
+    nodes += [helper.make_node("Erf", ["s"], ["e"]), helper.make_node("Add", ["e", "one"], ["u"])]
+    if order == "torch":
+        nodes += [helper.make_node("Mul", ["x", "u"], ["xu"]), helper.make_node("Mul", ["xu", "half"], ["y"])]
+    elif order == "half_first":
+        nodes += [helper.make_node("Mul", ["half", "x"], ["hx"]), helper.make_node("Mul", ["hx", "u"], ["y"])]
+    else:
+        nodes += [helper.make_node("Mul", ["u", "half"], ["hu"]), helper.make_node("Mul", ["x", "hu"], ["y"])]
+    return make_model(nodes, [tensor("x", list(shape))], [tensor("y", list(shape))], inits, opset=opset)
+
+
+def gelu_tanh(opset=OPSET, cube="mul", shape=(2, 16)) -> onnx.ModelProto:
+    """torch's tanh GELU: 0.5 * (x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x*(x*x)))))."""
+    inits = [init(k, np.array(v, np.float32)) for k, v in
+             (("one", 1.0), ("half", 0.5), ("kappa", 0.044715), ("beta", np.sqrt(2 / np.pi)), ("three", 3.0))]
+    if cube == "mul":
+        nodes = [helper.make_node("Mul", ["x", "x"], ["x2"]), helper.make_node("Mul", ["x", "x2"], ["x3"])]
+    else:
+        nodes = [helper.make_node("Pow", ["x", "three"], ["x3"])]
+    nodes += [
+        helper.make_node("Mul", ["kappa", "x3"], ["kx3"]),
+        helper.make_node("Add", ["x", "kx3"], ["inner"]),
+        helper.make_node("Mul", ["beta", "inner"], ["arg"]),
+        helper.make_node("Tanh", ["arg"], ["t"]),
+        helper.make_node("Add", ["one", "t"], ["u"]),
+        helper.make_node("Mul", ["x", "u"], ["xu"]),
+        helper.make_node("Mul", ["half", "xu"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", list(shape))], [tensor("y", list(shape))], inits, opset=opset)
+
+
+BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph, layernorm_decomposed, gelu_erf,
+            gelu_tanh]
