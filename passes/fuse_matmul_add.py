@@ -14,8 +14,9 @@ gemm-add
     ``Add(Gemm(A, B), C)`` where the Gemm has no C input -> ``Gemm(A, B, C)`` with beta 1,
     under the same conditions on C (M and N come from the Gemm's operands and transposes).
 
-The MatMul (or Gemm) output must be read only by the Add, and both operands of the Add
-must have the same dtype (they do in a valid model).
+The MatMul (or Gemm) output must be read only by the Add, and the weight a float type
+(float16, float, double): integer MatMul is valid ONNX but onnxruntime has no integer
+Gemm kernel on CPU, so fusing it would make a runnable model unrunnable.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class FuseMatMulAdd(RewriteRule):
             return "MatMul weight is not constant"
         if weight.ndim != 2:
             return "MatMul weight is not 2-D"
+        if weight.dtype.kind != "f":  # onnxruntime has no integer Gemm kernel on CPU
+            return "MatMul weight is not a float type"
         rank = _rank(mm.inputs[0], model, ctx)
         if rank is None:
             return "MatMul input rank unknown"

@@ -151,6 +151,18 @@ def test_non_constant_weight_or_bias_is_not_fused():
     assert assert_untouched(proto).stats["skipped"] == {"matmul-add: MatMul weight is not constant": 1}
 
 
+def test_integer_matmul_is_not_fused():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [2, 3], onnx.TensorProto.INT32)], [tensor("y", [2, 4], onnx.TensorProto.INT32)],
+                       [init("w", np.ones((3, 4), np.int32)), init("b", np.arange(4, dtype=np.int32))])
+    assert untouched_reason(proto) == "MatMul weight is not a float type"
+
+
+def untouched_reason(proto):
+    (reason,) = assert_untouched(proto).stats["skipped"]
+    return reason.split(": ", 1)[1]
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_without_c_plus_add(trans_b):
     r = np.random.default_rng(6)
