@@ -64,6 +64,9 @@ NEVER_FOLD = NONDETERMINISTIC | frozenset({
     "Optional", "OptionalGetElement", "OptionalHasElement",
 })
 
+# Ops whose value may come from static shapes instead of evaluation.
+SHAPE_OPS = ("Shape", "Size", "Gather", "Slice")
+
 # TensorProto element types whose values numpy holds exactly (what we can fold).
 _EXACT_TYPES = {
     onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT16: np.int16,
@@ -84,6 +87,15 @@ ELEMENTWISE = frozenset({
     "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu",
     "Where", "Xor",
 })
+_BOOL_RESULT = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsInf", "IsNaN",
+                          "And", "Or", "Xor", "Not"})
+
+
+def _nbytes(spec: tuple) -> int:
+    shape, dtype = spec
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 # Inputs of these ops that are parameters, not data (left out of the broadcast).
 _PARAM_INPUTS = {"Clip": 1}
 
@@ -231,18 +243,32 @@ class _Folder:
         self.opset_import = list(model.template.opset_import)
         self.ir_version = model.template.ir_version
         self.known: dict[int, np.ndarray] = {}  # id(tensor) -> value
+        self.planned: dict[int, tuple] = {}  # id(tensor) -> (shape, dtype), evaluated in this batch
+        self.blocked_here = False
         self.outputs = graph_output_ids(model)
 
     # -- driver --------------------------------------------------------------------------
     def fold_all(self) -> tuple[bool, bool]:
-        changed = blocked = False
-        graphs = list(self.model.graphs())
-        for graph in graphs:
-            c, b = self.fold_graph(graph)
-            changed |= c
-            blocked |= b
-        self.stats["subgraphs_visited"] = len(graphs) - 1
-        return changed, blocked
+        self.changed = self.blocked = False
+        self.visit(self.model.graph)
+        return self.changed, self.blocked
+
+    def visit(self, graph: gs.Graph) -> None:
+        """Fold ``graph``, inline its Ifs with a constant condition, then its bodies."""
+        while True:
+            changed, blocked = self.fold_graph(graph)
+            self.changed |= changed
+            self.blocked |= blocked
+            if not self.inline_constant_ifs(graph):
+                break
+            self.changed = True
+            self.outputs = graph_output_ids(self.model)
+        for node in graph.nodes:
+            for value in node.attrs.values():
+                for sub in value if isinstance(value, list) else [value]:
+                    if isinstance(sub, gs.Graph):
+                        self.stats["subgraphs_visited"] += 1
+                        self.visit(sub)
 
     def value_of(self, t: gs.Tensor) -> np.ndarray | None:
         key = id(t)
@@ -261,6 +287,8 @@ class _Folder:
         value = self.value_of(t)
         if value is not None:
             return tuple(value.shape)
+        if id(t) in self.planned:
+            return self.planned[id(t)][0]
         info = self.shapes.get(t.name) if t.name else None
         if info is None or info.shape is None:
             return None
@@ -268,58 +296,73 @@ class _Folder:
 
     # -- one graph -----------------------------------------------------------------------
     def fold_graph(self, graph: gs.Graph) -> tuple[bool, bool]:
-        order = topological_order(graph)
-        # Candidate nodes and how many of their distinct inputs are not yet known.
-        missing: dict[int, int] = {}
+        """Fold every foldable node of ``graph``; returns (changed, some node had no size)."""
+        missing: dict[int, int] = {}  # id(node) -> distinct inputs not yet known or planned
         waiting: dict[int, list[gs.Node]] = defaultdict(list)  # id(tensor) -> candidates
         ready: list[gs.Node] = []
-        blocked = False
-        for node in order:
+        for node in topological_order(graph):
             if not self.candidate(node):
                 continue
-            if node.op in ("Shape", "Size") and node.inputs and self.shape_value(node) is not None:
+            if node.op in SHAPE_OPS and self.shape_value(node) is not None:
                 ready.append(node)
                 continue
-            unknown = {}
-            for t in node.inputs:
-                if t.name and self.value_of(t) is None:
-                    unknown[id(t)] = t
+            unknown = {id(t): t for t in node.inputs if t.name and self.value_of(t) is None}
             if not unknown:
                 ready.append(node)
-                continue
-            if all(t.inputs and self.candidate(t.inputs[0]) for t in unknown.values()):
+            elif all(t.inputs and self.candidate(t.inputs[0]) for t in unknown.values()):
                 missing[id(node)] = len(unknown)
                 for key in unknown:
                     waiting[key].append(node)
 
         folded: dict[int, gs.Node] = {}
+        self.blocked_here = False
         while ready:
-            batch = []
-            for node in ready:
-                if node.op in ("Shape", "Size"):
+            # Plan as many waves as possible for one session: a node joins when its output
+            # size follows from the shapes of its inputs; else it waits for their values.
+            self.planned = {}
+            batch, deferred = [], []
+            queue = list(reversed(ready))
+            while queue:
+                node = queue.pop()
+                if node.op in SHAPE_OPS:
                     value = self.shape_value(node)
                     if value is not None:
                         self.known[id(node.outputs[0])] = value
                         folded[id(node)] = node
                         self.stats["shape_folds"] += 1
+                        queue.extend(reversed(self.release(node, waiting, missing)))
                         continue
-                if self.fits(node):
-                    batch.append(node)
-                else:
-                    blocked = True
-            done = [n for n in ready if id(n) in folded]
-            done += self.evaluate(batch, folded)
-            ready = []
-            for node in done:
-                for out in node.outputs:
-                    for user in waiting.pop(id(out), ()):
-                        missing[id(user)] -= 1
-                        if missing[id(user)] == 0:
-                            ready.append(user)
+                specs = self.output_specs(node)
+                if specs is None and any(self.value_of(t) is None for t in node.inputs if t.name):
+                    deferred.append(node)  # its size needs input values: after this batch
+                    continue
+                if not self.fits(node, specs):
+                    continue
+                batch.append(node)
+                for out, spec in zip([o for o in node.outputs if o.name], specs):
+                    self.planned[id(out)] = spec
+                queue.extend(reversed(self.release(node, waiting, missing)))
+            self.planned = {}
+            done = self.evaluate(batch, folded)
+            ready = [n for n in deferred
+                     if all(self.value_of(t) is not None for t in n.inputs if t.name)]
+            if not done and len(ready) == len(deferred) and deferred and not batch:
+                break  # nothing progressed (cannot happen, but never loop forever)
         if not folded:
-            return False, blocked
+            return False, self.blocked_here
         self.replace(graph, folded)
-        return True, blocked
+        return True, self.blocked_here
+
+    @staticmethod
+    def release(node: gs.Node, waiting: dict, missing: dict) -> list[gs.Node]:
+        """Candidates whose last missing input ``node`` provides."""
+        out = []
+        for o in node.outputs:
+            for user in waiting.pop(id(o), ()):
+                missing[id(user)] -= 1
+                if missing[id(user)] == 0:
+                    out.append(user)
+        return out
 
     def candidate(self, node: gs.Node) -> bool:
         if not is_default_domain(node) or node.op in NEVER_FOLD:
@@ -331,6 +374,11 @@ class _Folder:
 
     # -- shape folding -------------------------------------------------------------------
     def shape_value(self, node: gs.Node) -> np.ndarray | None:
+        """The value of a Shape/Size node, or of a Gather/Slice picking static dims of a Shape."""
+        if not node.inputs:
+            return None
+        if node.op in ("Gather", "Slice"):
+            return self.picked_dims(node)
         dims = self.static_dims(node.inputs[0])
         if dims is None:
             return None
@@ -343,55 +391,110 @@ class _Folder:
             return None
         return np.array(dims, dtype=np.int64)
 
+    def shape_dims(self, t: gs.Tensor) -> tuple | None:
+        """The dims a Shape node outputs (some maybe symbolic), when ``t`` is such an output."""
+        node = t.inputs[0] if t.inputs else None
+        if node is None or node.op != "Shape" or not is_default_domain(node):
+            return None
+        dims = self.static_dims(node.inputs[0])
+        return None if dims is None else shape_slice(dims, node.attrs.get("start"), node.attrs.get("end"))
+
+    def picked_dims(self, node: gs.Node) -> np.ndarray | None:
+        """Gather(Shape(x), i) / Slice(Shape(x), ...) when every dim it picks is static."""
+        dims = self.shape_dims(node.inputs[0])
+        if dims is None:
+            return None
+        args = [self.value_of(t) if t.name else None for t in node.inputs[1:]]
+        if any(a is None or a.dtype.kind not in "iu" for a in args[:1]):
+            return None
+        if node.op == "Gather":
+            if node.attrs.get("axis", 0) not in (0, -1):
+                return None
+            idx = args[0]
+            if np.any(idx < -len(dims)) or np.any(idx >= len(dims)):
+                return None
+            picked = [dims[int(i)] for i in idx.reshape(-1)]
+            shape = idx.shape
+        else:
+            if len(node.inputs) < 3 or any(a is None or a.dtype.kind not in "iu" for a in args[:2]) \
+                    or any(a is not None and a.dtype.kind not in "iu" for a in args[2:]):
+                return None
+            axes = args[2] if len(args) > 2 and args[2] is not None else None
+            steps = args[3] if len(args) > 3 and args[3] is not None else None
+            if (axes is not None and [int(a) for a in axes.reshape(-1)] not in ([0], [-1])) or args[0].size != 1:
+                return None
+            step = int(steps.reshape(-1)[0]) if steps is not None else 1
+            if step == 0:
+                return None
+            # Python slicing clamps start/end exactly as the Slice operator does.
+            start, end = int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
+            picked = list(dims[start:end:step])
+            shape = (len(picked),)
+        if not all(isinstance(d, int) for d in picked):
+            return None
+        return np.array(picked, dtype=np.int64).reshape(shape)
+
     # -- the size bound ------------------------------------------------------------------
-    def fits(self, node: gs.Node) -> bool:
-        sizes = self.output_bytes(node)
-        if sizes is None:
+    def fits(self, node: gs.Node, specs: list | None) -> bool:
+        if specs is None:
             self.stats["skipped_unknown_size"] += 1
+            self.blocked_here = True
             return False
-        if max(sizes, default=0) > self.max_bytes:
+        if max((_nbytes(spec) for spec in specs), default=0) > self.max_bytes:
             self.stats["skipped_too_large"] += 1
             return False
         return True
 
-    def output_bytes(self, node: gs.Node) -> list[int] | None:
-        """Bytes of each output, known without evaluating the node; None when unknown."""
+    def input_spec(self, t: gs.Tensor) -> tuple | None:
+        """(shape, dtype) of a known or planned input."""
+        value = self.value_of(t)
+        if value is not None:
+            return tuple(value.shape), value.dtype
+        return self.planned.get(id(t))
+
+    def output_specs(self, node: gs.Node) -> list[tuple] | None:
+        """(shape, dtype) of each output, known without evaluating the node; None when unknown."""
         live = [o for o in node.outputs if o.name]
         if node.op in ELEMENTWISE and len(live) == 1:
-            skip = _PARAM_INPUTS.get(node.op)
-            shapes = [self.value_of(t).shape for i, t in enumerate(node.inputs)
-                      if t.name and (skip is None or i < skip)]
-            try:
-                count = int(np.prod(np.broadcast_shapes(*shapes), dtype=np.int64)) if shapes else 1
-            except ValueError:
-                return None
-            itemsize = self.output_itemsize(node)
-            if itemsize is not None:
-                return [count * itemsize]
-        sizes = [self.analysis_bytes(o) for o in live]
-        if all(s is not None for s in sizes):
-            return sizes
-        return self.inferred_bytes(node)
+            spec = self.elementwise_spec(node)
+            if spec is not None:
+                return [spec]
+        specs = [self.analysis_spec(o) for o in live]
+        if all(s is not None for s in specs):
+            return specs
+        if any(self.value_of(t) is None for t in node.inputs if t.name):
+            return None
+        return self.inferred_specs(node)
 
-    def output_itemsize(self, node: gs.Node) -> int | None:
+    def elementwise_spec(self, node: gs.Node) -> tuple | None:
+        inputs = [self.input_spec(t) for t in node.inputs if t.name]
+        if any(i is None for i in inputs):
+            return None
+        skip = _PARAM_INPUTS.get(node.op)
+        data = inputs[:skip] if skip else inputs
+        try:
+            shape = tuple(int(d) for d in np.broadcast_shapes(*[i[0] for i in data])) if data else ()
+        except ValueError:
+            return None
         if node.op == "Cast":
             np_type = _EXACT_TYPES.get(node.attrs.get("to"))
-            return np.dtype(np_type).itemsize if np_type else None
-        if node.op in ("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsInf", "IsNaN",
-                       "And", "Or", "Xor", "Not"):
-            return 1
-        data = [self.value_of(t) for t in node.inputs if t.name]
-        if node.op == "Where":
-            data = data[1:]
-        return max((v.dtype.itemsize for v in data), default=None)
+            dtype = np.dtype(np_type) if np_type else None
+        elif node.op in _BOOL_RESULT:
+            dtype = np.dtype(np.bool_)
+        elif node.op == "Where":
+            dtype = inputs[1][1] if len(inputs) > 1 else None
+        else:
+            dtype = data[0][1] if data else None
+        return None if dtype is None else (shape, dtype)
 
-    def analysis_bytes(self, t: gs.Tensor) -> int | None:
+    def analysis_spec(self, t: gs.Tensor) -> tuple | None:
         info = self.shapes.get(t.name)
         if info is None or not info.is_static or info.dtype is None:
             return None
-        return int(np.prod(info.shape, dtype=np.int64)) * np.dtype(info.dtype).itemsize
+        dtype = np.dtype(info.dtype)
+        return (tuple(info.shape), dtype) if dtype in _EXACT_DTYPES else None
 
-    def inferred_bytes(self, node: gs.Node) -> list[int] | None:
+    def inferred_specs(self, node: gs.Node) -> list[tuple] | None:
         """onnx shape inference of this one node, fed the (small) constant inputs' values."""
         from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
@@ -412,7 +515,7 @@ class _Folder:
         except Exception as exc:  # inference is best effort: an unknown size means no folding
             logger.debug("no shape for %s (%s): %s", node.name, node.op, exc)
             return None
-        sizes = []
+        specs = []
         for out in node.outputs:
             if not out.name:
                 continue
@@ -420,62 +523,64 @@ class _Folder:
             if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
                 return None
             dims = tp.tensor_type.shape.dim
-            if not all(d.HasField("dim_value") for d in dims):
-                return None
             np_type = _EXACT_TYPES.get(tp.tensor_type.elem_type)
-            if np_type is None:
+            if np_type is None or not all(d.HasField("dim_value") for d in dims):
                 return None
-            count = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
-            sizes.append(count * np.dtype(np_type).itemsize)
-        return sizes
+            specs.append((tuple(d.dim_value for d in dims), np.dtype(np_type)))
+        return specs
 
     def opset(self, domain: str) -> int:
         return self.model.opset_of(domain) or onnx.defs.onnx_opset_version()
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self, batch: list[gs.Node], folded: dict) -> list[gs.Node]:
-        """Evaluate a wave; returns the nodes whose outputs are now known."""
+        """Evaluate a batch (in producer-first order); returns the nodes now known."""
         if not batch:
             return []
-        self.stats["waves"] += 1
+        self.stats["batches"] += 1
         results = self.run_ort(batch)
-        if results is None and len(batch) > 1:
-            results = {}
-            for node in batch:  # find the node onnxruntime refuses; run the others alone
-                single = self.run_ort([node])
-                if single is None:
-                    single = self.run_reference(node)
-                    if single is not None:
-                        self.stats["evaluated_by_reference"] += 1
-                if single is not None:
-                    results.update(single)
-        elif results is None:
-            results = self.run_reference(batch[0]) or {}
-            if results:
-                self.stats["evaluated_by_reference"] += 1
+        if results is not None:
+            return [n for n in batch if self.accept(n, results, folded)]
+        # Some node of the batch fails in onnxruntime: evaluate one node at a time, with the
+        # reference evaluator for the ones onnxruntime refuses.
         done = []
         for node in batch:
-            values = [results.get(o.name) for o in node.outputs if o.name]
-            if any(not isinstance(v, np.ndarray) or v.dtype not in _EXACT_DTYPES for v in values):
+            if any(self.value_of(t) is None for t in node.inputs if t.name):
+                continue  # a producer in this batch could not be evaluated
+            single = self.run_ort([node])
+            if single is None:
+                single = self.run_reference(node)
+                if single is not None:
+                    self.stats["evaluated_by_reference"] += 1
+            if single is not None and self.accept(node, single, folded):
+                done.append(node)
+            elif single is None:
                 self.stats["skipped_not_evaluable"] += 1
-                continue
-            if any(v.nbytes > self.max_bytes for v in values):  # inference was wrong
-                self.stats["skipped_too_large"] += 1
-                continue
-            for o in node.outputs:
-                if o.name:
-                    self.known[id(o)] = results[o.name]
-            folded[id(node)] = node
-            done.append(node)
         return done
+
+    def accept(self, node: gs.Node, results: dict, folded: dict) -> bool:
+        """Record the node's values when they are plain tensors within the size bound."""
+        values = [results.get(o.name) for o in node.outputs if o.name]
+        if any(not isinstance(v, np.ndarray) or v.dtype not in _EXACT_DTYPES for v in values):
+            self.stats["skipped_not_evaluable"] += 1
+            return False
+        if any(v.nbytes > self.max_bytes for v in values):  # the predicted size was wrong
+            self.stats["skipped_too_large"] += 1
+            return False
+        for o in node.outputs:
+            if o.name:
+                self.known[id(o)] = results[o.name]
+        folded[id(node)] = node
+        return True
 
     def batch_model(self, nodes: list[gs.Node]) -> tuple[onnx.ModelProto, dict]:
         from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+        produced = {o.name for n in nodes for o in n.outputs if o.name}
         feeds, inputs, outputs = {}, [], []
         for node in nodes:
             for t in node.inputs:
-                if t.name and t.name not in feeds:
+                if t.name and t.name not in feeds and t.name not in produced:
                     value = self.value_of(t)
                     feeds[t.name] = value
                     inputs.append(onnx.helper.make_tensor_value_info(
@@ -515,6 +620,55 @@ class _Folder:
         except Exception as exc:
             logger.debug("cannot evaluate %s (%s): %s", node.name, node.op, exc)
             return None
+
+    # -- If with a constant condition -----------------------------------------------------
+    def inline_constant_ifs(self, graph: gs.Graph) -> int:
+        """Replace each If whose condition is known by the nodes of the branch it takes."""
+        inlined = 0
+        for node in list(graph.nodes):
+            if node.op != "If" or not is_default_domain(node) or not node.inputs:
+                continue
+            cond = self.value_of(node.inputs[0])
+            if cond is None or cond.size != 1:
+                continue
+            branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if not isinstance(branch, gs.Graph) or branch.inputs or len(branch.outputs) != len(node.outputs):
+                continue
+            self.inline(graph, node, branch)
+            inlined += 1
+            self.stats["inlined_ifs"] += 1
+        return inlined
+
+    def inline(self, graph: gs.Graph, node: gs.Node, branch: gs.Graph) -> None:
+        taken = {id(n) for n in branch.nodes}
+        outer_names = {t.name for t in graph.tensors().values()} - {t.name for t in node.outputs}
+        results = list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        moved = list(branch.nodes)
+        extra = []
+        renamed_twice = set()
+        for inner, outer in zip(branch.outputs, results):
+            producer = inner.inputs[0] if inner.inputs else None
+            if producer is not None and id(producer) in taken and id(inner) not in renamed_twice:
+                # The branch node writes the If's output name directly.
+                renamed_twice.add(id(inner))
+                for user in list(inner.outputs):
+                    for i, t in enumerate(user.inputs):
+                        if t is inner:
+                            user.inputs[i] = outer
+                slot = next(i for i, t in enumerate(producer.outputs) if t is inner)
+                producer.outputs[slot] = outer
+            else:  # an outer tensor, a constant, or an output listed twice
+                extra.append(gs.Node("Identity", name=f"{outer.name}_inlined", inputs=[inner], outputs=[outer]))
+        # Branch-local names that clash with names of this scope get a fresh suffix.
+        for n in moved:
+            for t in n.outputs:
+                if t.name and t.name in outer_names:
+                    t.name = f"{t.name}__inlined{self.stats['inlined_ifs']}"
+        position = next(i for i, n in enumerate(graph.nodes) if n is node)
+        graph.nodes[position:position + 1] = moved + extra
+        branch.nodes.clear()
 
     # -- rewrite -------------------------------------------------------------------------
     def replace(self, graph: gs.Graph, folded: dict[int, gs.Node]) -> None:
