@@ -176,5 +176,33 @@ def gelu_tanh(opset=OPSET, cube="mul", shape=(2, 16)) -> onnx.ModelProto:
     return make_model(nodes, [tensor("x", list(shape))], [tensor("y", list(shape))], inits, opset=opset)
 
 
+def transpose_pairs() -> onnx.ModelProto:
+    """Two Transpose pairs around a Relu: the first cancels (NCHW->NHWC->NCHW), the second composes."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["nhwc"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Relu", ["nchw"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["t1"], ["y"], perm=[1, 0, 2, 3]),
+    ]
+    return make_model(nodes, [tensor("x", [1, 2, 3, 4])], [tensor("y", [3, 1, 2, 4])])
+
+
+def convtranspose_bn_grouped() -> onnx.ModelProto:
+    """ConvTranspose (group 2, no bias) -> BatchNormalization: weight is [C_in, C_out/group, k, k]."""
+    r = rng(4)
+    c_out = 6
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2, strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", [1, 4, 3, 3])], [tensor("y", [1, c_out, 7, 7])],
+                      [init("w", r.standard_normal((4, c_out // 2, 3, 3)).astype(np.float32)),
+                       init("s", r.uniform(0.5, 1.5, c_out).astype(np.float32)),
+                       init("bb", r.standard_normal(c_out).astype(np.float32)),
+                       init("m", r.standard_normal(c_out).astype(np.float32)),
+                       init("v", r.uniform(0.5, 2, c_out).astype(np.float32))])
+
+
 BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph, layernorm_decomposed, gelu_erf,
-            gelu_tanh]
+            gelu_tanh, transpose_pairs, convtranspose_bn_grouped]

@@ -200,3 +200,12 @@ def test_ppocr_cls_all_batchnorms_fold():
     out, result = fused(lifted)
     assert result.stats["conv-bn"] == op_histogram(lifted)["BatchNormalization"] == 35
     assert_equivalent(lifted, out, rtol=1e-3, atol=1e-4)
+
+
+def test_shared_builder_grouped_convtranspose_without_bias():
+    from graphs import convtranspose_bn_grouped
+
+    proto = convtranspose_bn_grouped()
+    out, result = fused(proto)
+    assert op_histogram(out) == {"ConvTranspose": 1} and result.stats == {"conv-bn": 1}
+    assert_equivalent(proto, out)

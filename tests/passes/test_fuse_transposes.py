@@ -187,3 +187,14 @@ def test_pair_inside_a_loop_body_is_folded():
 def test_second_run_changes_nothing():
     out, _ = fused(pair([0, 2, 3, 1], [0, 2, 1, 3]))
     assert not run_pass("fuse-transposes", out)[1].changed
+
+
+def test_shared_builder_cancels_one_pair_and_composes_the_other():
+    from graphs import transpose_pairs
+
+    proto = transpose_pairs()
+    out, result = fused(proto)
+    assert result.stats == {"transpose-pair": 2}
+    assert op_histogram(out) == {"Relu": 1, "Transpose": 1}
+    assert perm_of(out.graph.node[1]) == [2, 0, 1, 3]
+    assert_equivalent(proto, out)
