@@ -204,5 +204,49 @@ def convtranspose_bn_grouped() -> onnx.ModelProto:
                        init("v", r.uniform(0.5, 2, c_out).astype(np.float32))])
 
 
+def shape_chain() -> onnx.ModelProto:
+    """Shape -> Gather -> Unsqueeze -> Concat -> Reshape of a tensor whose batch dim is symbolic."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Gather", ["s", "i2"], ["w"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+        helper.make_node("Unsqueeze", ["w", "ax0"], ["w1"]),
+        helper.make_node("Concat", ["n1", "minus1", "w1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", ["N", 3, 4])],
+                      [init("i0", np.array(0, np.int64)), init("i2", np.array(2, np.int64)),
+                       init("ax0", np.array([0], np.int64)), init("minus1", np.array([-1], np.int64))])
+
+
+def noop_ops() -> onnx.ModelProto:
+    """Identity, inference Dropout, Cast to the same type, identity Transpose and zero Pad between Relus."""
+    nodes = [
+        helper.make_node("Identity", ["x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Dropout", ["b"], ["c"]),
+        helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["d"], ["e"], perm=[0, 1]),
+        helper.make_node("Pad", ["e", "zeros"], ["f"]),
+        helper.make_node("Relu", ["f"], ["g"]),
+        helper.make_node("Identity", ["g"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])], [init("zeros", np.zeros(4, np.int64))])
+
+
+def duplicate_nodes() -> onnx.ModelProto:
+    """Two identical weights and two identical MatMul -> Relu branches added together."""
+    w = rng(5).standard_normal((3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("MatMul", ["x", "w2"], ["m2"]),
+        helper.make_node("Relu", ["m1"], ["r1"]),
+        helper.make_node("Relu", ["m2"], ["r2"]),
+        helper.make_node("Add", ["r1", "r2"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])], [init("w1", w), init("w2", w.copy())])
+
+
 BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph, layernorm_decomposed, gelu_erf,
-            gelu_tanh, transpose_pairs, convtranspose_bn_grouped]
+            gelu_tanh, transpose_pairs, convtranspose_bn_grouped, shape_chain, noop_ops, duplicate_nodes]
