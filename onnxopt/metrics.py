@@ -58,7 +58,9 @@ def output_stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
     diff = a - b
     signal, noise = float(np.dot(a, a)), float(np.dot(diff, diff))
     norms = math.sqrt(signal) * math.sqrt(float(np.dot(b, b)))
-    out["cosine"] = float(np.dot(a, b) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0)
+    # Equal outputs are exactly 1 (rounding in the dot products would leave 1 - 2e-16).
+    out["cosine"] = 1.0 if noise == 0 else (
+        float(np.clip(np.dot(a, b) / norms, -1.0, 1.0)) if norms > 0 else 0.0)
     out["snr_db"] = (math.inf if noise == 0 else
                      (10 * math.log10(signal / noise) if signal > 0 else -math.inf))
     out["max_abs"] = float(np.max(np.abs(diff))) if diff.size else 0.0

@@ -237,13 +237,18 @@ def with_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
 
 
 def inferences(proto: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
-    """Protos with inferred shapes (graph.value_info), best first; the proto itself last.
+    """Protos with inferred shapes (graph.value_info) to try in turn; the proto itself last.
 
-    onnxruntime's symbolic shape inference comes first: it carries symbolic dims through
-    Reshape, Concat and broadcasts where onnx's own inference gives up (on MiniLM, onnx's
-    leaves 188 of 669 nodes without a shape, onnxruntime's none). onnx's inference with data
-    propagation comes next: it does better inside If bodies (Silero VAD).
+    onnx's inference with data propagation comes first (fast, and better inside If bodies);
+    the caller goes on to onnxruntime's symbolic shape inference only when nodes are left
+    without shapes: it carries symbolic dims through Reshape, Concat and broadcasts where
+    onnx's gives up (on MiniLM onnx's leaves 188 of 669 nodes without a shape, onnxruntime's
+    none), at the price of importing sympy (about 2 s).
     """
+    try:
+        yield onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # best effort: counts become unknown where shapes are missing
+        logger.debug("onnx shape inference failed: %s", exc)
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -251,11 +256,7 @@ def inferences(proto: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
         if out is not None:
             yield out
     except Exception as exc:  # noqa: BLE001  (its failures are assertion errors, not a type)
-        logger.debug("onnxruntime symbolic shape inference failed (%r); using onnx's", exc)
-    try:
-        yield onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception as exc:  # best effort: counts become unknown where shapes are missing
-        logger.debug("shape inference failed: %s", exc)
+        logger.debug("onnxruntime symbolic shape inference failed: %r", exc)
     yield proto
 
 
