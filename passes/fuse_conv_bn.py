@@ -1,5 +1,10 @@
-"""fuse-conv-bn: fold an inference BatchNormalization into the Conv or ConvTranspose before it.
+"""fuse-conv-bn: fold per-channel affine ops into the Conv or ConvTranspose before them.
 
+Rules: ``conv-bn`` (an inference BatchNormalization) and ``conv-add`` (an Add of a
+per-channel constant, the way Paddle and some exporters write a conv bias).
+
+conv-bn
+-------
 BatchNormalization in inference form computes, per channel c,
 
     y[c] = scale[c] * (x[c] - mean[c]) / sqrt(var[c] + epsilon) + B[c]
@@ -23,6 +28,13 @@ float16 and double models keep their types. Applies to 1-D, 2-D and 3-D convolut
 Required: constant weight, bias and BN parameters of length C_out; the conv output read
 only by the BN; the BN in inference form (no training_mode, spatial=1, extra outputs
 unused). Shared weights are never modified: the fused conv gets new initializers.
+
+conv-add
+--------
+``Add(conv(x), A)`` where A is constant and broadcasts along the channel axis only (A of
+shape [1, C, 1, 1], [C, 1, 1], [1] or a scalar for a 2-D conv) is the conv with bias
+``b'[c] = b[c] + A[c]``. The conv output must be read only by the Add, and A must have
+the weight's dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +51,42 @@ from onnxopt.rewrite import (RewritePass, RewriteRule, constant_value, is_presen
 logger = logging.getLogger(__name__)
 
 _FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _check_conv(conv, graph, match) -> str | None:
+    """Why ``conv``'s weights cannot absorb a per-channel affine op; on success, stores
+    weight, bias (None when absent), group, transposed and channels in ``match``."""
+    if len(conv.outputs) != 1 or not single_use(conv.outputs[0], graph):
+        return "conv output has other consumers"
+    weight = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if weight is None:
+        return "conv weight is not constant"
+    if weight.dtype not in _FLOATS:
+        return f"conv weight dtype {weight.dtype} is not a float type"
+    if weight.ndim < 3:
+        return "conv weight rank below 3"
+    group = int(conv.attrs.get("group", 1))
+    transposed = conv.op == "ConvTranspose"
+    channels = weight.shape[1] * group if transposed else weight.shape[0]
+    if transposed and weight.shape[0] % group:
+        return "ConvTranspose weight does not split into groups"
+    bias = None
+    if is_present(conv, 2):
+        bias = constant_value(conv.inputs[2])
+        if bias is None:
+            return "conv bias is not constant"
+        if bias.shape != (channels,):
+            return "conv bias shape does not match output channels"
+    match.update(weight=weight, bias=bias, group=group, transposed=transposed, channels=channels)
+    return None
+
+
+def _set_bias(conv, graph, values: np.ndarray) -> None:
+    fused_bias = new_constant(graph, f"{conv.name or conv.outputs[0].name}_bias", values)
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = fused_bias
+    else:
+        conv.inputs.append(fused_bias)
 
 
 class FoldBatchNormIntoConv(RewriteRule):
@@ -61,34 +109,16 @@ class FoldBatchNormIntoConv(RewriteRule):
             return "BatchNormalization is not in inference form"
         if any(not unused(t, graph) for t in bn.outputs[1:]):
             return "BatchNormalization training outputs are used"
-        if len(conv.outputs) != 1 or not single_use(conv.outputs[0], graph):
-            return "conv output has other consumers"
-        weight = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        if weight is None:
-            return "conv weight is not constant"
-        if weight.dtype not in _FLOATS:
-            return f"conv weight dtype {weight.dtype} is not a float type"
-        if weight.ndim < 3:
-            return "conv weight rank below 3"
-        group = int(conv.attrs.get("group", 1))
-        transposed = conv.op == "ConvTranspose"
-        channels = weight.shape[1] * group if transposed else weight.shape[0]
-        if transposed and weight.shape[0] % group:
-            return "ConvTranspose weight does not split into groups"
-        bias = None
-        if is_present(conv, 2):
-            bias = constant_value(conv.inputs[2])
-            if bias is None:
-                return "conv bias is not constant"
-            if bias.shape != (channels,):
-                return "conv bias shape does not match output channels"
+        problem = _check_conv(conv, graph, match)
+        if problem:
+            return problem
+        channels = match["channels"]
         params = [constant_value(t) for t in bn.inputs[1:5]]
         if any(p is None for p in params):
             return "BatchNormalization parameters are not constant"
         if any(p.dtype.kind != "f" or p.size != channels or p.ndim != 1 for p in params):
             return "BatchNormalization parameters do not match conv output channels"
-        match.update(weight=weight, bias=bias, params=params, group=group, transposed=transposed,
-                     channels=channels)
+        match["params"] = params
         return None
 
     def rewrite(self, match, graph):
@@ -108,20 +138,58 @@ class FoldBatchNormIntoConv(RewriteRule):
         else:
             new_weight = weight.astype(np.float64) * s.reshape(-1, *([1] * (weight.ndim - 1)))
 
-        base = conv.name or bn.outputs[0].name
-        conv.inputs[1] = new_constant(graph, f"{base}_bn_weight", new_weight.astype(weight.dtype))
-        fused_bias = new_constant(graph, f"{base}_bn_bias", new_bias.astype(weight.dtype))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = fused_bias
-        else:
-            conv.inputs.append(fused_bias)
+        conv.inputs[1] = new_constant(graph, f"{conv.name or conv.outputs[0].name}_weight", new_weight.astype(weight.dtype))
+        _set_bias(conv, graph, new_bias.astype(weight.dtype))
         take_outputs(bn, conv, count=1)
+        return None
+
+
+class FoldAddIntoConvBias(RewriteRule):
+    """Conv/ConvTranspose -> Add of a per-channel constant becomes the conv's bias."""
+
+    name = "conv-add"
+    root_ops = ("Add",)
+
+    def match(self, node, graph):
+        if not is_op(node, "Add") or len(node.inputs) != 2:
+            return None
+        for i in (0, 1):
+            conv = producer_op(node, i, "Conv", "ConvTranspose")
+            if conv is not None:
+                return {"conv": conv, "add": node, "addend": node.inputs[1 - i]}
+        return None
+
+    def check(self, match, model, ctx):
+        addend = constant_value(match["addend"])
+        if addend is None:
+            return "added tensor is not constant"
+        problem = _check_conv(match["conv"], match["graph"], match)
+        if problem:
+            return problem
+        weight, channels = match["weight"], match["channels"]
+        if addend.dtype != weight.dtype:
+            return "added constant and weight dtypes differ"
+        # per channel: at most the conv output's rank, every dim 1 but the channel one
+        out_rank = weight.ndim
+        if addend.ndim > out_rank:
+            return "added constant has a higher rank than the conv output"
+        shape = (1,) * (out_rank - addend.ndim) + addend.shape
+        if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+            return "added constant is not per channel"
+        match["per_channel"] = np.broadcast_to(addend.reshape(-1), (channels,))
+        return None
+
+    def rewrite(self, match, graph):
+        conv, add, weight = match["conv"], match["add"], match["weight"]
+        bias = np.zeros(match["channels"]) if match["bias"] is None else match["bias"].astype(np.float64)
+        _set_bias(conv, graph, (bias + match["per_channel"].astype(np.float64)).astype(weight.dtype))
+        take_outputs(add, conv)
         return None
 
 
 @register_pass("fuse-conv-bn")
 class FuseConvBnPass(RewritePass):
-    """Fold inference BatchNormalization into the preceding Conv/ConvTranspose weights."""
+    """Fold inference BatchNormalization and per-channel constant Adds into the preceding Conv/ConvTranspose."""
 
     lossless = True
-    rules = (FoldBatchNormIntoConv(),)
+    rules = (FoldBatchNormIntoConv(), FoldAddIntoConvBias())
