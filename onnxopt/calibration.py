@@ -101,11 +101,13 @@ class TensorStatistics:
         hist, half = self.histogram()
         if method == "percentile":
             plo, phi = kernels.percentile_range(hist, half, float(percentile))
-            return max(lo, plo), min(hi, phi)
+            plo, phi = max(lo, plo), min(hi, phi)
+            return min(plo, phi), phi
         if method == "entropy":
             abs_hist = kernels.fold_abs(hist)
             threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels))
-            return max(lo, -threshold), min(hi, threshold)
+            elo, ehi = max(lo, -threshold), min(hi, threshold)
+            return min(elo, ehi), ehi
         if method == "mse":
             steps = 100
             return kernels.mse_range(hist, half, lo, hi, int(qmin), int(qmax), bool(symmetric), steps)
