@@ -134,6 +134,11 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
 
+        functions = len(model.template.functions)
+        if functions and self.specs:
+            # graph_io carries local functions over unchanged; say so instead of staying silent.
+            ctx.notes.append(f"{functions} local function(s) left unchanged: passes rewrite the graph "
+                             "and its If/Loop/Scan bodies, not function bodies")
         bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
