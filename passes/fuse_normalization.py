@@ -81,16 +81,31 @@ def _producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
     return node if node is not None and is_op(node, *ops) else None
 
 
-def _scalar(tensor: gs.Tensor) -> np.ndarray | None:
-    """A one-element floating constant (any rank), else None."""
+def _constant_tensor(tensor: gs.Tensor) -> gs.Constant | None:
+    """The gs.Constant behind an initializer or a Constant node (values not loaded)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant):
+        return node.attrs["value"]
+    return None
+
+
+def _scalar(tensor: gs.Tensor, kinds: str = "f") -> np.ndarray | None:
+    """A one-element constant (any rank) of a dtype kind in ``kinds``, else None."""
+    const = _constant_tensor(tensor)
+    if const is None or int(np.prod(const.shape)) != 1:  # size from the shape: no weight is loaded
+        return None
     value = constant_value(tensor)
-    if value is None or value.size != 1 or value.dtype.kind != "f":
+    if value is None or value.size != 1 or value.dtype.kind not in kinds:
         return None
     return value
 
 
 def _close(value: np.ndarray, target: float) -> bool:
     """``value`` is ``target`` rounded to its dtype (two ulps, at least 1e-6 relative)."""
+    if value.dtype.kind != "f":
+        return float(value.reshape(())) == target
     rtol = max(2 * float(np.finfo(value.dtype).eps), 1e-6)
     return abs(float(value.reshape(())) - target) <= rtol * abs(target)
 
@@ -100,12 +115,18 @@ def _is_scalar(tensor: gs.Tensor, target: float) -> bool:
     return value is not None and _close(value, target)
 
 
+def _is_exponent(tensor: gs.Tensor, target: float) -> bool:
+    """Pow's exponent may be an integer or a float constant (its own type T1)."""
+    value = _scalar(tensor, kinds="iuf")
+    return value is not None and _close(value, target)
+
+
 def _const_and_other(node: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
     """(constant operand, other operand) of a binary node with exactly one constant."""
     if len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    a_const, b_const = constant_value(a) is not None, constant_value(b) is not None
+    a_const, b_const = _constant_tensor(a) is not None, _constant_tensor(b) is not None
     if a_const == b_const:
         return None
     return (a, b) if a_const else (b, a)
@@ -139,13 +160,13 @@ def _rank(tensor: gs.Tensor, model, ctx) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _count_legal(rules: list[RewriteRule], model, ctx, check: bool) -> tuple[int, Counter]:
-    """Matches of ``rules`` in every graph without rewriting: (legal count, refusal reasons).
+def _count_matches(rules: list[RewriteRule], model, ctx, check: bool) -> int:
+    """Matches of ``rules`` in every graph, without rewriting; with ``check`` only legal ones.
 
-    With ``check=False`` every structural match counts as legal (used to report patterns
-    a pass cannot fuse for a model-wide reason such as the opset).
+    Without ``check`` every structural match counts (to report the patterns a pass cannot
+    fuse for a model-wide reason such as the opset).
     """
-    legal, reasons = 0, Counter()
+    count = 0
     for graph in model.graphs():
         for node in graph.nodes:
             for rule in rules:
@@ -154,12 +175,10 @@ def _count_legal(rules: list[RewriteRule], model, ctx, check: bool) -> tuple[int
                 match = rule.match(node, graph)
                 if match is None:
                     continue
-                reason = rule.check(match, model, ctx) if check else None
-                if reason is None:
-                    legal += 1
+                if not check or rule.check(match, model, ctx) is None:
+                    count += 1
                     break
-                reasons[f"{rule.name}: {reason}"] += 1
-    return legal, reasons
+    return count
 
 
 # -- LayerNormalization -------------------------------------------------------------------
@@ -234,7 +253,7 @@ class LayerNormCore(RewriteRule):
         else:
             return None
         sqrt = _producer(std, "Sqrt", "Pow")
-        if sqrt is None or (is_op(sqrt, "Pow") and not _is_scalar(sqrt.inputs[1], 0.5)):
+        if sqrt is None or (is_op(sqrt, "Pow") and not _is_exponent(sqrt.inputs[1], 0.5)):
             return None
         add = _producer(sqrt.inputs[0], "Add")
         split = _const_and_other(add) if add is not None else None
@@ -245,7 +264,7 @@ class LayerNormCore(RewriteRule):
         square = _producer(rm2.inputs[0], "Pow", "Mul") if rm2 is not None else None
         if square is None or square.inputs[0] is not d:
             return None
-        if is_op(square, "Pow") and not _is_scalar(square.inputs[1], 2.0):
+        if is_op(square, "Pow") and not _is_exponent(square.inputs[1], 2.0):
             return None
         if is_op(square, "Mul") and square.inputs[1] is not d:
             return None
@@ -294,15 +313,14 @@ class LayerNormCore(RewriteRule):
     def rewrite(self, match, graph):
         name = fresh_name(graph, f"{match['root'].name or 'fused'}/LayerNormalization")
         scale = new_constant(graph, f"{name}/scale", np.ones(match["norm_shape"], match["dtype"]))
-        fused = gs.Node("LayerNormalization", name=name, inputs=[match["x"], scale], attrs={"axis": -match["k"], "epsilon": match["epsilon"]})
+        fused = gs.Node("LayerNormalization", name=name, inputs=[match["x"], scale],
+                        attrs={"axis": -match["k"], "epsilon": match["epsilon"]})
         take_outputs(match["root"], fused)
         return [fused]
 
 
 class _LayerNormAffine(RewriteRule):
     """Base of the rules folding ``LayerNormalization(..) <op> constant`` into Scale/B."""
-
-    op = ""
 
     def match(self, node, graph):
         if len(node.inputs) != 2:
@@ -401,7 +419,7 @@ class FuseLayerNormPass(Pass):
     def run(self, model, ctx) -> PassResult:
         rules = [LayerNormCore(), LayerNormScale(), LayerNormBias()]
         if model.opset < LAYERNORM_OPSET:
-            found, _ = _count_legal(rules[:1], model, ctx, check=False)
+            found = _count_matches(rules[:1], model, ctx, check=False)
             stats: dict[str, Any] = {"fused": 0}
             if found:
                 stats["skipped"] = {f"opset {model.opset} < {LAYERNORM_OPSET} (no LayerNormalization)": found}
@@ -441,7 +459,7 @@ def _cube_of(t: gs.Tensor, x: gs.Tensor) -> list[gs.Node] | None:
     """The nodes computing ``t`` = x^3 as Pow(x, 3), x*(x*x) or (x*x)*x; else None."""
     pow_node = _producer(t, "Pow")
     if pow_node is not None:
-        return [pow_node] if pow_node.inputs[0] is x and _is_scalar(pow_node.inputs[1], 3.0) else None
+        return [pow_node] if pow_node.inputs[0] is x and _is_exponent(pow_node.inputs[1], 3.0) else None
     outer = _producer(t, "Mul")
     if outer is None or len(outer.inputs) != 2:
         return None
@@ -563,7 +581,7 @@ class GeluTanh(_GeluRule):
             cube_nodes = _cube_of(cube, x)
             if cube_nodes is None:
                 continue
-            consts = [_const_and_other(add)[0], _const_and_other(outer_mul)[0], _const_and_other(kappa_mul)[0]]
+            consts = [_const_and_other(n)[0] for n in (add, outer_mul, kappa_mul)]
             return x, [add, tanh, outer_mul, inner_add, kappa_mul] + cube_nodes, consts
         return None
 
@@ -597,8 +615,7 @@ def _grid_sample_mode(node: gs.Node) -> str | None:
 # the new version only added types, or inputs/attributes whose defaults keep the old
 # meaning; else a function(node) -> reason the node would change (None when it would not).
 _REVISIONS_18_TO_20: dict[tuple[str, int], Any] = {
-    **{(op, 18): _reduce_axes_attr for op in _REDUCE_OPS if op not in ("ReduceMax", "ReduceMin")},
-    ("ReduceMax", 18): _reduce_axes_attr, ("ReduceMin", 18): _reduce_axes_attr,
+    **{(op, 18): _reduce_axes_attr for op in _REDUCE_OPS},
     ("ReduceMax", 20): None, ("ReduceMin", 20): None,  # bool added
     ("Split", 18): _split_without_sizes,
     ("DFT", 20): _always("axis moved from attribute to input (default changed) in opset 20"),
@@ -626,7 +643,8 @@ def opset_raise_blockers(model, version: int) -> Counter:
     if current >= version:
         return blockers
     if current < _REVIEWED_FROM or version > _REVIEWED_TO:
-        blockers[f"raising {current} -> {version} is not reviewed (only {_REVIEWED_FROM} -> {_REVIEWED_TO})"] += 1
+        reviewed = f"{_REVIEWED_FROM} -> {_REVIEWED_TO}"
+        blockers[f"raising {current} -> {version} is not reviewed (only {reviewed})"] += 1
         return blockers
     if model.template.functions:
         blockers["model has local functions (their opset imports would disagree)"] += 1
@@ -699,12 +717,12 @@ class FuseGeluPass(Pass):
                     refusal += ", raise_opset off"
         rules = [GeluErf(domain), GeluTanh(domain)]
         if refusal is not None:
-            found, _ = _count_legal(rules, model, ctx, check=False)
+            found = _count_matches(rules, model, ctx, check=False)
             if found:
                 stats["skipped"] = {refusal: found}
             return PassResult(changed=False, stats=stats)
         if raise_to is not None:
-            legal, _ = _count_legal(rules, model, ctx, check=True)
+            legal = _count_matches(rules, model, ctx, check=True)
             if not legal:
                 raise_to = None  # nothing to fuse: keep the opset
             else:

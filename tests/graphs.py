@@ -95,20 +95,21 @@ def if_subgraph() -> onnx.ModelProto:
 
 def layernorm_decomposed(opset=OPSET, square="pow", divide="div", scale=True, bias=True, axes=(-1,),
                          shape=(2, 5, 8), eps=1e-5, extra_reader=None) -> onnx.ModelProto:
-    """LayerNorm as torch exports it below opset 17: ReduceMean, Sub, Pow 2 (or Mul d*d),
+    """LayerNorm as torch exports it below opset 17: ReduceMean, Sub, Pow 2 (int 2, or Mul d*d),
     ReduceMean, Add eps, Sqrt, Div (or Reciprocal+Mul), then Mul gamma and Add beta.
     ``axes`` are an attribute before opset 18, an input from 18. ``extra_reader`` names an
     intermediate (mean, d, var, n) that a Neg also reads, as a second graph output."""
     r = rng(4)
     norm = tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
-    inits = [init("two", np.array(2.0, np.float32)), init("eps", np.array(eps, np.float32))]
+    two = np.array(2, np.int64) if square == "pow_int" else np.array(2.0, np.float32)
+    inits = [init("two", two), init("eps", np.array(eps, np.float32))]
     reduce_kw, reduce_in = ({"axes": list(axes)}, []) if opset < 18 else ({}, ["axes"])
     if opset >= 18:
         inits.append(init("axes", np.array(axes, np.int64)))
     nodes = [
         helper.make_node("ReduceMean", ["x"] + reduce_in, ["mean"], **reduce_kw),
         helper.make_node("Sub", ["x", "mean"], ["d"]),
-        helper.make_node("Pow", ["d", "two"], ["sq"]) if square == "pow" else helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]) if square == "mul" else helper.make_node("Pow", ["d", "two"], ["sq"]),
         helper.make_node("ReduceMean", ["sq"] + reduce_in, ["var"], **reduce_kw),
         helper.make_node("Add", ["var", "eps"], ["ve"]),
         helper.make_node("Sqrt", ["ve"], ["std"]),

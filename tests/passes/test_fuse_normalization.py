@@ -29,6 +29,15 @@ def attrs(node):
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
+def in_then_branch(inner, shape, opset=17):
+    """``inner``'s graph as the then-branch of an If (else: Identity of x); output 'out'."""
+    then_g = helper.make_graph(list(inner.graph.node), "then", [], [tensor("y", shape)],
+                               list(inner.graph.initializer))
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [tensor("e", shape)])
+    return make_model([helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
+                      [tensor("cond", [], TensorProto.BOOL), tensor("x", shape)], [tensor("out", shape)], opset=opset)
+
+
 def assert_untouched(proto, out, result):
     assert not result.changed
     assert out.SerializeToString() == proto.SerializeToString()
@@ -36,7 +45,7 @@ def assert_untouched(proto, out, result):
 
 # -- fuse-layernorm -----------------------------------------------------------------------
 @pytest.mark.parametrize("opset", [17, 18])
-@pytest.mark.parametrize("square,divide", [("pow", "div"), ("mul", "reciprocal")])
+@pytest.mark.parametrize("square,divide", [("pow", "div"), ("mul", "reciprocal"), ("pow_int", "div")])
 @pytest.mark.parametrize("scale,bias", [(True, True), (False, False), (True, False), (False, True)])
 def test_layernorm_forms_fuse_to_one_node(opset, square, divide, scale, bias):
     proto = layernorm_decomposed(opset=opset, square=square, divide=divide, scale=scale, bias=bias, eps=1e-3)
@@ -134,11 +143,7 @@ def test_affine_after_an_existing_layernormalization_is_folded():
 
 
 def test_layernorm_inside_if_branch():
-    inner = layernorm_decomposed(scale=True, bias=True)
-    then_g = helper.make_graph(list(inner.graph.node), "then", [], [tensor("y", [2, 5, 8])], list(inner.graph.initializer))
-    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [tensor("e", [2, 5, 8])])
-    proto = make_model([helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
-                       [tensor("cond", [], TensorProto.BOOL), tensor("x", [2, 5, 8])], [tensor("out", [2, 5, 8])])
+    proto = in_then_branch(layernorm_decomposed(), [2, 5, 8])
     out, result = run_pass("fuse-layernorm", proto)
     assert result.stats["fused"] == 1
     onnx.checker.check_model(out, full_check=True)
@@ -218,8 +223,8 @@ def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
     assert opset_raise_blockers(load(proto), 20) == {"ReduceMean: axes attribute became an input in opset 18": 1}
     out, result = fused(proto, "fuse-gelu", allow_contrib=False, raise_opset=True)
     assert_untouched(proto, out, result)
-    assert list(result.stats["skipped"]) == [
-        "opset 17 < 20, contrib ops not allowed; raising unsafe: ReduceMean: axes attribute became an input in opset 18"]
+    assert list(result.stats["skipped"]) == ["opset 17 < 20, contrib ops not allowed; raising unsafe: "
+                                             "ReduceMean: axes attribute became an input in opset 18"]
     # with contrib ops allowed they are the fallback
     out, result = fused(proto, "fuse-gelu", allow_contrib=True, raise_opset=True)
     assert out.opset_import[0].version == 17 and out.graph.node[1].domain == "com.microsoft"
@@ -229,7 +234,8 @@ def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
     (helper.make_node("Split", ["x"], ["a", "b"], axis=0), "Split: needs 'split' or 'num_outputs' from opset 18"),
     (helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=0), None),
     (helper.make_node("ReduceMean", ["x"], ["a"]), None),
-    (helper.make_node("GridSample", ["x", "x"], ["a"], mode="bilinear"), "GridSample: mode 'bilinear' was renamed in opset 20"),
+    (helper.make_node("GridSample", ["x", "x"], ["a"], mode="bilinear"),
+     "GridSample: mode 'bilinear' was renamed in opset 20"),
     (helper.make_node("Cast", ["x"], ["a"], to=TensorProto.FLOAT), None),
 ])
 def test_opset_raise_blockers_per_node(node, blocked):
@@ -241,7 +247,8 @@ def test_opset_raise_blockers_per_node(node, blocked):
 
 
 def test_opset_raise_refuses_unreviewed_ranges():
-    assert list(opset_raise_blockers(load(gelu_erf(opset=16)), 20)) == ["raising 16 -> 20 is not reviewed (only 17 -> 20)"]
+    blockers = opset_raise_blockers(load(gelu_erf(opset=16)), 20)
+    assert list(blockers) == ["raising 16 -> 20 is not reviewed (only 17 -> 20)"]
 
 
 def test_gelu_intermediate_read_elsewhere_does_not_fuse():
@@ -274,11 +281,7 @@ def test_gelu_float64_has_no_contrib_kernel():
 
 
 def test_gelu_inside_if_branch():
-    inner = gelu_erf(opset=20)
-    then_g = helper.make_graph(list(inner.graph.node), "then", [], [tensor("y", [2, 16])], list(inner.graph.initializer))
-    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [tensor("e", [2, 16])])
-    proto = make_model([helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
-                       [tensor("cond", [], TensorProto.BOOL), tensor("x", [2, 16])], [tensor("out", [2, 16])], opset=20)
+    proto = in_then_branch(gelu_erf(opset=20), [2, 16], opset=20)
     out, result = run_pass("fuse-gelu", proto)
     assert result.stats["fused"] == 1
     onnx.checker.check_model(out, full_check=True)
