@@ -29,7 +29,7 @@ Contract of a rule:
   computed before the root.
 - ``match`` returns a dict of the matched nodes and tensors (any keys; every ``gs.Node``
   among the values, also inside lists, counts as a matched node) or None. It must not
-  change the graph.
+  change the graph. The engine adds the key ``"graph"`` (the graph the match is in).
 - ``check`` returns None to apply the rewrite or a short, node-independent reason (for
   example "weight is not constant") that the engine counts, as MLIR's
   ``notifyMatchFailure`` does. Put legality conditions here rather than in ``match`` so
@@ -42,8 +42,12 @@ Contract of a rule:
 - ``rewrite`` rewires the graph through graphsurgeon's live links (node.inputs/outputs),
   never edits ``graph.nodes`` itself, never mutates numpy arrays or attribute values in
   place (build new ones), and keeps the names of the root's output tensors: move them to
-  the new node with ``take_outputs`` so graph output names never change. Matched nodes
-  left without consumers are removed by the engine; shared ones (other consumers) stay.
+  the new node with ``take_outputs`` so graph output names never change. A matched node
+  may also be edited in place (fuse-conv-bn gives the Conv new weights and the BN's
+  output): it keeps its position, so it may only read tensors computed before it. Matched
+  nodes left without consumers are removed by the engine; shared ones (other consumers)
+  stay. Read weights with ``constant_value``, which does not load lazy values into the
+  graph (that alone would change how the model is written).
 
 ``RuleSet(rules).apply(model, ctx)`` sweeps every graph of the model (subgraphs
 included): each sweep indexes the nodes by op type once and tries the rules in their
