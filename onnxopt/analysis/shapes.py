@@ -45,18 +45,30 @@ def _info(type_proto: onnx.TypeProto) -> TensorInfo | None:
     return TensorInfo(dtype, shape)
 
 
-@register_analysis("shapes")
-def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
-    from ..graph_io import export_model
+# Initializers larger than this are handed to shape inference as typed graph inputs:
+# inference only needs their shapes, and copying a model's weights into onnx's C++ side
+# would cost more than the inference itself. Small ones keep their data, which data
+# propagation reads (Reshape targets, Slice bounds, …).
+_KEEP_DATA_BYTES = 4096
 
-    proto = export_model(model.graph, model.template)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort; passes fall back to what they know
-        logger.debug("shape inference failed: %s", exc)
-        inferred = proto
-    out: dict[str, TensorInfo] = {}
-    graph = inferred.graph
+
+def _without_large_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if len(init.raw_data) > _KEEP_DATA_BYTES:
+            if init.name not in inputs:
+                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return proto
+
+
+def _collect(graph: onnx.GraphProto, out: dict) -> None:
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         info = _info(value.type)
         if info is not None:
@@ -64,4 +76,27 @@ def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     for init in graph.initializer:
         out[init.name] = TensorInfo(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
                                     if init.data_type else None, tuple(init.dims))
-    return out
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _collect(attr.g, out)
+            for sub in attr.graphs:
+                _collect(sub, out)
+
+
+@register_analysis("shapes")
+def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of the model, subgraphs included."""
+    from ..graph_io import export_model
+
+    proto = export_model(model.graph, model.template)
+    shapes: dict[str, TensorInfo] = {}
+    _collect(proto.graph, shapes)  # declared types, kept where inference adds nothing
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(proto), strict_mode=False,
+                                                     data_prop=True)
+    except Exception as exc:  # inference is best effort; passes fall back to what they know
+        logger.debug("shape inference failed: %s", exc)
+        return shapes
+    _collect(inferred.graph, shapes)
+    return shapes
