@@ -165,13 +165,13 @@ class QuantizeStaticPass(Pass):
         for node in list(graph.nodes):
             if node.op not in FOLDABLE_ACTIVATIONS or node.domain not in (None, "", "ai.onnx"):
                 continue
-            if node.name in self.options.exclude_nodes or len(node.outputs) != 1:
+            if (node.name and node.name in self.options.exclude_nodes) or len(node.outputs) != 1:
                 continue
             x = node.inputs[0]
             if not x.inputs or id(x) in outputs or len(x.outputs) != 1:
                 continue
             producer = x.inputs[0]
-            if producer.op not in quantized or producer.name in self.options.exclude_nodes:
+            if producer.op not in quantized or (producer.name and producer.name in self.options.exclude_nodes):
                 continue
             if node.op == "Clip" and not _clip_from_zero(node):
                 continue
@@ -182,45 +182,6 @@ class QuantizeStaticPass(Pass):
             producer.outputs[index] = y
             graph.nodes.remove(node)
             folded += 1
-        return folded
-
-    def _fold_conv_add(self, graph: gs.Graph) -> int:
-        """Conv followed by Add of a per-channel constant becomes Conv with that bias, so the
-        bias is quantized to int32 instead of costing a quantized Add (PP-OCR exports do this)."""
-        outputs = {id(t) for t in graph.outputs}
-        folded = 0
-        for add in list(graph.nodes):
-            if add.op != "Add" or add.domain not in (None, "", "ai.onnx") or len(add.inputs) != 2:
-                continue
-            for i in (0, 1):
-                x, c = add.inputs[i], add.inputs[1 - i]
-                conv = x.inputs[0] if len(x.inputs) == 1 else None
-                if conv is None or conv.op != "Conv" or not isinstance(c, gs.Constant):
-                    continue
-                if len(x.outputs) != 1 or id(x) in outputs or len(conv.inputs) < 2:
-                    continue
-                w = conv.inputs[1]
-                if not isinstance(w, gs.Constant) or np.asarray(w.values).dtype != np.float32:
-                    continue
-                channels = np.asarray(w.values).shape[0]
-                rank = len(x.shape) if x.shape is not None else len(np.asarray(w.values).shape)
-                vector = _channel_vector(np.asarray(c.values), channels, rank)
-                if vector is None:
-                    continue
-                old = conv.inputs[2].values if len(conv.inputs) > 2 and isinstance(conv.inputs[2], gs.Constant) \
-                    else np.zeros(channels, np.float32)
-                if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
-                    continue
-                bias = gs.Constant(f"{conv.name or 'conv'}_bias_folded_{folded}",
-                                   (np.asarray(old, np.float32) + vector).astype(np.float32))
-                conv.inputs[2:] = [bias]
-                y = add.outputs[0]
-                conv.outputs[0] = y
-                add.inputs.clear()
-                add.outputs.clear()
-                graph.nodes.remove(add)
-                folded += 1
-                break
         return folded
 
     def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qc.QuantScheme) -> Plan:
@@ -247,7 +208,7 @@ class QuantizeStaticPass(Pass):
                     plan.consumers[t.name].append(consumer)
 
         order = _topological(graph)
-        skip = set(o.exclude_nodes)
+        skip = {name for name in o.exclude_nodes if name}
         compute = []
         for node in order:
             if node.name in skip or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
@@ -326,7 +287,6 @@ class QuantizeStaticPass(Pass):
         act, _, _ = self._schemes(ctx)
         graph = model.graph.copy()
         shapes = ctx.analysis("shapes", model)
-        self._fold_conv_add(graph)
         self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
         plan = self._plan(graph, ctx, shapes, act)
         return [StatsRequest(tuple(plan.activations), self.options.calibration != "minmax")]
@@ -363,8 +323,7 @@ class QuantizeStaticPass(Pass):
         tensor_stats = ctx.calibration.statistics(model, list(request.tensors), histogram=request.histogram)
         graph = model.graph
         shapes = ctx.analysis("shapes", model)
-        folded = self._fold_conv_add(graph)
-        folded += self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
+        folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
         plan = self._plan(graph, ctx, shapes, act)
         qmin, qmax = qc.qrange(act.dtype, act.symmetric)
         ranges: dict[str, tuple[float, float]] = {}
@@ -468,19 +427,6 @@ class QuantizeStaticPass(Pass):
             node.inputs[index] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
             count += 1
         return count
-
-
-def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """``value`` as a (channels,) bias when adding it to an NC... tensor of ``rank`` only
-    varies along the channel axis (a scalar counts), else None."""
-    if value.dtype != np.float32 or value.ndim > rank:
-        return None
-    if value.size == 1:
-        return np.full(channels, float(value.reshape(-1)[0]), np.float32)
-    shape = [1] * (rank - value.ndim) + list(value.shape)
-    if rank >= 2 and shape[1] == channels and all(d == 1 for i, d in enumerate(shape) if i != 1):
-        return value.reshape(-1).astype(np.float32)
-    return None
 
 
 def _clip_from_zero(node: gs.Node) -> bool:
