@@ -160,6 +160,10 @@ class RuleSet:
         output_ids = {id(t) for t in graph.outputs}
         inserts: dict[int, list[gs.Node]] = {}  # root id -> new nodes to place before it
         removed: set[int] = set()
+        # nodes of this graph (a producer found through an outer-scope name lives in an
+        # enclosing graph: a match reaching it is skipped, a rewrite cannot move nodes
+        # across scopes)
+        members = {id(n) for n in graph.nodes}
         changed = False
         for node in list(graph.nodes):
             if id(node) in removed:
@@ -167,6 +171,9 @@ class RuleSet:
             for rule in self._by_op.get(node.op, ()):
                 match = rule.match(node, graph)
                 if match is None:
+                    continue
+                matched = list(_nodes_in(match))
+                if any(id(n) not in members for n in matched):
                     continue
                 match.setdefault("graph", graph)
                 reason = rule.check(match, model, ctx)
@@ -179,11 +186,11 @@ class RuleSet:
                     continue
                 while pending:  # last chance to see the graph in order
                     ctx.analysis(pending.pop(), model)
-                matched = list(_nodes_in(match))
                 guarded = [t for n in matched for t in n.outputs if id(t) in output_ids]
                 new_nodes = list(rule.rewrite(match, graph) or ())
                 if new_nodes:
                     inserts.setdefault(id(node), []).extend(new_nodes)
+                    members.update(id(n) for n in new_nodes)
                 _remove_dead(matched, output_ids, removed)
                 for t in guarded:
                     if not t.inputs or id(t.inputs[0]) in removed:

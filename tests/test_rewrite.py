@@ -220,3 +220,15 @@ def test_listed_analyses_are_computed_while_the_graph_is_in_order():
     assert stats.applied["shape-reading"] == 2
     assert rule.seen == [(2, 3), (2, 3)]  # shape of "c" known although a rewrite came first
     assert_equivalent(proto, out)
+
+
+def test_matches_never_reach_into_an_enclosing_graph():
+    """The inner Relu of the pair lives in the main graph, the outer one in an If branch."""
+    then_g = helper.make_graph([helper.make_node("Relu", ["r"], ["t_out"])], "then", [], [tensor("t_out", [2, 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["r"], ["e_out"])], "else", [], [tensor("e_out", [2, 3])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    proto = make_model(nodes, [tensor("cond", [], TensorProto.BOOL), tensor("x", [2, 3])], [tensor("y", [2, 3])])
+    out, stats = run(proto)
+    assert stats.total == 0 and not stats.skipped
+    onnx.checker.check_model(out, full_check=True)
