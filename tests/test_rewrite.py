@@ -225,7 +225,7 @@ def test_listed_analyses_are_computed_while_the_graph_is_in_order():
 def test_matches_never_reach_into_an_enclosing_graph():
     """The inner Relu of the pair lives in the main graph, the outer one in an If branch."""
     then_g = helper.make_graph([helper.make_node("Relu", ["r"], ["t_out"])], "then", [], [tensor("t_out", [2, 3])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["r"], ["e_out"])], "else", [], [tensor("e_out", [2, 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_out"])], "else", [], [tensor("e_out", [2, 3])])
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
     proto = make_model(nodes, [tensor("cond", [], TensorProto.BOOL), tensor("x", [2, 3])], [tensor("y", [2, 3])])
