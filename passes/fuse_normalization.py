@@ -19,7 +19,8 @@ fuse-gelu
     sqrt(2) or Mul by 1/sqrt(2))                      -> Gelu
     x * 0.5 * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  (x^3 as Pow 3 or two Muls)
                                                       -> Gelu approximate="tanh"
-    Constants must equal the formula's within two ulps of their dtype.
+    Constants must equal the formula's within two ulps of their dtype (1e-6 relative at
+    least, so float64 models written with the usual 10-digit constants still match).
 
     Which op is emitted. Gelu is a standard op from opset 20 only, and raising a model's
     default opset is not free: between 17 and 20 ReduceMean and the other Reduce ops
@@ -35,9 +36,10 @@ fuse-gelu
          the com.microsoft domain; float32 and float16 only (the types their onnxruntime
          CPU kernels take).
       4. otherwise nothing, and the stats say why.
-    Contrib ops come before nothing rather than before raising because they keep the
-    model's opset (other runtimes that load it are unaffected), but tie it to onnxruntime,
-    which is what a target with ``contrib_ops = true`` declares.
+    ``raise_opset`` is off by default because it changes the opset of the whole model (a
+    runtime or converter that reads opset 17 may not read 20); contrib ops keep the opset
+    but tie the model to onnxruntime, which is what a target with ``contrib_ops = true``
+    declares. When asked for, raising is tried first as the explicit choice.
 
 Both passes are rule sets on onnxopt.rewrite (match the structure, check legality with a
 reason counted in the stats, rewrite) and run in every graph, If/Loop/Scan bodies included.
@@ -709,6 +711,8 @@ class FuseGeluPass(Pass):
                 raise_to = GELU_OPSET
             elif allow_contrib:
                 domain = CONTRIB_DOMAIN
+                if blockers:
+                    stats["opset_not_raised"] = sorted(blockers)[:3]
             else:
                 refusal = f"opset {opset} < {GELU_OPSET}, contrib ops not allowed"
                 if blockers:
@@ -724,7 +728,9 @@ class FuseGeluPass(Pass):
         if raise_to is not None:
             legal = _count_matches(rules, model, ctx, check=True)
             if not legal:
-                raise_to = None  # nothing to fuse: keep the opset
+                # nothing to fuse: keep the opset (the rule set below applies nothing and
+                # reports why in its stats)
+                raise_to = None
             else:
                 model.require_opset("", raise_to)
                 stats["opset_raised"] = f"{opset} -> {raise_to}"

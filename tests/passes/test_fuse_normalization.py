@@ -211,6 +211,12 @@ def test_raise_opset_when_every_op_keeps_its_meaning():
     assert result.stats["opset_raised"] == "17 -> 20"
 
 
+def test_raise_opset_without_a_gelu_keeps_the_model():
+    proto = layernorm_decomposed()
+    out, result = fused(proto, "fuse-gelu", allow_contrib=False, raise_opset=True)
+    assert_untouched(proto, out, result)
+
+
 def _gelu_after_reduce_mean():
     """A GELU fed by ReduceMean with an axes attribute (not valid at opset 18+)."""
     proto = gelu_erf(shape=(2, 1))
@@ -228,6 +234,7 @@ def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
     # with contrib ops allowed they are the fallback
     out, result = fused(proto, "fuse-gelu", allow_contrib=True, raise_opset=True)
     assert out.opset_import[0].version == 17 and out.graph.node[1].domain == "com.microsoft"
+    assert result.stats["opset_not_raised"] == ["ReduceMean: axes attribute became an input in opset 18"]
 
 
 @pytest.mark.parametrize("node,blocked", [
