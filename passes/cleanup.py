@@ -110,5 +110,14 @@ class EliminateDeadCodePass(Pass):
         nodes_after, tensors_after = _size(model.graph)
         removed_nodes = nodes_before - nodes_after
         removed_tensors = tensors_before - tensors_after
-        return PassResult(changed=removed_nodes > 0 or removed_tensors > 0,
-                          stats={"removed_nodes": removed_nodes, "removed_tensors": removed_tensors})
+        # Initializers that no node read on import are kept aside by graph_io (so a model
+        # passes through unchanged); dead-code elimination is where they go.
+        unread = 0
+        for graph in model.graphs():
+            kept = getattr(graph, "unused_initializers", None)
+            if kept:
+                unread += len(kept)
+                kept.clear()
+        return PassResult(changed=removed_nodes > 0 or removed_tensors > 0 or unread > 0,
+                          stats={"removed_nodes": removed_nodes, "removed_tensors": removed_tensors,
+                                 "removed_unread_initializers": unread})
