@@ -1,0 +1,96 @@
+"""The `lossless` pipeline never changes a result of the ONNX node conformance suite.
+
+Every case of ``onnx.backend.test.case.node.collect_testcases()`` (generated from the
+installed onnx) that onnxruntime passes as it is must still pass after
+``onnxopt.optimize(model, target="cpu", pipeline="lossless")``: optimize must not raise,
+the model must load and run, and its outputs must match the suite's expected outputs
+with the suite's own comparison. The harness is tools/conformance.py (also a CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("onnxopt_conformance_harness", TOOLS / "conformance.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+
+def lossless(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnxopt.optimize(model, target="cpu", pipeline="lossless").model
+
+
+def _report(result) -> str:
+    lines = [result.summary()]
+    lines += [f"CRASH {name}: {err}" for name, err in sorted(result.crashes.items())]
+    lines += [f"MISMATCH {name}: {err}" for name, err in sorted(result.mismatches.items())]
+    if result.input_modified:
+        lines.append("INPUT MODIFIED: " + " ".join(sorted(result.input_modified)))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return harness.load_cases()
+
+
+def test_lossless_pipeline_keeps_every_onnxruntime_passing_case(cases):
+    result = harness.run_suite(cases, {"lossless": lossless})["lossless"]
+    # The suite must actually have been exercised (not skipped by an ORT problem).
+    assert len(result.ort_passing) > 0.75 * len(cases), result.summary()
+    assert not result.crashes and not result.mismatches and not result.input_modified, _report(result)
+
+
+def test_harness_catches_a_wrong_result(cases):
+    """The comparison is not vacuous: a transform that changes a result is reported."""
+    picked = [c for c in cases if c.name in ("test_relu", "test_abs", "test_identity_sequence")]
+
+    def negate_first_output(model: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        graph = out.graph
+        if graph.output[0].type.WhichOneof("value") != "tensor_type":
+            raise RuntimeError("only tensors")
+        name = graph.output[0].name
+        for node in graph.node:
+            node.output[:] = [o + "_pre" if o == name else o for o in node.output]
+        graph.node.append(onnx.helper.make_node("Neg", [name + "_pre"], [name]))
+        return out
+
+    result = harness.run_suite(picked, {"broken": negate_first_output})["broken"]
+    assert sorted(result.mismatches) == ["test_abs", "test_relu"]
+    assert list(result.crashes) == ["test_identity_sequence"]
+
+
+def test_optimize_from_a_path_and_save(tmp_path, cases):
+    case = next(c for c in cases if c.name == "test_conv_with_strides_padding")
+    src = tmp_path / "model.onnx"
+    onnx.save(case.model, src)
+    before = src.read_bytes()
+    result = onnxopt.optimize(src, target="cpu", pipeline="lossless")
+    out = tmp_path / "model.opt.onnx"
+    result.save(out)
+    assert src.read_bytes() == before
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved, full_check=True)
+    harness.run_case(saved, case)
+    inputs, expected = case.data_sets[0]
+    got = harness.make_session(saved).run(None, {"x": inputs[0], "W": inputs[1]})
+    np.testing.assert_allclose(got[0], expected[0], rtol=case.rtol, atol=case.atol)
