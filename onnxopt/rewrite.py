@@ -334,6 +334,7 @@ class _NameTable:
     def __init__(self, graphs: list[gs.Graph]):
         self._graphs = graphs
         self._names: set[str] | None = None
+        self._next: dict[str, int] = {}
 
     def fresh(self, base: str) -> str:
         if self._names is None:
@@ -346,10 +347,14 @@ class _NameTable:
                     self._names.update(t.name for t in node.outputs)
                 self._names.update(t.name for t in g.inputs)
                 self._names.update(t.name for t in g.outputs)
-        name, i = base, 0
+        # counting on from the last suffix given for this base keeps a sweep linear
+        name, i = base, self._next.get(base, 0)
+        if i:
+            name = f"{base}_{i}"
         while name in self._names:
             i += 1
             name = f"{base}_{i}"
+        self._next[base] = i + 1
         self._names.add(name)
         return name
 
