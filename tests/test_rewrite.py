@@ -232,3 +232,11 @@ def test_matches_never_reach_into_an_enclosing_graph():
     out, stats = run(proto)
     assert stats.total == 0 and not stats.skipped
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_fresh_names_skip_every_name_in_use_in_the_model():
+    m = load(relu_chain(3))  # tensors x, r1, r2, y; nodes relu0..relu2
+    names = [fresh_name(m.graph, "r1"), fresh_name(m.graph, "relu0"), fresh_name(m.graph, "new")]
+    assert names == ["r1_1", "relu0_1", "new"]
+    out, _ = run(relu_chain(5))  # four rewrites name their nodes relu_fused, relu_fused_1, ...
+    assert len({n.name for n in out.graph.node}) == len(out.graph.node)
