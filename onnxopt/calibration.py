@@ -89,7 +89,7 @@ class TensorStatistics:
         return hist, self.half_range
 
     def range(self, method: str = "minmax", percentile: float = 99.999, qmin: int = 0, qmax: int = 255,
-              symmetric: bool = False, levels: int = 128) -> tuple[float, float]:
+              symmetric: bool = False, levels: int = 128, max_clipped: float = 1e-3) -> tuple[float, float]:
         """The clipping range (lo, hi) that ``method`` chooses for these values."""
         if self.count == 0:
             return 0.0, 0.0
@@ -105,7 +105,7 @@ class TensorStatistics:
             return min(plo, phi), phi
         if method == "entropy":
             abs_hist = kernels.fold_abs(hist)
-            threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels))
+            threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels), float(max_clipped))
             elo, ehi = max(lo, -threshold), min(hi, threshold)
             return min(elo, ehi), ehi
         if method == "mse":

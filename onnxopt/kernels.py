@@ -166,13 +166,20 @@ def kl_divergence_at(abs_hist, i, levels):
 
 
 @njit(cache=True, nogil=True)
-def entropy_threshold(abs_hist, bin_width, levels):
+def entropy_threshold(abs_hist, bin_width, levels, max_clipped):
     """TensorRT's calibration: the |x| threshold whose clipped, quantized distribution is
     closest in KL divergence to the original. Candidates run from ``levels`` bins to the
-    last nonzero bin; returns the upper edge of the last kept bin (i * bin_width)."""
+    last nonzero bin; returns the upper edge of the last kept bin (i * bin_width).
+
+    Candidates that clip more than a fraction ``max_clipped`` of the values are skipped:
+    for a tensor whose values sit away from zero (a hard-sigmoid in [0.13, 0.86]) a
+    threshold below every value folds the whole histogram into one bin, which any Q
+    matches exactly (KL = 0), and would clip everything."""
     nbins = abs_hist.size
     last = 0
+    total = 0.0
     for k in range(nbins):
+        total += abs_hist[k]
         if abs_hist[k] > 0:
             last = k
     stop = max(last + 1, levels)
@@ -181,7 +188,14 @@ def entropy_threshold(abs_hist, bin_width, levels):
         return stop * bin_width
     best = np.inf
     best_i = stop
+    beyond = 0.0
+    for k in range(levels, nbins):
+        beyond += abs_hist[k]
     for i in range(levels, stop + 1):
+        if i > levels:
+            beyond -= abs_hist[i - 1]
+        if beyond > max_clipped * total:
+            continue
         kl = kl_divergence_at(abs_hist, i, levels)
         if kl < best:
             best = kl

@@ -78,7 +78,7 @@ def test_percentile_matches_numpy(p):
     assert abs(hi - np.percentile(everything, p)) <= 4 * width
 
 
-def slow_entropy_threshold(abs_hist, width, levels):
+def slow_entropy_threshold(abs_hist, width, levels, max_clipped):
     """TensorRT's KL calibration written plainly in numpy (same smoothing and grouping)."""
     def smooth(p, eps=1e-4):
         zeros = p == 0
@@ -90,6 +90,8 @@ def slow_entropy_threshold(abs_hist, width, levels):
     stop = min(max(last + 1, levels), abs_hist.size)
     best, best_i = np.inf, stop
     for i in range(levels, stop + 1):
+        if abs_hist[i:].sum() > max_clipped * abs_hist.sum():
+            continue
         p = abs_hist[:i].copy()
         p[i - 1] += abs_hist[i:].sum()
         q = np.zeros(i)
@@ -112,9 +114,20 @@ def test_entropy_matches_slow_reference():
     x = np.concatenate([r.laplace(size=50000), r.laplace(scale=8, size=50)]).astype(np.float32)
     abs_hist, _ = np.histogram(np.abs(x), bins=512, range=(0, np.abs(x).max() * 1.0001))
     width = np.abs(x).max() * 1.0001 / 512
-    fast = kernels.entropy_threshold(abs_hist.astype(np.float64), width, 128)
-    assert fast == pytest.approx(slow_entropy_threshold(abs_hist.astype(np.float64), width, 128))
+    fast = kernels.entropy_threshold(abs_hist.astype(np.float64), width, 128, 1.0)
+    assert fast == pytest.approx(slow_entropy_threshold(abs_hist.astype(np.float64), width, 128, 1.0))
     assert fast < np.abs(x).max()  # the rare large values are clipped
+    guarded = kernels.entropy_threshold(abs_hist.astype(np.float64), width, 128, 1e-4)
+    assert guarded == pytest.approx(slow_entropy_threshold(abs_hist.astype(np.float64), width, 128, 1e-4))
+    assert np.mean(np.abs(x) > guarded) <= 1e-4
+
+
+def test_entropy_does_not_clip_a_distribution_away_from_zero():
+    # values in [0.13, 0.86]: without the guard KL picks a threshold below every value
+    stats = TensorStatistics("t")
+    stats.add(np.random.default_rng(6).uniform(0.13, 0.86, 20000).astype(np.float32))
+    lo, hi = stats.range("entropy")
+    assert hi > 0.85
 
 
 def test_entropy_range_from_statistics_clips_outliers():
