@@ -15,10 +15,22 @@ import onnx
 
 logger = logging.getLogger(__name__)
 
-# Symbolic dims get these sizes when no data is given: batch-like first dims 1, others 32
-# (small, yet divisible by the strides of common CNNs).
+# Symbolic dims get these sizes when no data is given: batch-like dims 1, others 128
+# (long enough for the reflect pads of audio front ends, divisible by the strides of
+# common CNNs, still cheap). A dim name keeps one size across all inputs.
 DEFAULT_BATCH = 1
-DEFAULT_DIM = 32
+DEFAULT_DIM = 128
+
+
+def _dim_size(dim, position: int, named: dict) -> int:
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    if isinstance(dim, str) and dim:
+        if dim not in named:
+            batch_like = "batch" in dim.lower() or dim in ("N", "n", "B", "b")
+            named[dim] = DEFAULT_BATCH if batch_like or position == 0 else DEFAULT_DIM
+        return named[dim]
+    return DEFAULT_BATCH if position == 0 else DEFAULT_DIM
 
 
 class CannotRun(Exception):
@@ -60,12 +72,12 @@ def sample_inputs(sess, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs made from the model's input specs: symbolic dims get small fixed sizes."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    named: dict[str, int] = {}
     for inp in sess.get_inputs():
         if not inp.type.startswith("tensor("):
             raise CannotRun(f"input '{inp.name}' is a {inp.type}, not a tensor")
         dtype = _ort_dtype(inp.type)
-        shape = [d if isinstance(d, int) and d >= 0 else (DEFAULT_BATCH if i == 0 else DEFAULT_DIM)
-                 for i, d in enumerate(inp.shape or [])]
+        shape = [_dim_size(d, i, named) for i, d in enumerate(inp.shape or [])]
         if dtype.kind == "f":
             value = rng.standard_normal(shape)
         elif dtype.kind == "b":
