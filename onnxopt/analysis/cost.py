@@ -250,14 +250,32 @@ def inferences(proto: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     except Exception as exc:  # best effort: counts become unknown where shapes are missing
         logger.debug("onnx shape inference failed: %s", exc)
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+        out = _onnxruntime_symbolic(proto)
         if out is not None:
             yield out
     except Exception as exc:  # noqa: BLE001  (its failures are assertion errors, not a type)
         logger.debug("onnxruntime symbolic shape inference failed: %r", exc)
     yield proto
+
+
+def _onnxruntime_symbolic(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's SymbolicShapeInference, keeping a partial result.
+
+    Its public ``infer_shapes`` raises when some shape stays unknown, after writing the
+    partial model into the current folder (sym_shape_infer_temp.onnx); the same steps are
+    run here so that nothing is written and the shapes it did find are kept.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    opset = get_opset(proto)
+    if not opset or opset < 7:
+        return None
+    sym = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+    sym._preprocess(proto)
+    while sym.run_:
+        sym._infer_impl()
+    sym._update_output_from_vi()
+    return sym.out_mp_
 
 
 def value_shapes(graph: onnx.GraphProto, outer: dict | None = None) -> dict[str, ValueShape]:

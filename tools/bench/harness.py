@@ -210,7 +210,7 @@ def _mb(x) -> str:
     if x is None:
         return "-"
     if isinstance(x, str):
-        return x
+        return "symbolic"  # dims inference could not resolve at these inputs (the JSON has the formula)
     return f"{x / 1e6:.2f} MB" if x >= 1e5 else f"{x / 1e3:.1f} kB"
 
 
@@ -218,7 +218,7 @@ def _count(x, uncounted: int = 0) -> str:
     if x is None:
         return "-"
     if isinstance(x, str):
-        return x
+        return "symbolic"
     text = f"{x / 1e9:.3g} G" if x >= 1e9 else f"{x / 1e6:.3g} M" if x >= 1e6 else f"{x / 1e3:.3g} k" if x >= 1e3 else str(x)
     return f"≥{text}" if uncounted else text
 
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if not show and not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
         for model in todo:
             if not model.path.exists():
@@ -345,14 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python tools/bench/harness.py " + " ".join(shlex.quote(a) for a in argv)
     body = "\n".join(x for x in [
         args.note or None,
-        f"Made with `{command}` on {datetime.date.today().isoformat()}, {machine()}.",
+        f"Made with `{command}` on {datetime.date.today().isoformat()}, {machine()}; "
+        f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(the machine is shared: above the core count, latencies are noisy).",
         "",
         "Each variant is produced in its own process: *time* is that process's wall time (in brackets, "
         "relative to onnx.load + onnx.save of the same model), *peak RSS* its peak resident memory. "
         "*MACs* and *act. mem* (peak of live activations, weights excluded) come from onnxopt's cost model "
         "at the inputs below (≥: some nodes had no inferable shape). Latencies are medians of the variant "
         "interleaved with the original in one process (onnxruntime, all graph optimizations on); "
-        "the ratio is against the original in the same pairing. Fidelity is the worst output's SNR and "
+        "the ratio is the median of the run-by-run ratios against the original in the same pairing. Fidelity is the worst output's SNR and "
         "cosine against the original's outputs on the same inputs.",
         "",
         "Inputs: digits_cnn the 450 test images; MiniLM 24 sentences of 32 tokens; PP-OCR cls 1x3x48x192, "
