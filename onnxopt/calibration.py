@@ -392,6 +392,10 @@ def _statistics_session(proto: onnx.ModelProto, names: list[str]):
     # Basic level keeps every requested tensor (they are outputs) while folding constants.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
+    # No arena or memory pattern: each batch's activations are freed as soon as they are
+    # reduced, so peak memory stays at one batch (the arena would keep its high-water mark).
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
     try:
         session = ort.InferenceSession(copy.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

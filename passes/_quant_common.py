@@ -40,12 +40,12 @@ class QuantScheme:
 
     dtype: str = "int8"  # uint8 | int8 | uint16 | int16
     symmetric: bool = True
-    granularity: str = "per-channel"  # per-channel | per-tensor
+    granularity: str = "per_channel"  # per_channel | per_tensor (hyphens accepted)
     reduce_range: bool = False  # one bit less (7-bit weights; avoids int16 overflow on AVX2)
 
     @property
     def per_channel(self) -> bool:
-        return self.granularity == "per-channel"
+        return self.granularity.replace("-", "_") == "per_channel"
 
     @property
     def np_dtype(self) -> np.dtype:

@@ -132,13 +132,13 @@ class QuantizeStaticPass(Pass):
         q = ctx.target.quantization
         schemes = q.get("schemes", {}) or {}
         act = qc.scheme_from_table(schemes.get(q.get("activations", "")),
-                                   qc.QuantScheme("uint8", False, "per-tensor"))
+                                   qc.QuantScheme("uint8", False, "per_tensor"))
         wt = qc.scheme_from_table(schemes.get(q.get("weights", "")),
-                                  qc.QuantScheme("int8", True, "per-channel"))
+                                  qc.QuantScheme("int8", True, "per_channel"))
         o = self.options
         act = qc.QuantScheme(o.activation_dtype if o.activation_dtype != "target" else act.dtype,
                              act.symmetric if o.symmetric_activations == "target" else o.symmetric_activations == "true",
-                             "per-tensor", False)
+                             "per_tensor", False)
         why = "target"
         if o.reduce_range == "on":
             reduce, why = True, "option"
@@ -151,7 +151,7 @@ class QuantizeStaticPass(Pass):
             reduce, why = True, "auto: x86 CPU without VNNI (u8*s8 saturates int16)"
         else:
             reduce = False
-        wt = qc.QuantScheme(wt.dtype, wt.symmetric, wt.granularity if o.per_channel else "per-tensor", reduce)
+        wt = qc.QuantScheme(wt.dtype, wt.symmetric, wt.granularity if o.per_channel else "per_tensor", reduce)
         return act, wt, why
 
     # -- planning --------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class QuantizeStaticPass(Pass):
             raise CalibrationError("quantize-static needs calibration data (--calibration DATA)")
         act, wt, reduce_why = self._schemes(ctx)
         stats: dict = {"method": self.options.calibration, "activations": act.dtype,
-                       "weights": f"{wt.dtype} {wt.granularity}" + (" reduce_range" if wt.reduce_range else "")}
+                       "weights": f"{wt.dtype} {wt.granularity.replace('-', '_')}" + (" reduce_range" if wt.reduce_range else "")}
         if wt.reduce_range:
             stats["reduce_range"] = reduce_why
         needed = max(act.min_opset, qc.PER_CHANNEL_OPSET if wt.per_channel else 10)
@@ -308,12 +308,12 @@ class QuantizeStaticPass(Pass):
                 raise CalibrationError(f"{act.dtype} activations need opset {act.min_opset} and the model's "
                                        f"opset {model.opset} cannot be raised: {how}")
             if not ok:
-                wt = qc.QuantScheme(wt.dtype, wt.symmetric, "per-tensor", wt.reduce_range)
+                wt = qc.QuantScheme(wt.dtype, wt.symmetric, "per_tensor", wt.reduce_range)
                 note = (f"quantize-static: per-channel weights need opset 13; model stays at opset "
                         f"{model.opset} ({how}); used per-tensor weights")
                 ctx.notes.append(note)
                 logger.warning(note)
-                stats["weights"] = f"{wt.dtype} per-tensor (opset)"
+                stats["weights"] = f"{wt.dtype} per_tensor (opset)"
             elif how != "already":
                 ctx.notes.append(f"quantize-static: raised the model's {how} for per-channel DequantizeLinear")
         method = self.options.calibration
@@ -422,7 +422,7 @@ class QuantizeStaticPass(Pass):
             if not isinstance(const, gs.Constant):
                 continue
             values = np.asarray(const.values, np.float32)
-            scheme = qc.QuantScheme(act.dtype, act.symmetric, "per-tensor", False)
+            scheme = qc.QuantScheme(act.dtype, act.symmetric, "per_tensor", False)
             q, scale, zp, _ = qc.quantize_weight(values, scheme, None)
             node.inputs[index] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
             count += 1
