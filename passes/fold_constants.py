@@ -26,14 +26,21 @@ fold-constants
     int8 weights of a Q/DQ model back into float; onnxruntime's folder skips it too), and
     values numpy cannot hold exactly (bfloat16, float8, int4, complex, strings).
 
-    Graph outputs: a folded tensor that is an output of its graph (main graph or body) keeps
-    being produced by a node: its producer is replaced by a ``Constant`` node writing the
-    same name (an initializer cannot stand for a graph output here).
+    Graph outputs: a folded tensor that is an output of the main graph keeps being
+    produced by a node: its producer is replaced by a ``Constant`` node writing the same
+    name (an initializer cannot stand for a graph output here). A node writing an output
+    of an If/Loop/Scan body is left as it is (nothing to gain).
 
-    Subgraphs: If/Loop/Scan bodies are folded after the graph that holds them, so constants
-    of the outer graph (including ones just folded) are visible inside. Shape folding inside
-    bodies only uses shapes of constants and of outer tensors (the analysis covers the main
-    graph).
+    Subgraphs: bodies are folded after the graph that holds them, so constants of the outer
+    graph (including ones just folded) are visible inside. Shape folding inside bodies only
+    uses shapes of constants and of outer tensors (the analysis covers the main graph).
+    An ``If`` whose condition becomes constant is replaced by the nodes of the branch it
+    takes (their names kept, renamed only on a clash), then folding goes on.
+
+    Safety net for If: with a constant condition, onnxruntime checks the taken branch's
+    shapes when it loads the model, more strictly than its kernels run them. When the
+    folded model no longer loads in onnxruntime but the input did, the pass folds again
+    leaving If conditions and what computes them alone (stat ``if_conditions_kept``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxopt.graph_io import export_model, import_graph
 from onnxopt.pass_base import Pass, PassResult, option
 from onnxopt.registry import register_pass
 
@@ -215,28 +223,82 @@ class FoldConstantsPass(Pass):
         max_bytes: int = option(MIB, "never fold a node whose output would be larger than this many bytes")
 
     def run(self, model, ctx) -> PassResult:
+        if not any(n.op == "If" for g in model.graphs() for n in g.nodes):
+            changed, stats = self.fold(model, ctx, inline_ifs=True)
+            return PassResult(changed=changed, stats=dict(sorted(stats.items())))
+        # A constant If condition (or an inlined If) shows onnxruntime's load-time checks the
+        # shapes of the taken branch, and those checks are stricter than its kernels (ONNX's
+        # own AffineGrid function feeds Range 1-element tensors where scalars are due). So a
+        # model with If nodes must still load after folding; if it no longer does, fold
+        # again leaving If conditions (and what computes them) alone, else give up.
+        before = export_model(model.graph, model.template)
+        changed, stats = self.fold(model, ctx, inline_ifs=True)
+        if not changed or _loads(export_model(model.graph, model.template)) or not _loads(before):
+            return PassResult(changed=changed, stats=dict(sorted(stats.items())))
+        logger.info("folding If conditions breaks loading in onnxruntime: folding without them")
+        model.graph = import_graph(before)
+        _drop_shapes(ctx)
+        changed, stats = self.fold(model, ctx, inline_ifs=False)
+        stats["if_conditions_kept"] = 1
+        if changed and not _loads(export_model(model.graph, model.template)):
+            model.graph = import_graph(before)
+            _drop_shapes(ctx)
+            changed, stats = False, {"folded_nodes": 0, "gave_up_model_does_not_load": 1}
+        return PassResult(changed=changed, stats=dict(sorted(stats.items())))
+
+    def fold(self, model, ctx, inline_ifs: bool) -> tuple[bool, dict]:
         stats: dict[str, int] = defaultdict(int)
         changed = False
         for round_ in range(8):
             shapes = ctx.analysis("shapes", model) if ctx is not None else {}
-            folder = _Folder(model, shapes, self.options.max_bytes, stats)
-            round_changed, blocked = folder.fold_all()
+            folder = _Folder(model, shapes, self.options.max_bytes, stats, inline_ifs)
+            round_changed, again = folder.fold_all()
             changed |= round_changed
             stats["rounds"] = round_ + 1
-            if not (round_changed and blocked):
+            if not (round_changed and again):
                 break
-            # Folding may have made more shapes static: infer them again and retry.
-            if ctx is not None:
-                ctx.invalidate(frozenset(a for a in ctx.cached_analyses if a != "shapes"))
-        stats = {k: v for k, v in sorted(stats.items()) if v or k in ("folded_nodes",)}
-        return PassResult(changed=changed, stats=stats)
+            # Folding made more shapes static (or moved branch nodes up): infer them again.
+            _drop_shapes(ctx)
+        stats["folded_nodes"] += 0
+        return changed, {k: v for k, v in stats.items() if v or k == "folded_nodes"}
+
+
+def _drop_shapes(ctx) -> None:
+    if ctx is not None:
+        ctx.invalidate(frozenset(a for a in ctx.cached_analyses if a != "shapes"))
+
+
+def _loads(proto: onnx.ModelProto) -> bool:
+    from onnxopt import verify
+
+    try:
+        verify.session(proto)
+    except verify.CannotRun:
+        return False
+    return True
+
+
+def if_condition_cone(model) -> set[int]:
+    """ids of the nodes that compute an If condition, directly or through other nodes."""
+    cone: set[int] = set()
+    stack = [n.inputs[0] for g in model.graphs() for n in g.nodes if n.op == "If" and n.inputs]
+    while stack:
+        t = stack.pop()
+        node = t.inputs[0] if t.inputs else None
+        if node is None or id(node) in cone:
+            continue
+        cone.add(id(node))
+        stack.extend(i for i in node.inputs if i.name)
+    return cone
 
 
 class _Folder:
     """One round of folding over every graph of a model."""
 
-    def __init__(self, model, shapes: dict, max_bytes: int, stats: dict):
+    def __init__(self, model, shapes: dict, max_bytes: int, stats: dict, inline_ifs: bool = True):
         self.model = model
+        self.inline_ifs = inline_ifs
+        self.condition_cone = set() if inline_ifs else if_condition_cone(model)
         self.shapes = shapes
         self.max_bytes = max_bytes
         self.stats = stats
@@ -246,12 +308,14 @@ class _Folder:
         self.planned: dict[int, tuple] = {}  # id(tensor) -> (shape, dtype), evaluated in this batch
         self.blocked_here = False
         self.outputs = graph_output_ids(model)
+        self.body_outputs = self.outputs - {id(t) for t in model.graph.outputs}
 
     # -- driver --------------------------------------------------------------------------
     def fold_all(self) -> tuple[bool, bool]:
         self.changed = self.blocked = False
+        inlined_before = self.stats["inlined_ifs"]
         self.visit(self.model.graph)
-        return self.changed, self.blocked
+        return self.changed, self.blocked or self.stats["inlined_ifs"] > inlined_before
 
     def visit(self, graph: gs.Graph) -> None:
         """Fold ``graph``, inline its Ifs with a constant condition, then its bodies."""
@@ -263,6 +327,7 @@ class _Folder:
                 break
             self.changed = True
             self.outputs = graph_output_ids(self.model)
+            self.body_outputs = self.outputs - {id(t) for t in self.model.graph.outputs}
         for node in graph.nodes:
             for value in node.attrs.values():
                 for sub in value if isinstance(value, list) else [value]:
@@ -369,6 +434,12 @@ class _Folder:
             return False
         if any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
                for v in node.attrs.values()):
+            return False
+        # A body's output stays computed by its node: a Constant there would only tell
+        # onnxruntime's load-time checks the shape of the If/Loop output (nothing to gain).
+        if any(id(o) in self.body_outputs for o in node.outputs):
+            return False
+        if id(node) in self.condition_cone:  # see FoldConstantsPass.run
             return False
         return bool(node.outputs)
 
@@ -625,7 +696,7 @@ class _Folder:
     def inline_constant_ifs(self, graph: gs.Graph) -> int:
         """Replace each If whose condition is known by the nodes of the branch it takes."""
         inlined = 0
-        for node in list(graph.nodes):
+        for node in list(graph.nodes if self.inline_ifs else ()):
             if node.op != "If" or not is_default_domain(node) or not node.inputs:
                 continue
             cond = self.value_of(node.inputs[0])
