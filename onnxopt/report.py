@@ -49,9 +49,12 @@ def layer_rows(cost) -> list[dict]:
     return rows
 
 
-def measure(proto: onnx.ModelProto, input_shapes: dict | None = None) -> dict[str, Any]:
-    """What the cost model says of ``proto`` (counts are strings when dims stay symbolic)."""
-    cost = model_cost(proto, input_shapes)
+def measure(proto: onnx.ModelProto, input_shapes: dict | None = None, feeds: dict | None = None) -> dict[str, Any]:
+    """What the cost model says of ``proto`` (counts are strings when dims stay symbolic).
+
+    ``feeds``, one batch of inputs, lets the cost model observe shapes inference misses.
+    """
+    cost = model_cost(proto, input_shapes, feeds=feeds)
     j = cost.to_json()
     by_kind: dict[str, int] = {}
     for w in cost.weights:
@@ -79,8 +82,9 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
                          latency=latency, memory=latency, progress=progress)
     shapes = comparison.get("input_shapes")
     before_proto = load(original).to_proto() if not isinstance(original, onnx.ModelProto) else original
-    report.setdefault("before", {}).update(measure(before_proto, shapes))
-    report.setdefault("after", {}).update(measure(optimized, shapes))
+    feeds = _first_batch(before_proto, data)
+    report.setdefault("before", {}).update(measure(before_proto, shapes, feeds))
+    report.setdefault("after", {}).update(measure(optimized, shapes, feeds))
     report["input_shapes"] = shapes
     for side, key in (("before", "reference"), ("after", "candidate")):
         for field in ("latency_ms", "session_memory_bytes"):
@@ -90,6 +94,16 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
                                                      "latency_ratio", "latency_runs", "threads")
                           if k in comparison}
     return comparison
+
+
+def _first_batch(proto: onnx.ModelProto, data) -> dict | None:
+    """The batch compare ran first (DATA's first, or the same seeded random inputs)."""
+    from .compare import _sample_batch, read_batches
+
+    try:
+        return read_batches(data, proto, max_batches=1)[0] if data is not None else _sample_batch(proto, None, 0)
+    except Exception:  # noqa: BLE001  (compare already ran on it; the cost model can do without)
+        return None
 
 
 # -- text ----------------------------------------------------------------------------------

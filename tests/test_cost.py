@@ -161,6 +161,19 @@ def test_runtime_shape_becomes_a_named_symbol():
     assert report.macs == Poly({(sym,): 48})
 
 
+def test_feeds_resolve_what_inference_cannot_by_observing_a_run():
+    # The reshape target is a runtime input: only a run tells that r is [2, 16].
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [tensor("x", [4, 8]), tensor("shape", [2], TensorProto.INT64)],
+                              [tensor("y", None)], [w("W", 16, 6)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.ones((4, 8), np.float32), "shape": np.array([2, 16], np.int64)}
+    report = model_cost(m, feeds=feeds)
+    assert report.macs == Poly(2 * 6 * 16) and not report.symbols
+    # step 0 (Reshape): x 128 + shape 16 + r 128 = 272; step 1 (MatMul): r 128 + y 48 = 176
+    assert report.memory.peak == Poly(272) and report.memory.at_node == "Reshape"
+
+
 def test_unknown_rank_makes_the_node_uncounted_not_zero():
     m = one_node("MatMul", [("a", None)], [("y", None)], [w("B", 8, 6)])
     report = model_cost(m)

@@ -650,12 +650,48 @@ class CostReport:
         return out
 
 
+def observed_shapes(proto: onnx.ModelProto, feeds: dict) -> dict[str, onnx.ValueInfoProto]:
+    """Shapes of the main graph's tensors as onnxruntime computes them on ``feeds``.
+
+    Every node output becomes a graph output for one run (ORT_DISABLE_ALL). Tensors inside
+    If/Loop bodies cannot be observed this way; their consumers stay as inference left them.
+    """
+    from ..verify import CannotRun, session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    names = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in names:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                names.add(name)
+    try:
+        sess = session(probe)
+        wanted = {i.name for i in sess.get_inputs()}
+        values = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    except (CannotRun, Exception) as exc:  # noqa: BLE001  (observation is best effort)
+        logger.debug("cannot observe shapes: %s", exc)
+        return {}
+    out = {}
+    for meta, value in zip(sess.get_outputs(), values):
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+            out[meta.name] = onnx.helper.make_tensor_value_info(
+                meta.name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+    return out
+
+
 def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-               memory: bool = True, count_zeros: bool = True) -> CostReport:
+               memory: bool = True, count_zeros: bool = True, feeds: dict | None = None) -> CostReport:
     """Params, bytes, MACs, FLOPs (and peak activation memory) of ``proto``.
 
     ``input_shapes`` fixes the shapes of graph inputs (resolving their symbolic dims).
+    ``feeds`` (one batch of inputs) fixes them too, and when inference leaves nodes without
+    shapes (or with symbolic ones), the main graph's shapes are observed in one onnxruntime
+    run on them.
     """
+    if feeds is not None and not input_shapes:
+        input_shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
     inferred, nodes = None, None
     for candidate in inferences(with_input_shapes(proto, input_shapes or {})):
         costs = graph_costs(candidate.graph, {})
@@ -663,6 +699,21 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
             inferred, nodes = candidate, costs
         if _unknowns(nodes) == 0:
             break
+    if feeds is not None and _unresolved(nodes):
+        seen = observed_shapes(proto, feeds)
+        if seen:
+            patched = onnx.ModelProto()
+            patched.CopyFrom(inferred)
+            kept = [v for v in patched.graph.value_info if v.name not in seen]
+            patched.graph.ClearField("value_info")
+            patched.graph.value_info.extend(kept + [v for n, v in seen.items()
+                                                    if n not in {o.name for o in patched.graph.output}])
+            for out in patched.graph.output:
+                if out.name in seen:
+                    out.type.CopyFrom(seen[out.name].type)
+            costs = graph_costs(patched.graph, {})
+            if _unresolved(costs) <= _unresolved(nodes):
+                inferred, nodes = patched, costs
     shapes = value_shapes(inferred.graph)
     total_macs: Count = Poly(0)
     total_flops: Count = Poly(0)
@@ -692,6 +743,12 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
 
 def _unknowns(nodes: list[NodeCost]) -> int:
     return sum(1 for n in nodes if n.macs is None or n.flops is None)
+
+
+def _unresolved(nodes: list[NodeCost]) -> int:
+    """Nodes whose count is unknown or still symbolic (with concrete inputs, both are gaps)."""
+    return sum(1 for n in nodes if n.macs is None or n.flops is None
+               or not n.macs.is_constant or not n.flops.is_constant)
 
 
 def human(n: int | str | None, unit: str = "") -> str:

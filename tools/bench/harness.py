@@ -143,7 +143,7 @@ def measure(model, row: dict, feeds: dict, feeds_path: Path, ref_outputs: dict |
 
     proto = onnx.load(row["path"])
     shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
-    cost = model_cost(proto, input_shapes=shapes).to_json()
+    cost = model_cost(proto, input_shapes=shapes, feeds=feeds).to_json()
     row.update(nodes=count_nodes(proto.graph), file_bytes=Path(row["path"]).stat().st_size,
                params=cost["params"], macs=cost["macs"], uncounted=len(cost["uncounted_nodes"]),
                activation_bytes=cost["activation_memory"]["peak_bytes"])
@@ -185,7 +185,7 @@ def bench_model(model, variants: list[str], workdir: Path, runs: int, timeout: f
     from onnxopt.analysis.cost import model_cost
 
     proto = onnx.load(model.path)
-    cost = model_cost(proto, input_shapes={k: list(np.shape(v)) for k, v in feeds.items()}).to_json()
+    cost = model_cost(proto, feeds=feeds).to_json()
     original.update(nodes=count_nodes(proto.graph), file_bytes=model.path.stat().st_size, params=cost["params"],
                     macs=cost["macs"], uncounted=len(cost["uncounted_nodes"]),
                     activation_bytes=cost["activation_memory"]["peak_bytes"])
