@@ -57,7 +57,11 @@ class TensorStatistics:
         flat = np.ascontiguousarray(values).reshape(-1)
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)
-        lo, hi, n = kernels.finite_min_max(flat)
+        if flat.size == 0:
+            return
+        lo, hi, n = float(flat.min()), float(flat.max()), flat.size  # SIMD fast path
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf somewhere: skip them
+            lo, hi, n = kernels.finite_min_max(flat)
         if n == 0:
             return
         self.min, self.max, self.count = min(self.min, lo), max(self.max, hi), self.count + n

@@ -106,37 +106,22 @@ def percentile_range(hist, half_range, percentile):
 
 
 @njit(cache=True, nogil=True)
-def _smooth(p, eps):
-    """Move a little mass onto zero bins so KL stays finite (as MXNet/TensorRT do)."""
-    n = p.size
-    zeros = 0
-    for k in range(n):
-        if p[k] == 0:
-            zeros += 1
-    nonzeros = n - zeros
-    if nonzeros == 0:
-        return p
-    eps1 = eps * zeros / nonzeros
-    out = np.empty_like(p)
-    for k in range(n):
-        out[k] = p[k] + eps if p[k] == 0 else p[k] - eps1
-    return out
-
-
-@njit(cache=True, nogil=True)
-def kl_divergence_at(abs_hist, i, levels):
+def kl_divergence_at(abs_hist, i, levels, p, q, eps=1e-4):
     """KL(P || Q) for clipping the |x| histogram at bin ``i`` and quantizing to ``levels``.
 
     P: the first i bins with every count beyond folded into bin i-1. Q: the first i bins
     merged into ``levels`` groups, each group's count spread evenly over the bins of the
-    group where P is nonzero.
+    group where P is nonzero. Both are normalized and smoothed (a mass ``eps`` moved onto
+    their zero bins, as MXNet and TensorRT do) so that KL stays finite. ``p`` and ``q`` are
+    scratch buffers of at least ``i`` elements (no allocation per candidate).
     """
-    p = abs_hist[:i].copy()
     outliers = 0.0
     for k in range(i, abs_hist.size):
         outliers += abs_hist[k]
+    for k in range(i):
+        p[k] = abs_hist[k]
+        q[k] = 0.0
     p[i - 1] += outliers
-    q = np.zeros(i, dtype=np.float64)
     per_group = i // levels
     for g in range(levels):
         start = g * per_group
@@ -152,16 +137,29 @@ def kl_divergence_at(abs_hist, i, levels):
             for k in range(start, stop):
                 if p[k] != 0:
                     q[k] = share
-    psum = p.sum()
-    qsum = q.sum()
+    psum = 0.0
+    qsum = 0.0
+    pzeros = 0
+    qzeros = 0
+    for k in range(i):
+        psum += p[k]
+        qsum += q[k]
+        if p[k] == 0:
+            pzeros += 1
+        if q[k] == 0:
+            qzeros += 1
     if psum == 0 or qsum == 0:
         return np.inf
-    p = _smooth(p / psum, 1e-4)
-    q = _smooth(q / qsum, 1e-4)
+    pshift = eps * pzeros / (i - pzeros) if pzeros < i else 0.0
+    qshift = eps * qzeros / (i - qzeros) if qzeros < i else 0.0
     kl = 0.0
     for k in range(i):
-        if p[k] > 0 and q[k] > 0:
-            kl += p[k] * math.log(p[k] / q[k])
+        pk = p[k] / psum
+        pk = eps if pk == 0 else pk - pshift
+        qk = q[k] / qsum
+        qk = eps if qk == 0 else qk - qshift
+        if pk > 0 and qk > 0:
+            kl += pk * math.log(pk / qk)
     return kl
 
 
@@ -191,12 +189,14 @@ def entropy_threshold(abs_hist, bin_width, levels, max_clipped):
     beyond = 0.0
     for k in range(levels, nbins):
         beyond += abs_hist[k]
+    p = np.empty(nbins, dtype=np.float64)
+    q = np.empty(nbins, dtype=np.float64)
     for i in range(levels, stop + 1):
         if i > levels:
             beyond -= abs_hist[i - 1]
         if beyond > max_clipped * total:
             continue
-        kl = kl_divergence_at(abs_hist, i, levels)
+        kl = kl_divergence_at(abs_hist, i, levels, p, q)
         if kl < best:
             best = kl
             best_i = i
