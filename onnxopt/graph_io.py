@@ -121,7 +121,7 @@ def _fast_variable(name: str) -> OnnxVariable:
     return t
 
 
-def _fast_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, domain) -> OnnxNode:
+def _fast_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, domain, **extra) -> OnnxNode:
     node = object.__new__(OnnxNode)
     node.__dict__.update(
         op=op,
@@ -130,6 +130,7 @@ def _fast_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, dom
         inputs=_sync_list(node, "outputs", inputs),
         outputs=_sync_list(node, "inputs", outputs),
         domain=domain,
+        **extra,
     )
     return node
 
@@ -227,8 +228,11 @@ else:  # pragma: no cover - a graphsurgeon whose classes changed
     def _new_variable(name: str) -> OnnxVariable:
         return OnnxVariable(name)
 
-    def _new_node(op, name, attrs, inputs, outputs, domain) -> OnnxNode:
-        return OnnxNode(op=op, name=name, attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+    def _new_node(op, name, attrs, inputs, outputs, domain, **extra) -> OnnxNode:
+        node = OnnxNode(op=op, name=name, attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+        for key, value in extra.items():
+            setattr(node, key, value)
+        return node
 
 
 # --------------------------------------------------------------------------- types
@@ -357,15 +361,20 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         copy = onnx.OperatorSetIdProto()
         copy.CopyFrom(imp)
         domains.append(copy)
+    subgraphs: list[OnnxGraph] = []
     with _no_gc():
-        graph = _import_graph(model.graph, {}, opset, domains)
+        graph = _import_graph(model.graph, {}, opset, domains, subgraphs)
+    for sub in subgraphs:  # graphsurgeon shares one function list across a graph tree
+        sub._functions = graph._functions
     graph.producer_name = model.producer_name
     graph.producer_version = model.producer_version
     graph.ir_version = model.ir_version
     return graph
 
 
-def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, domains) -> OnnxGraph:
+def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, domains,
+                  subgraphs: list[OnnxGraph]) -> OnnxGraph:
+    """Imports ``gp``; every subgraph created on the way is appended to ``subgraphs``."""
     local: dict[str, gs.Tensor] = {}
     scope: Mapping[str, gs.Tensor] = ChainMap(local, outer) if outer else local
     source = GraphSource(proto=gp)
@@ -436,25 +445,13 @@ def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, do
     for proto in gp.node:
         node_inputs = [tensor_in(name) for name in proto.input]
         node_outputs = [tensor_out(name) for name in proto.output]
-        attrs, snap_attrs = _import_attributes(proto.attribute, scope, opset, domains)
-        node = _new_node(
-            proto.op_type,
-            proto.name,
-            attrs,
-            node_inputs,
-            node_outputs,
-            proto.domain if proto.HasField("domain") else None,
-        )
-        node.source = proto
+        attrs, snap_attrs = _import_attributes(proto.attribute, scope, opset, domains, subgraphs)
+        domain = proto.domain if proto.HasField("domain") else None
+        snapshot = None
         if snap_attrs is not None:
-            node.snapshot = (
-                node.op,
-                node.domain,
-                node.name,
-                tuple(proto.input),
-                tuple(proto.output),
-                snap_attrs,
-            )
+            snapshot = (proto.op_type, domain, proto.name, tuple(proto.input), tuple(proto.output), snap_attrs)
+        node = _new_node(proto.op_type, proto.name, attrs, node_inputs, node_outputs, domain,
+                         source=proto, snapshot=snapshot)
         nodes.append(node)
 
     # Initializers nothing reads stay out of the IR (gs would drop them) but are kept.
@@ -465,8 +462,9 @@ def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, do
             source.unused_initializers[name] = proto
             del local[name]
 
+    # Nodes are set after construction: Graph.__init__ would walk them all to merge the
+    # function lists of subgraphs, which import_graph does once for the whole tree.
     graph = OnnxGraph(
-        nodes=nodes,
         inputs=inputs,
         outputs=outputs,
         name=gp.name,
@@ -474,6 +472,7 @@ def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, do
         opset=opset,
         import_domains=domains,
     )
+    graph.nodes = nodes
     graph.onnx_source = source
     return graph
 
@@ -486,7 +485,7 @@ class _TensorSnap:
     proto: onnx.TensorProto
 
 
-def _import_attributes(attributes, scope, opset, domains) -> tuple[dict, dict | None]:
+def _import_attributes(attributes, scope, opset, domains, subgraphs) -> tuple[dict, dict | None]:
     """(attrs for gs, snapshot of them or None when a subgraph makes a snapshot useless)."""
     attrs: dict[str, Any] = {}
     snap: dict[str, Any] | None = {}
@@ -517,7 +516,9 @@ def _import_attributes(attributes, scope, opset, domains) -> tuple[dict, dict | 
                 snap[attr.name] = _TensorSnap(value, attr.t)
             continue
         elif kind == _AP.GRAPH:
-            attrs[attr.name] = _import_graph(attr.g, scope, opset, domains)
+            sub = _import_graph(attr.g, scope, opset, domains, subgraphs)
+            subgraphs.append(sub)
+            attrs[attr.name] = sub
             snap = None
             continue
         elif kind == _AP.SPARSE_TENSOR:
