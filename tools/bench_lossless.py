@@ -2,6 +2,7 @@
 
     python tools/bench_lossless.py                      # real models + chains of 10k/30k/100k
     python tools/bench_lossless.py --chains 10000 --no-real --tools onnxopt,loadsave
+    python tools/bench_lossless.py --scale --no-real --big 2.2   # issue 8.4: inspect + optimize
 
 Every tool runs in its own child process (``--child``); the parent reads the child's wall
 time and peak RSS from ``os.wait4`` (the child's own rusage, not an aggregate), and counts
@@ -48,6 +49,13 @@ def child(tool: str, src: str, dst: str, pipeline: str) -> None:
         rc = main(["optimize", src, "-o", dst, "--pipeline", pipeline, "-q"])
         if rc:
             sys.exit(rc)
+    elif tool == "inspect":
+        from onnxopt.cli import main
+
+        rc = main(["inspect", src])
+        if rc:
+            sys.exit(rc)
+        Path(dst).write_text("inspected\n")  # the parent checks that the child got to the end
     elif tool == "graphsurgeon":
         import onnx_graphsurgeon as gs
 
@@ -123,9 +131,23 @@ def run_tool(tool: str, src: Path, workdir: Path, pipeline: str, timeout: float)
         row["work"] = json.loads(out.strip().splitlines()[-1])["work"]
     except (ValueError, IndexError, KeyError):
         row["work"] = None
-    row["nodes"] = count_nodes(str(dst))
+    row["nodes"] = count_nodes(str(dst)) if tool != "inspect" else None
     row["output"] = str(dst)
     return row
+
+
+def model_bytes(path: Path) -> int:
+    """The model file plus the external-data files it names."""
+    import onnx
+
+    total = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                files.add(e.value)
+    return total + sum((path.parent / f).stat().st_size for f in files)
 
 
 def check_equal(src: Path, dst: str) -> str:
@@ -170,13 +192,18 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="check onnxopt's outputs in onnxruntime")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--workdir", help="where models and outputs go (default: a temporary folder)")
+    ap.add_argument("--scale", action="store_true",
+                    help="scale mode: `inspect` and `optimize --pipeline lossless` only, on the chains "
+                         "and (with --big) a model over 2 GB; prints peak RSS against the model's bytes")
+    ap.add_argument("--big", type=float, default=0.0, metavar="GB",
+                    help="with --scale: also a weight-heavy model of this many GB (external data)")
     args = ap.parse_args()
     if args.child:
         child(*args.child, args.pipeline)
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_synthetic_models import chain_model
+    from make_synthetic_models import big_model, chain_model
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lossless.")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +221,12 @@ def main() -> None:
             p.write_bytes(chain_model(n).SerializeToString())
         models.append(p)
 
-    tools = [t for t in args.tools.split(",") if t]
+    if args.scale and args.big > 0:
+        p = workdir / "big" / f"big{args.big:g}gb.onnx"
+        if not p.exists():
+            big_model(p, args.big)
+        models.append(p)
+    tools = ["inspect", "onnxopt"] if args.scale else [t for t in args.tools.split(",") if t]
     print(f"# {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"# onnxopt pipeline '{args.pipeline}'" +
           (f" = {lossless_text()}" if args.pipeline == "lossless" else ""))
@@ -204,7 +236,9 @@ def main() -> None:
         nodes_in = count_nodes(str(model))
         for tool in tools:
             row = run_tool(tool, model, workdir, args.pipeline, args.timeout)
-            row.update(model=model.name, nodes_in=nodes_in, bytes=model.stat().st_size)
+            row.update(model=model.name, nodes_in=nodes_in, bytes=model_bytes(model))
+            if row.get("peak_rss_mb"):
+                row["rss_x_bytes"] = row["peak_rss_mb"] * 2**20 / row["bytes"]
             if tool == "loadsave" and row["status"] == "ok":
                 base = row["wall"]
             if base and row.get("wall"):
@@ -216,6 +250,11 @@ def main() -> None:
             work = f"{row['work']:.2f} s" if row.get("work") is not None else "-"
             ratio = f"{row['x_loadsave']:.1f}x" if "x_loadsave" in row else "-"
             rss = f"{row['peak_rss_mb']:7.0f} MB" if row.get("peak_rss_mb") else "      - MB"
+            if args.scale:
+                print(f"{model.name:<22} {tool:<8} {row['status'][:40]:<8} nodes {nodes_in:>7} "
+                      f"bytes {row['bytes'] / 1e6:9.1f} MB  wall {wall:>9}  rss {rss}  "
+                      f"rss/bytes {row.get('rss_x_bytes', 0):5.2f}", flush=True)
+                continue
             print(f"{model.name:<30} {tool:<14} {row['status'][:40]:<12} wall {wall:>9} "
                   f"(work {work:>8}) {ratio:>6}  rss {rss}  "
                   f"nodes {nodes_in} -> {row.get('nodes', '-')}"

@@ -79,7 +79,9 @@ def big_model(path: str | os.PathLike, gigabytes: float = 2.2, side: int = 8192,
             # One row block at a time: the generator never holds a whole layer.
             for start in range(0, side, 1024):
                 rows = min(1024, side - start)
-                f.write((rng.standard_normal((rows, side), dtype=np.float32) / np.sqrt(side)).tobytes())
+                block = rng.standard_normal((rows, side), dtype=np.float32)
+                block *= np.float32(1 / np.sqrt(side))  # in place: stays float32
+                f.write(block.tobytes())
             t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[side, side])
             t.data_location = TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(layer_bytes))):
