@@ -14,6 +14,7 @@ file is never written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -224,14 +225,25 @@ def _node_label(node: onnx.NodeProto) -> str:
 
 
 def _check_known_op(node: onnx.NodeProto, where: str, opset: int) -> None:
-    if not onnx.defs.has(node.op_type):
+    problem = _op_problem(node.op_type, opset)
+    if problem == "unknown":
         raise ModelError(f"{where}: node {_node_label(node)} uses op '{node.op_type}', which the "
                          "default ONNX domain does not define (a custom op needs its own domain)")
-    try:
-        onnx.defs.get_schema(node.op_type, opset)
-    except onnx.defs.SchemaError:
+    if problem == "too new":
         raise ModelError(f"{where}: node {_node_label(node)}: op '{node.op_type}' does not exist at "
-                         f"opset {opset}, which the model imports") from None
+                         f"opset {opset}, which the model imports")
+
+
+@functools.lru_cache(maxsize=None)
+def _op_problem(op_type: str, opset: int) -> str | None:
+    """Schema lookups are slow next to a dict: a model of 100k nodes has a few dozen op types."""
+    if not onnx.defs.has(op_type):
+        return "unknown"
+    try:
+        onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return "too new"
+    return None
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
