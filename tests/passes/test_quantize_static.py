@@ -250,3 +250,19 @@ def test_without_calibration_the_pass_says_what_it_needs():
 
     with pytest.raises(CalibrationError, match="needs calibration data"):
         run_pass("quantize-static", conv_relu())
+
+
+def test_sixteen_bit_activations_raise_the_opset_to_21():
+    out, result = quantize(conv_relu(), target="npu", activation_dtype="uint16")
+    assert out.opset_import[0].version == 21 and "17 -> 21" in result.stats["opset"]
+    sx, zx = q_params(out, "x")
+    assert zx.dtype == np.uint16 and sx == pytest.approx((X.max() - X.min()) / 65535, rel=1e-6)
+    assert snr_db(run(conv_relu(), {"x": X[0]}), run(out, {"x": X[0]})) > 40
+
+
+def test_reduce_range_uses_seven_bit_weights():
+    out, result = quantize(conv_relu(), reduce_range="on")
+    q, sw, _, _ = dq_of(out, "Conv", 1)
+    assert np.abs(q).max() == 63 and "reduce_range" in result.stats["weights"]
+    w = inits(conv_relu())["w"]
+    np.testing.assert_allclose(sw, np.abs(w).reshape(3, -1).max(1) / 63, rtol=1e-6)
