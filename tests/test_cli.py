@@ -228,3 +228,50 @@ def test_failing_pass_rolled_back_or_fatal_with_strict(capsys, toy_passes, model
     rc, _, err = run(capsys, "optimize", str(model_file), "-o", str(out), "--pipeline", pass_name, "--strict")
     assert rc == strict_code, err
     assert pass_name in err and not out.exists()
+
+
+# -- the scale generators, at test size (issue 8.4; the real sizes are in BENCHMARKS.md) -------------------
+def _synthetic():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "make_synthetic_models.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_chain_inspect_and_lossless(capsys, tmp_path):
+    from onnxopt import verify
+
+    synth = _synthetic()
+    src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
+    src.write_bytes(synth.chain_model(600).SerializeToString())
+    rc, text, _ = run(capsys, "inspect", str(src), "--json")
+    assert rc == 0 and json.loads(text)["nodes"] == 600
+    rc, _, err = run(capsys, "optimize", str(src), "-o", str(out), "-q", "--pipeline", "lossless")
+    assert rc == 0, err
+    result = onnx.load(str(out))
+    assert len(result.graph.node) <= 400  # the 200 dead nodes at least are gone
+    feeds, expected = verify.run(onnx.load(str(src)))
+    assert not verify.compare_outputs(expected, verify.run(result, feeds)[1])
+
+
+def test_synthetic_external_data_model_round_trip(capsys, tmp_path):
+    from onnxopt import verify
+
+    synth = _synthetic()
+    src = synth.big_model(tmp_path / "in" / "big.onnx", gigabytes=0.0001, side=64)  # 7 layers of 16 kB
+    layer_bytes = 64 * 64 * 4
+    out = tmp_path / "out" / "big.onnx"
+    out.parent.mkdir()
+    rc, text, _ = run(capsys, "inspect", str(src), "--json")
+    assert rc == 0 and json.loads(text)["weight_bytes"] == 7 * layer_bytes
+    rc, _, err = run(capsys, "optimize", str(src), "-o", str(out), "-q", "--pipeline", "lossless", "--external-data")
+    assert rc == 0, err
+    assert (out.parent / "big.onnx.data").stat().st_size == 7 * layer_bytes
+    raw = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
+    feeds, expected = verify.run(onnx.load(str(src)))
+    assert not verify.compare_outputs(expected, verify.run(onnx.load(str(out)), feeds)[1])
