@@ -51,6 +51,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_graph_output, is_op
 from onnxopt.pass_base import Pass, PassResult, option
+from onnxopt.passes._quant_common import Names
 from onnxopt.registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,13 @@ class _Rewriter:
         self.dql: dict[str, tuple] = {}  # activation name -> (q, scale, zero point) outputs
         self.new_nodes: list[gs.Node] = []
         self.removed: set[int] = set()
+        self.names = Names(graph)
 
     def _var(self, name: str, dtype) -> gs.Variable:
-        return gs.Variable(name, dtype=dtype)
+        return gs.Variable(self.names(name), dtype=dtype)
+
+    def _const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.names(name), values)
 
     def _quantized_activation(self, x: gs.Variable):
         if x.name not in self.dql:
@@ -161,14 +166,15 @@ class _Rewriter:
             return add, other
         return None
 
-    def matmul(self, node: gs.Node, weight: np.ndarray, bias: gs.Constant | None, out: gs.Variable) -> None:
+    def matmul(self, node: gs.Node, base: str, weight: np.ndarray, bias: gs.Constant | None,
+               out: gs.Variable) -> None:
         """Replace ``node`` (A @ weight [+ bias] -> out) with its dynamically quantized form."""
         a = node.inputs[0]
-        base = _node_key(node)
         q, scale = symmetric_int8(weight, 1 if self.per_channel else None, self.reduce_range)
-        wq = gs.Constant(f"{base}_weight_quantized", q)
-        ws = gs.Constant(f"{base}_weight_scale", scale)
-        wz = gs.Constant(f"{base}_weight_zero_point", np.zeros(scale.shape, np.int8))
+        wq = self._const(f"{base}_weight_quantized", q)
+        ws = self._const(f"{base}_weight_scale", scale)
+        # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
+        wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
         if self.contrib:
             inputs = [a, wq, ws, wz] + ([bias] if bias is not None else [])
             self.new_nodes.append(gs.Node("DynamicQuantizeMatMul", f"{base}_quant", domain=MS_DOMAIN,
@@ -202,9 +208,10 @@ class _Rewriter:
             self.removed.add(id(add))
         else:
             bias, out = None, node.outputs[0]
+        base = _node_key(node)
         node.outputs = []
         self.removed.add(id(node))
-        self.matmul(node, weight, bias, out)
+        self.matmul(node, base, weight, bias, out)
 
     def rewrite_gemm(self, node: gs.Node) -> None:
         weight = node.inputs[1].values
@@ -212,20 +219,22 @@ class _Rewriter:
             weight = weight.T
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         if bias is not None and (bias.values.ndim == 0 or bias.values.shape[0] != weight.shape[1]):
-            bias = gs.Constant(f"{_node_key(node)}_bias", np.broadcast_to(bias.values, (weight.shape[1],)).copy())
+            bias = self._const(f"{_node_key(node)}_bias", np.broadcast_to(bias.values, (weight.shape[1],)).copy())
         out = node.outputs[0]
+        base = _node_key(node)
         node.outputs = []
         self.removed.add(id(node))
-        self.matmul(node, weight, bias, out)
+        self.matmul(node, base, weight, bias, out)
 
     def rewrite_conv(self, node: gs.Node) -> None:
         x, w = node.inputs[:2]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         base = _node_key(node)
         q, scale = symmetric_int8(w.values, 0 if self.per_channel else None, self.reduce_range)
-        wq = gs.Constant(f"{base}_weight_quantized", q)
-        wz = gs.Constant(f"{base}_weight_zero_point", np.zeros(scale.shape, np.int8))
-        ws = gs.Constant(f"{base}_weight_scale", scale.reshape([-1] + [1] * (w.values.ndim - 2))
+        wq = self._const(f"{base}_weight_quantized", q)
+        # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
+        wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
+        ws = self._const(f"{base}_weight_scale", scale.reshape([-1] + [1] * (w.values.ndim - 2))
                          if scale.ndim else scale)
         out = node.outputs[0]
         node.outputs = []
@@ -243,7 +252,7 @@ class _Rewriter:
             gs.Node("Mul", f"{base}_output_scale_mul", inputs=[acc_f, both], outputs=[scaled]),
         ]
         if bias is not None:
-            b = gs.Constant(f"{base}_bias_reshaped", bias.values.reshape(-1, *([1] * (w.values.ndim - 2))))
+            b = self._const(f"{base}_bias_reshaped", bias.values.reshape(-1, *([1] * (w.values.ndim - 2))))
             self.new_nodes.append(gs.Node("Add", f"{base}_bias_add", inputs=[scaled, b], outputs=[out]))
 
     def rewrite_gather(self, node: gs.Node) -> None:
@@ -257,19 +266,19 @@ class _Rewriter:
         rows_f = self._var(f"{base}_rows_float", np.float32)
         self.new_nodes += [
             gs.Node("Gather", f"{base}_quant", attrs={"axis": 0},
-                    inputs=[gs.Constant(f"{base}_table_quantized", q), idx], outputs=[rows]),
+                    inputs=[self._const(f"{base}_table_quantized", q), idx], outputs=[rows]),
             gs.Node("Cast", f"{base}_cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[rows], outputs=[rows_f]),
         ]
         if self.per_channel:
             row_scale = self._var(f"{base}_row_scale", np.float32)
             self.new_nodes += [
                 gs.Node("Gather", f"{base}_scale_gather", attrs={"axis": 0},
-                        inputs=[gs.Constant(f"{base}_table_scale", scale.reshape(-1, 1)), idx], outputs=[row_scale]),
+                        inputs=[self._const(f"{base}_table_scale", scale.reshape(-1, 1)), idx], outputs=[row_scale]),
                 gs.Node("Mul", f"{base}_dequantize", inputs=[rows_f, row_scale], outputs=[out]),
             ]
         else:
             self.new_nodes.append(gs.Node("Mul", f"{base}_dequantize",
-                                          inputs=[rows_f, gs.Constant(f"{base}_table_scale", scale)], outputs=[out]))
+                                          inputs=[rows_f, self._const(f"{base}_table_scale", scale)], outputs=[out]))
 
     def finish(self) -> None:
         self.graph.nodes = [n for n in self.graph.nodes if id(n) not in self.removed] + self.new_nodes
@@ -537,19 +546,19 @@ def _smoothable(plan, graph) -> dict[str, list[gs.Node]]:
 
 def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
     """x @ W == (x / s) @ (s W): one Mul per activation, weights rescaled by row."""
+    names = Names(graph)
     for name, nodes in _smoothable(plan, graph).items():
         s = scales.get(name)
         if s is None:
             continue
         x = nodes[0].inputs[0]
-        xs = gs.Variable(f"{name}_smoothed", dtype=np.float32)
-        graph.nodes.append(gs.Node("Mul", f"{name}_smooth", inputs=[x, gs.Constant(f"{name}_smooth_scale",
-                                                                                     (1.0 / s).astype(np.float32))],
-                                   outputs=[xs]))
+        xs = gs.Variable(names(f"{name}_smoothed"), dtype=np.float32)
+        inv = gs.Constant(names(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
+        graph.nodes.append(gs.Node("Mul", f"{name}_smooth", inputs=[x, inv], outputs=[xs]))
         for node in nodes:
             w = node.inputs[1]
             node.inputs[0] = xs
-            node.inputs[1] = gs.Constant(f"{w.name}_smoothed", (w.values * s[:, None]).astype(np.float32))
+            node.inputs[1] = gs.Constant(names(f"{w.name}_smoothed"), (w.values * s[:, None]).astype(np.float32))
 
 
 def _proto_of(model) -> onnx.ModelProto:
