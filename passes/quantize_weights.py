@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_graph_output, is_op
-from onnxopt.passes._quant_common import raise_opset
+from onnxopt.passes._quant_common import Names, raise_opset
 from onnxopt.errors import PipelineError
 from onnxopt.pass_base import Pass, PassResult, option
 from onnxopt.registry import register_pass
@@ -221,7 +221,9 @@ class QuantizeWeightsPass(Pass):
             model.require_opset("", BLOCKED_DQ_OPSET)
         before = after = 0
         by_graph: dict[int, tuple] = {}
+        names: dict[int, Names] = {}
         for graph, node, (w, bias) in plan:
+            self._names = names.setdefault(id(graph), Names(graph))
             q = quantize_blocks(w, o.bits, o.block_size, o.symmetric, o.method)
             before += w.size * 4
             new_nodes, size = (self._contrib(graph, node, q, bias) if contrib else self._standard(node, q))
@@ -268,17 +270,17 @@ class QuantizeWeightsPass(Pass):
         node.outputs = []
         n, blocks, _ = q.codes.shape
         packed = pack_low_first(q.codes, q.bits)  # [N, blocks, block*bits/8]
-        inputs = [node.inputs[0], gs.Constant(f"{base}_weight_nbits", packed),
-                  gs.Constant(f"{base}_weight_scales", q.scales.reshape(-1).astype(np.float32))]
+        inputs = [node.inputs[0], gs.Constant(self._names(f"{base}_weight_nbits"), packed),
+                  gs.Constant(self._names(f"{base}_weight_scales"), q.scales.reshape(-1).astype(np.float32))]
         size = packed.nbytes + q.scales.nbytes
         if not o.symmetric:
             zp = pack_low_first(q.zero_points.astype(np.uint8), q.bits).reshape(-1)
-            inputs.append(gs.Constant(f"{base}_weight_zero_points", zp))
+            inputs.append(gs.Constant(self._names(f"{base}_weight_zero_points"), zp))
             size += zp.nbytes
         if bias is not None:
             while len(inputs) < 5:
                 inputs.append(gs.Variable.empty())
-            inputs.append(gs.Constant(f"{base}_bias", np.asarray(bias, np.float32)))
+            inputs.append(gs.Constant(self._names(f"{base}_bias"), np.asarray(bias, np.float32)))
         attrs = {"K": q.k, "N": n, "bits": q.bits, "block_size": q.block_size}
         if o.accuracy_level:
             attrs["accuracy_level"] = o.accuracy_level
@@ -297,15 +299,15 @@ class QuantizeWeightsPass(Pass):
             dtype = ml_dtypes.int4
         else:
             dtype = np.int8
-        wq = gs.Constant(f"{base}_weight_quantized", np.ascontiguousarray(w_codes).astype(dtype))
-        scale = gs.Constant(f"{base}_weight_scale", q.scales.T.copy().astype(np.float32))  # [blocks, N]
+        wq = gs.Constant(self._names(f"{base}_weight_quantized"), np.ascontiguousarray(w_codes).astype(dtype))
+        scale = gs.Constant(self._names(f"{base}_weight_scale"), q.scales.T.copy().astype(np.float32))  # [blocks, N]
         inputs = [wq, scale]
         size = (w_codes.size * q.bits + 7) // 8 + q.scales.nbytes
         if not self.options.symmetric:
             zp = (q.zero_points.T.astype(np.int32) - mid).astype(dtype)
-            inputs.append(gs.Constant(f"{base}_weight_zero_point", np.ascontiguousarray(zp)))
+            inputs.append(gs.Constant(self._names(f"{base}_weight_zero_point"), np.ascontiguousarray(zp)))
             size += (zp.size * q.bits + 7) // 8
-        w = gs.Variable(f"{base}_weight_dequantized", dtype=np.float32, shape=[q.k, q.codes.shape[0]])
+        w = gs.Variable(self._names(f"{base}_weight_dequantized"), dtype=np.float32, shape=[q.k, q.codes.shape[0]])
         dq = gs.Node("DequantizeLinear", f"{base}_weight_dq", attrs={"axis": 0, "block_size": q.block_size},
                      inputs=inputs, outputs=[w])
         if node.op == "Gemm":  # keep the Gemm (bias and all), now reading W as [K, N]
