@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.analysis.use_def import outer_scope_names
 from onnxopt.errors import PipelineError
 from onnxopt.model import iter_graphs
+from onnxopt.passes._quant_common import Names
 from onnxopt.pass_base import Pass, PassResult, option
 from onnxopt.registry import register_pass
 
@@ -191,6 +192,7 @@ class ConvertFloat16Pass(Pass):
 
         # 3. Rewire: constants converted (copied when both types are read), one Cast per
         #    tensor and direction.
+        names = Names(graph)
         casts: dict[tuple[int, str], gs.Variable] = {}
         const_copies: dict[int, gs.Constant] = {}
         new_nodes: list[gs.Node] = []
@@ -202,7 +204,7 @@ class ConvertFloat16Pass(Pass):
             key = (id(t), "low" if to_low else "f32")
             if key not in casts:
                 suffix = o.dtype if to_low else "float32"
-                out = gs.Variable(f"{t.name}_{suffix}", dtype=low if to_low else f32, shape=t.shape)
+                out = gs.Variable(names(f"{t.name}_{suffix}"), dtype=low if to_low else f32, shape=t.shape)
                 new_nodes.append(gs.Node("Cast", f"{t.name}_cast_{suffix}",
                                          attrs={"to": low_enum if to_low else onnx.TensorProto.FLOAT},
                                          inputs=[t], outputs=[out]))
@@ -222,7 +224,7 @@ class ConvertFloat16Pass(Pass):
                         clamped += n
                 else:
                     conv = values.astype(low)
-                const_copies[id(c)] = gs.Constant(f"{c.name}_{o.dtype}", conv)
+                const_copies[id(c)] = gs.Constant(names(f"{c.name}_{o.dtype}"), conv)
             return const_copies[id(c)]
 
         for node in list(graph.nodes):
@@ -256,7 +258,7 @@ class ConvertFloat16Pass(Pass):
                 if id(t) not in low_home:
                     continue
                 name = t.name
-                t.name = f"{name}_{o.dtype}"
+                t.name = names(f"{name}_{o.dtype}")
                 out = gs.Variable(name, dtype=f32, shape=t.shape)
                 new_nodes.append(gs.Node("Cast", f"{name}_cast_float32", attrs={"to": onnx.TensorProto.FLOAT},
                                          inputs=[t], outputs=[out]))
