@@ -73,7 +73,7 @@ NEVER_FOLD = NONDETERMINISTIC | frozenset({
 })
 
 # Ops whose value may come from static shapes instead of evaluation.
-SHAPE_OPS = ("Shape", "Size", "Gather", "Slice")
+SHAPE_OPS = ("Shape", "Size", "Gather", "Slice", "Cast", "Concat")
 
 # TensorProto element types whose values numpy holds exactly (what we can fold).
 _EXACT_TYPES = {
@@ -306,6 +306,7 @@ class _Folder:
         self.ir_version = model.template.ir_version
         self.known: dict[int, np.ndarray] = {}  # id(tensor) -> value
         self.planned: dict[int, tuple] = {}  # id(tensor) -> (shape, dtype), evaluated in this batch
+        self.partials: dict[int, tuple | None] = {}  # id(tensor) -> partly known 1-D int value
         self.blocked_here = False
         self.outputs = graph_output_ids(model)
         self.body_outputs = self.outputs - {id(t) for t in model.graph.outputs}
@@ -409,6 +410,7 @@ class _Folder:
                 queue.extend(reversed(self.release(node, waiting, missing)))
             self.planned = {}
             done = self.evaluate(batch, folded)
+            self.partials.clear()  # values just computed may complete partly known ones
             ready = [n for n in deferred
                      if all(self.value_of(t) is not None for t in n.inputs if t.name)]
             if not done and len(ready) == len(deferred) and deferred and not batch:
@@ -445,65 +447,89 @@ class _Folder:
 
     # -- shape folding -------------------------------------------------------------------
     def shape_value(self, node: gs.Node) -> np.ndarray | None:
-        """The value of a Shape/Size node, or of a Gather/Slice picking static dims of a Shape."""
-        if not node.inputs:
-            return None
-        if node.op in ("Gather", "Slice"):
-            return self.picked_dims(node)
-        dims = self.static_dims(node.inputs[0])
-        if dims is None:
+        """The value of a shape computation whose every element is a static dim, else None.
+
+        Shape and Size of a tensor of static shape; Cast, Gather, Slice and Concat of such
+        values (or of constants) that pick only static dims of a partly symbolic shape.
+        """
+        if not node.inputs or not node.outputs:
             return None
         if node.op == "Size":
-            if not all(isinstance(d, int) for d in dims):
+            dims = self.static_dims(node.inputs[0])
+            if dims is None or not all(isinstance(d, int) for d in dims):
                 return None
             return np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
-        dims = shape_slice(dims, node.attrs.get("start"), node.attrs.get("end"))
-        if not all(isinstance(d, int) for d in dims):
+        idx = self.value_of(node.inputs[1]) if node.op == "Gather" and len(node.inputs) > 1 else None
+        if idx is not None and idx.ndim == 0 and node.attrs.get("axis", 0) in (0, -1):
+            part = self.partial(node.inputs[0])
+            if part is None or idx.dtype.kind not in "iu":
+                return None
+            dims, dtype = part
+            i = int(idx)
+            if not -len(dims) <= i < len(dims) or not isinstance(dims[i], int):
+                return None
+            return np.array(dims[i], dtype=dtype)
+        part = self.partial(node.outputs[0])
+        if part is None or not all(isinstance(d, int) for d in part[0]):
             return None
-        return np.array(dims, dtype=np.int64)
+        info = np.iinfo(part[1])
+        if any(not info.min <= d <= info.max for d in part[0]):
+            return None  # a Cast that wraps around: leave it to the runtime's evaluation
+        return np.array(part[0], dtype=part[1])
 
-    def shape_dims(self, t: gs.Tensor) -> tuple | None:
-        """The dims a Shape node outputs (some maybe symbolic), when ``t`` is such an output."""
+    def partial(self, t: gs.Tensor) -> tuple[tuple, np.dtype] | None:
+        """A 1-D integer tensor as (elements, dtype), elements int when static, else not."""
+        key = id(t)
+        if key not in self.partials:
+            self.partials[key] = None  # guards against cycles in a broken graph
+            self.partials[key] = self._partial(t)
+        return self.partials[key]
+
+    def _partial(self, t: gs.Tensor) -> tuple[tuple, np.dtype] | None:
+        value = self.value_of(t) if t.name else None
+        if value is not None:
+            if value.ndim == 1 and value.dtype.kind in "iu":
+                return tuple(int(v) for v in value), value.dtype
+            return None
         node = t.inputs[0] if t.inputs else None
-        if node is None or node.op != "Shape" or not is_default_domain(node):
+        if node is None or not is_default_domain(node) or not node.inputs:
             return None
-        dims = self.static_dims(node.inputs[0])
-        return None if dims is None else shape_slice(dims, node.attrs.get("start"), node.attrs.get("end"))
-
-    def picked_dims(self, node: gs.Node) -> np.ndarray | None:
-        """Gather(Shape(x), i) / Slice(Shape(x), ...) when every dim it picks is static."""
-        dims = self.shape_dims(node.inputs[0])
-        if dims is None:
-            return None
-        args = [self.value_of(t) if t.name else None for t in node.inputs[1:]]
-        if any(a is None or a.dtype.kind not in "iu" for a in args[:1]):
-            return None
-        if node.op == "Gather":
-            if node.attrs.get("axis", 0) not in (0, -1):
+        op = node.op
+        if op == "Shape":
+            dims = self.static_dims(node.inputs[0])
+            if dims is None:
                 return None
-            idx = args[0]
-            if np.any(idx < -len(dims)) or np.any(idx >= len(dims)):
+            return shape_slice(dims, node.attrs.get("start"), node.attrs.get("end")), np.dtype(np.int64)
+        if op == "Cast" and node.attrs.get("to") in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            part = self.partial(node.inputs[0])
+            return None if part is None else (part[0], np.dtype(_EXACT_TYPES[node.attrs["to"]]))
+        if op == "Concat" and node.attrs.get("axis") in (0, -1):
+            parts = [self.partial(i) for i in node.inputs]
+            if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
                 return None
-            picked = [dims[int(i)] for i in idx.reshape(-1)]
-            shape = idx.shape
-        else:
-            if len(node.inputs) < 3 or any(a is None or a.dtype.kind not in "iu" for a in args[:2]) \
-                    or any(a is not None and a.dtype.kind not in "iu" for a in args[2:]):
+            return tuple(d for p in parts for d in p[0]), parts[0][1]
+        if op == "Gather" and node.attrs.get("axis", 0) in (0, -1):
+            part, idx = self.partial(node.inputs[0]), self.value_of(node.inputs[1])
+            if part is None or idx is None or idx.ndim != 1 or idx.dtype.kind not in "iu":
                 return None
-            axes = args[2] if len(args) > 2 and args[2] is not None else None
-            steps = args[3] if len(args) > 3 and args[3] is not None else None
-            if (axes is not None and [int(a) for a in axes.reshape(-1)] not in ([0], [-1])) or args[0].size != 1:
+            if np.any(idx < -len(part[0])) or np.any(idx >= len(part[0])):
                 return None
-            step = int(steps.reshape(-1)[0]) if steps is not None else 1
+            return tuple(part[0][int(i)] for i in idx), part[1]
+        if op == "Slice":
+            part = self.partial(node.inputs[0])
+            args = [self.value_of(i) if i.name else None for i in node.inputs[1:5]]
+            if part is None or len(args) < 2 or any(a is None for a in args[:2]):
+                return None
+            if any(a is not None and (a.dtype.kind not in "iu" or a.size != 1) for a in args):
+                return None
+            if len(args) > 2 and args[2] is not None and int(args[2].reshape(-1)[0]) not in (0, -1):
+                return None
+            step = int(args[3].reshape(-1)[0]) if len(args) > 3 and args[3] is not None else 1
             if step == 0:
                 return None
-            # Python slicing clamps start/end exactly as the Slice operator does.
             start, end = int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
-            picked = list(dims[start:end:step])
-            shape = (len(picked),)
-        if not all(isinstance(d, int) for d in picked):
-            return None
-        return np.array(picked, dtype=np.int64).reshape(shape)
+            return tuple(part[0][start:end:step]), part[1]  # Python clamps as Slice does
+        return None
 
     # -- the size bound ------------------------------------------------------------------
     def fits(self, node: gs.Node, specs: list | None) -> bool:

@@ -262,3 +262,22 @@ def test_silero_vad_ifs_fold_and_outputs_stay_equal():
         feeds = {"input": r.standard_normal((2, n)).astype(np.float32),
                  "state": r.standard_normal((2, 2, 128)).astype(np.float32), "sr": np.array(sr, np.int64)}
         assert_equivalent(proto, out, feeds)
+
+
+def test_cast_slice_concat_of_a_partly_symbolic_shape():
+    # Cast(Shape(x), int32) -> Slice [1:3] -> Cast(int64) -> Concat with a constant: all static.
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["s32", "one", "three"], ["hw32"]),
+             helper.make_node("Cast", ["hw32"], ["hw"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["minus1", "hw"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    proto = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", ["N", 3, 4])],
+                       [init("one", np.array([1], np.int64)), init("three", np.array([3], np.int64)),
+                        init("minus1", np.array([-1], np.int64))])
+    out, result = run_pass("fold-constants", proto)
+    # Slice, the second Cast and Concat fold; Shape and the first Cast are left dead.
+    assert result.stats["shape_folds"] == 3 and result.stats["folded_nodes"] == 3
+    assert op_histogram(out) == {"Shape": 1, "Cast": 1, "Reshape": 1}
+    assert numpy_helper.to_array(inits(out)["target"]).tolist() == [-1, 3, 4]
+    check(proto, out, {"x": np.ones((2, 3, 4), np.float32)})
