@@ -64,10 +64,18 @@ __all__ = ["import_graph", "export_model", "OnnxGraph", "OnnxNode", "OnnxVariabl
 
 
 class OnnxVariable(gs.Variable):
-    """A Variable whose ``copy()`` keeps its ``type`` (gs resets it to tensor_type)."""
+    """A Variable that remembers the ValueInfoProto it was imported from (``info``).
+
+    ``copy()`` keeps ``type`` (gs resets it to tensor_type) and ``info``. A renamed
+    variable is still written with its original type structure and doc string.
+    """
+
+    info: onnx.ValueInfoProto | None = None
 
     def copy(self):
-        return OnnxVariable(self.name, self.dtype, self.shape, self.type)
+        t = OnnxVariable(self.name, self.dtype, self.shape, self.type)
+        t.info = self.info
+        return t
 
 
 class OnnxNode(gs.Node):
@@ -313,6 +321,8 @@ def _shape_key(shape) -> tuple | None:
 
 
 def _fill_from_info(t: gs.Variable, vi: onnx.ValueInfoProto, overwrite: bool) -> None:
+    if isinstance(t, OnnxVariable) and (overwrite or t.info is None):
+        t.info = vi
     if vi.type.ByteSize() == 0:
         return
     if overwrite or t.dtype is None:
@@ -926,10 +936,16 @@ def _constant_key(c: gs.Constant) -> tuple:
 
 
 def _value_info(t: gs.Tensor, source: onnx.ValueInfoProto | None) -> onnx.ValueInfoProto:
-    """A ValueInfoProto for ``t``: its source when type and shape are unchanged."""
+    """A ValueInfoProto for ``t``: its source when type and shape are unchanged.
+
+    ``source`` is the entry of the same name in the graph's original list; failing that,
+    the info the variable was imported with (it may have been renamed since).
+    """
     if isinstance(t, gs.Constant):
         info = onnx.helper.make_tensor_value_info(t.name, _elem_type(t.export_dtype), list(t.shape))
         return info
+    if source is None:
+        source = getattr(t, "info", None)
     if source is not None and _variable_key(t) == _info_key(source):
         if source.name == t.name:
             return source

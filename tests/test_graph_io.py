@@ -458,3 +458,17 @@ def test_import_gives_onnx_graph_with_opset_and_producer():
     assert isinstance(graph, OnnxGraph)
     assert (graph.opset, graph.producer_name, graph.ir_version) == (OPSET, "p", 10)
     assert graph.functions == []  # local functions travel in the template
+
+
+def test_renamed_tensors_keep_their_type_structure_and_doc():
+    opt = helper.make_value_info("o", helper.make_optional_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, [3])), doc_string="maybe")
+    out_info = helper.make_tensor_value_info("has", TensorProto.BOOL, [])
+    model = make_model([helper.make_node("OptionalHasElement", ["o"], ["has"])], [opt], [out_info])
+
+    def rename(graph):
+        graph.inputs[0].name = "maybe_input"
+    out = roundtrip(model, rename)
+    assert out.graph.input[0].name == "maybe_input"
+    assert out.graph.input[0].type == opt.type and out.graph.input[0].doc_string == "maybe"
+    assert run(out, {"maybe_input": np.ones(3, np.float32)})[0]
