@@ -196,12 +196,14 @@ class SuiteResult:
     # that peers which do (graphsurgeon's export names Constant tensors) can still
     # be compared on their results.
     input_modified: list[str] = field(default_factory=list)
+    # Cases whose transformed model serializes exactly as the original (informative).
+    byte_identical: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"cases={self.cases} ort_passing={len(self.ort_passing)} "
             f"crashes={len(self.crashes)} mismatches={len(self.mismatches)} "
-            f"input_modified={len(self.input_modified)}"
+            f"input_modified={len(self.input_modified)} byte_identical={len(self.byte_identical)}"
         )
 
 
@@ -236,6 +238,8 @@ def run_suite(cases: list, transforms: dict[str, Transform], progress: bool = Fa
                 continue
             if model.SerializeToString() != case.model.SerializeToString():
                 result.input_modified.append(case.name)
+            if new_model.SerializeToString() == case.model.SerializeToString():
+                result.byte_identical.append(case.name)
             try:
                 session = make_session(new_model)
             except Exception as exc:  # noqa: BLE001
