@@ -376,6 +376,7 @@ class QuantizeStaticPass(Pass):
             old = tensor.name
             tensor.name = names(f"{old}_float")
             dq.name = old
+            dq.dtype, dq.shape = tensor.dtype or np.float32, tensor.shape  # a graph output needs its type
             graph.outputs = [dq if t is tensor else t for t in graph.outputs]
         return dq
 
@@ -417,14 +418,18 @@ class QuantizeStaticPass(Pass):
 
     def _quantize_constants(self, graph, names, plan: Plan, act: qc.QuantScheme) -> int:
         count = 0
+        done: dict = {}  # equal constants (hard-swish's 3 and 6, …) share one quantized copy
         for node, index in plan.constants:
             const = node.inputs[index]
             if not isinstance(const, gs.Constant):
                 continue
             values = np.asarray(const.values, np.float32)
-            scheme = qc.QuantScheme(act.dtype, act.symmetric, "per_tensor", False)
-            q, scale, zp, _ = qc.quantize_weight(values, scheme, None)
-            node.inputs[index] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
+            key = (values.shape, values.tobytes())
+            if key not in done:
+                scheme = qc.QuantScheme(act.dtype, act.symmetric, "per_tensor", False)
+                q, scale, zp, _ = qc.quantize_weight(values, scheme, None)
+                done[key] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
+            node.inputs[index] = done[key]
             count += 1
         return count
 

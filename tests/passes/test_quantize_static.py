@@ -108,7 +108,10 @@ def dq_of(proto, consumer_op, index):
     node = next(n for n in proto.graph.node if n.op_type == consumer_op)
     dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[index])
     axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
-    return values.get(dq.input[0]), values[dq.input[1]], values[dq.input[2]], axis
+    q, scale = values.get(dq.input[0]), values[dq.input[1]]
+    # a left-out zero point is 0 (symmetric weights, int32 bias)
+    zp = values[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, q.dtype)
+    return q, scale, zp, axis
 
 
 def run(proto, feed, optimize=False):
