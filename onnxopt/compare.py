@@ -80,6 +80,9 @@ def _session(proto_or_path, threads: int, optimize: bool = True):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # Two sessions take turns: an idle session's pool must not spin-wait on the cores the
+    # other one is timed on (with 2 threads on 2 cores that skewed ratios up to 20x).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike)) else \
         proto_or_path.SerializeToString()
     try:
