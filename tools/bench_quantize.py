@@ -75,22 +75,27 @@ def det_images(n: int, seed: int, size: int = 320) -> np.ndarray:
     return out
 
 
-def cls_images(n: int, seed: int) -> np.ndarray:
-    """(n, 1, 3, 48, 192) text lines (a third upside down), rapidocr cls preprocessing."""
+def rec_images(n: int, seed: int) -> np.ndarray:
+    """(n, 1, 3, 48, 320) upright text lines, rapidocr rec preprocessing."""
+    return cls_images(n, seed, width=320, flip=0.0)
+
+
+def cls_images(n: int, seed: int, width: int = 192, flip: float = 0.33) -> np.ndarray:
+    """(n, 1, 3, 48, width) text lines (a third upside down), rapidocr cls preprocessing."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    out = np.zeros((n, 1, 3, 48, 192), np.float32)
+    out = np.zeros((n, 1, 3, 48, width), np.float32)
     for k in range(n):
         font = _font(rng, int(rng.integers(20, 32)))
         text = _line(rng, int(rng.integers(1, 4)))
         w = int(draw_width(text, font)) + 10
         img = Image.new("RGB", (max(w, 20), 48), tuple(int(v) for v in rng.integers(200, 256, 3)))
         ImageDraw.Draw(img).text((5, 6), text, fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
-        if rng.random() < 0.33:
+        if rng.random() < flip:
             img = img.rotate(180)
         ratio = img.width / 48.0
-        rw = min(192, int(np.ceil(48 * ratio)))
+        rw = min(width, int(np.ceil(48 * ratio)))
         img = img.resize((rw, 48))
         x = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
         out[k, 0, :, :, :rw] = x.transpose(2, 0, 1)
@@ -114,7 +119,7 @@ def model_cases(names: list[str], samples: int, evals: int, folder: Path) -> lis
         if not path.exists():
             print(f"skip {name}: {path} absent (run ../shared/models/get_models.sh .models)")
             continue
-        make = {"ppocr_v4_det": det_images, "ppocr_mobile_v2_cls": cls_images}.get(name)
+        make = {"ppocr_v4_det": det_images, "ppocr_mobile_v2_cls": cls_images, "ppocr_v4_rec": rec_images}.get(name)
         if make is None:
             print(f"skip {name}: no data maker")
             continue
@@ -150,7 +155,11 @@ def worker(args) -> None:
     start = time.perf_counter()
     info = {"baseline_rss_mb": base}
     try:
-        if args.tool == "onnxopt":
+        if args.tool == "lift":  # not timed as quantization: the input of "ort-lifted"
+            import onnxopt
+
+            onnxopt.optimize(args.model, target="cpu", pipeline="lossless").save(args.output)
+        elif args.tool == "onnxopt":
             import onnxopt
 
             pipeline = (f"lossless,fold-constants,fuse-conv-bn,quantize-static{{calibration={args.method},"
@@ -229,6 +238,83 @@ def fidelity(case, path, reference=None) -> float:
     return 10 * np.log10(signal / max(noise, 1e-30))
 
 
+def interleaved_latency(paths: list[str], feed: dict, threads: int, repeats: int) -> list[float]:
+    """Median ms of each model, timed in rounds (one run of each model per round) so that
+    a change in the machine's load hits every model alike."""
+    sessions = [session(p, threads) for p in paths]
+    for sess in sessions:
+        for _ in range(3):
+            sess.run(None, feed)
+    times = [[] for _ in paths]
+    for _ in range(repeats):
+        for i, sess in enumerate(sessions):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append((time.perf_counter() - t) * 1000)
+    return [statistics.median(t) for t in times]
+
+
+def bench_case(case: dict, args, tmp: Path) -> list[dict]:
+    """Quantize with both tools and every method, then measure all models together."""
+    ref = outputs(case["model"], list(np.load(case["eval"])["x"]), "x") if case["metric"] == "snr" else None
+    rows = []
+    lifted = str(tmp / f"{case['name']}_lifted.onnx")
+    run_worker("lift", case["model"], case["calib"], "minmax", lifted, args.percentile)
+    for method in args.methods.split(","):
+        for tool in ("onnxopt", "ort", "ort-lifted") if method != "mse" else ("onnxopt",):
+            out = str(tmp / f"{case['name']}_{tool}_{method}.onnx")
+            source = lifted if tool == "ort-lifted" else case["model"]
+            row = {"model": case["name"], "method": method, "tool": tool, "path": out,
+                   **run_worker(tool.split("-")[0], source, case["calib"], method, out, args.percentile)}
+            if "error" not in row:
+                try:
+                    session(out, 1)
+                except Exception as exc:
+                    row["error"] = f"onnxruntime refuses the output: {str(exc).splitlines()[0][:150]}"
+            if tool.startswith("ort") and "error" in row:  # per-channel failed: what per-tensor gives
+                first = row["error"]
+                row = {"model": case["name"], "method": method, "tool": f"{tool} per-tensor", "path": out,
+                       "per_channel_error": first,
+                       **run_worker("ort", source, case["calib"], method, out, args.percentile, True)}
+            if "error" not in row:
+                row["size_kb"] = os.path.getsize(out) / 1024
+                row["fidelity"] = fidelity(case, out, ref)
+            rows.append(row)
+            print(f"  quantized {case['name']} {method} {tool}: "
+                  + (row.get("error") or f"{row['seconds']:.1f} s, {row['peak_rss_mb']:.0f} MB"), flush=True)
+    data = np.load(case["eval"])
+    key = "image" if "image" in data.files else "x"
+    feed = {key: data[key][:1] if key == "image" else data[key][0]}
+    good = [r for r in rows if "error" not in r]
+    paths = [case["model"]] + [r["path"] for r in good]
+    for threads in (1, 2):
+        for r, ms in zip([None] + good, interleaved_latency(paths, feed, threads, args.repeats)):
+            (r if r is not None else case).__setitem__(f"lat{threads}_ms", ms)
+    base_kb = os.path.getsize(case["model"]) / 1024
+    base_fid = fidelity(case, case["model"], ref) if case["metric"] == "accuracy" else float("inf")
+    print(f"\n## {case['name']}  float32: {base_kb:.0f} KB, {case['lat1_ms']:.2f} / {case['lat2_ms']:.2f} ms "
+          f"(1/2 threads), {case['metric']} {base_fid:.4f}; load average now {os.getloadavg()[0]:.1f}")
+    print(f"| method | tool | size (x float) | latency 1t ms | latency 2t ms | {case['metric']} | "
+          "quantize s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | {r['tool']} | failed: {r['error']} | | | | | |")
+            continue
+        print(f"| {r['method']} | {r['tool']} | {r['size_kb'] / base_kb:.3f} | {r['lat1_ms']:.2f} | "
+              f"{r['lat2_ms']:.2f} | {r['fidelity']:.4f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    for method in args.methods.split(","):
+        ours = next((r for r in good if r["method"] == method and r["tool"] == "onnxopt"), None)
+        for theirs in [] if ours is None else [r for r in good if r["method"] == method and r["tool"].startswith("ort")]:
+            print(f"  {method}: onnxopt/{theirs['tool']} latency 1t {ours['lat1_ms'] / theirs['lat1_ms']:.2f}x, "
+                  f"2t {ours['lat2_ms'] / theirs['lat2_ms']:.2f}x, time {ours['seconds'] / theirs['seconds']:.2f}x, "
+                  f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x, "
+                  f"{case['metric']} {ours['fidelity']:.4f} vs {theirs['fidelity']:.4f}")
+    sys.stdout.flush()
+    return rows + [{"model": case["name"], "tool": "float32", "size_kb": base_kb, "fidelity": base_fid,
+                    "lat1_ms": case["lat1_ms"], "lat2_ms": case["lat2_ms"]}]
+
+
 def measure(case, path, reference, repeats) -> dict:
     data = np.load(case["eval"])
     key = "image" if "image" in data.files else "x"
@@ -253,7 +339,7 @@ def cpu_name() -> str:
 def flat_memory(args) -> None:
     """Peak RSS and wall time of each tool as the number of calibration samples grows."""
     name, method, counts = args.flat_memory.split(":")
-    make = {"ppocr_v4_det": det_images, "ppocr_mobile_v2_cls": cls_images}[name]
+    make = {"ppocr_v4_det": det_images, "ppocr_mobile_v2_cls": cls_images, "ppocr_v4_rec": rec_images}[name]
     model = str(MODELS / f"{name}.onnx")
     print(f"\n## {name}, {method}: peak RSS (MB) and quantize time (s) against calibration samples")
     print("| samples | onnxopt RSS | onnxopt s | onnxruntime RSS | onnxruntime s |")
@@ -284,7 +370,7 @@ def main() -> None:
                     help="model:method:n1,n2,... — peak RSS of both tools as calibration samples grow "
                          "(e.g. ppocr_v4_det:percentile:4,16,64; onnxruntime only up to --ort-max-samples)")
     ap.add_argument("--ort-max-samples", type=int, default=16)
-    ap.add_argument("--worker", choices=("onnxopt", "ort"))
+    ap.add_argument("--worker", choices=("onnxopt", "ort", "lift"))
     ap.add_argument("--model")
     ap.add_argument("--calib")
     ap.add_argument("--method")
@@ -304,43 +390,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for case in model_cases(args.models.split(","), args.samples, args.eval, tmp):
-            ref = None
-            if case["metric"] == "snr":
-                ref = outputs(case["model"], list(np.load(case["eval"])["x"]), "x")
-            base = measure(case, case["model"], ref, args.repeats)
-            print(f"\n## {case['name']}  float32: {base['size_kb']:.0f} KB, {base['lat1_ms']:.2f} / "
-                  f"{base['lat2_ms']:.2f} ms (1/2 threads), {case['metric']} "
-                  f"{base['fidelity'] if case['metric'] == 'accuracy' else float('inf'):.4f}")
-            print("| method | tool | size (x float) | latency 1t ms | latency 2t ms | "
-                  f"{case['metric']} | quantize s | peak RSS MB |")
-            print("|---|---|---|---|---|---|---|---|")
-            for method in args.methods.split(","):
-                for tool in ("onnxopt", "ort") if method != "mse" else ("onnxopt",):
-                    out = str(tmp / f"{case['name']}_{tool}_{method}.onnx")
-                    info = run_worker(tool, case["model"], case["calib"], method, out, args.percentile)
-                    label = tool
-                    row = {"model": case["name"], "method": method, "tool": tool, **info}
-                    if "error" not in info:
-                        try:
-                            row.update(measure(case, out, ref, args.repeats))
-                        except Exception as exc:
-                            row["error"] = f"cannot run: {str(exc).splitlines()[0][:150]}"
-                    if tool == "ort" and "error" in row and "per_tensor" not in row:
-                        first = row["error"]
-                        info = run_worker(tool, case["model"], case["calib"], method, out, args.percentile, True)
-                        row = {"model": case["name"], "method": method, "tool": tool, **info,
-                               "per_channel_error": first}
-                        label = "ort (per-tensor: per-channel output failed)"
-                        if "error" not in info:
-                            row.update(measure(case, out, ref, args.repeats))
-                    results.append(row)
-                    if "error" in row:
-                        print(f"| {method} | {label} | failed: {row['error']} | | | | | |")
-                        continue
-                    print(f"| {method} | {label} | {row['size_kb'] / base['size_kb']:.3f} | {row['lat1_ms']:.2f} | "
-                          f"{row['lat2_ms']:.2f} | {row['fidelity']:.4f} | {row['seconds']:.1f} | "
-                          f"{row['peak_rss_mb']:.0f} |", flush=True)
-            results.append({"model": case["name"], "tool": "float32", **base})
+            results.extend(bench_case(case, args, tmp))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
