@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "*MACs* and *act. mem* (peak of live activations, weights excluded) come from onnxopt's cost model "
         "at the inputs below (≥: some nodes had no inferable shape). Latencies are medians of the variant "
         "interleaved with the original in one process (onnxruntime, all graph optimizations on); "
-        "the ratio is the median of the run-by-run ratios against the original in the same pairing. Fidelity is the worst output's SNR and "
+        "the ratio is the median of the run-by-run ratios against the original in the same pairing. "
+        "The loadsave row runs the same graph as the original: its ratios show this run's noise floor. Fidelity is the worst output's SNR and "
         "cosine against the original's outputs on the same inputs.",
         "",
         "Inputs: digits_cnn the 450 test images; MiniLM 24 sentences of 32 tokens; PP-OCR cls 1x3x48x192, "
