@@ -155,8 +155,10 @@ class QuantizeStaticPass(Pass):
         return act, wt, why
 
     # -- planning --------------------------------------------------------------------------
-    def _fold_activations(self, graph: gs.Graph, act: qc.QuantScheme, ctx, quantized: set) -> int:
-        """Remove Relu/Clip(0, c) after a quantized op whose output will be quantized."""
+    def _fold_activations(self, graph: gs.Graph, act: qc.QuantScheme, ctx, quantized: set, shapes: dict,
+                          stats: dict | None = None) -> int:
+        """Remove Relu/Clip(0, c) after a quantized op whose output will be quantized (with
+        ``stats``: only where the Relu's output has calibration statistics to take over)."""
         q = ctx.target.quantization
         if not (self.options.fold_activations and q.get("quantize_outputs", True)) or act.symmetric:
             return 0
@@ -171,7 +173,11 @@ class QuantizeStaticPass(Pass):
             if not x.inputs or id(x) in outputs or len(x.outputs) != 1:
                 continue
             producer = x.inputs[0]
-            if producer.op not in quantized or (producer.name and producer.name in self.options.exclude_nodes):
+            if producer.op not in quantized or producer.domain not in (None, "", "ai.onnx") or \
+                    (producer.name and producer.name in self.options.exclude_nodes):
+                continue
+            if not qc.is_float_tensor(x, shapes) or (stats is not None and not (
+                    node.outputs[0].name in stats and stats[node.outputs[0].name].count)):
                 continue
             if node.op == "Clip" and not _clip_from_zero(node):
                 continue
@@ -287,7 +293,7 @@ class QuantizeStaticPass(Pass):
         act, _, _ = self._schemes(ctx)
         graph = model.graph.copy()
         shapes = ctx.analysis("shapes", model)
-        self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
+        self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes)
         plan = self._plan(graph, ctx, shapes, act)
         return [StatsRequest(tuple(plan.activations), self.options.calibration != "minmax")]
 
@@ -323,7 +329,7 @@ class QuantizeStaticPass(Pass):
         tensor_stats = ctx.calibration.statistics(model, list(request.tensors), histogram=request.histogram)
         graph = model.graph
         shapes = ctx.analysis("shapes", model)
-        folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx))
+        folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes, tensor_stats)
         plan = self._plan(graph, ctx, shapes, act)
         qmin, qmax = qc.qrange(act.dtype, act.symmetric)
         ranges: dict[str, tuple[float, float]] = {}

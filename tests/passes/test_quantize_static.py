@@ -269,3 +269,15 @@ def test_reduce_range_uses_seven_bit_weights():
     assert np.abs(q).max() == 63 and "reduce_range" in result.stats["weights"]
     w = inits(conv_relu())["w"]
     np.testing.assert_allclose(sw, np.abs(w).reshape(3, -1).max(1) / 63, rtol=1e-6)
+
+
+def test_relu_on_integers_is_never_folded():
+    nodes = [helper.make_node("Cast", ["x"], ["xi"], to=onnx.TensorProto.INT32),
+             helper.make_node("Add", ["xi", "one"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Cast", ["r"], ["y"], to=onnx.TensorProto.FLOAT)]
+    proto = make_model(nodes, [tensor("x", [1, 2, 5, 5])], [tensor("y", [1, 2, 5, 5])],
+                       [init("one", np.array(1, np.int32))])
+    out, result = quantize(proto)
+    assert op_histogram(out)["Relu"] == 1 and result.stats["activations_folded"] == 0
+    np.testing.assert_array_equal(run(proto, {"x": X[0]}), run(out, {"x": X[0]}))
