@@ -215,7 +215,6 @@ class QuantizeStaticPass(Pass):
 
         order = _topological(graph)
         skip = {name for name in o.exclude_nodes if name}
-        compute = []
         for node in order:
             if node.name in skip or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
                 continue
@@ -231,7 +230,6 @@ class QuantizeStaticPass(Pass):
             elif node.op in passthrough:
                 continue  # second phase, once producers and consumers are known
             elif node.op in quantized or full:
-                compute.append(node)
                 for t in acts:
                     add(t, node, outputs_too)
                 if outputs_too:
@@ -301,6 +299,19 @@ class QuantizeStaticPass(Pass):
     def run(self, model, ctx) -> PassResult:
         if ctx.calibration is None:
             raise CalibrationError("quantize-static needs calibration data (--calibration DATA)")
+        if any(n.op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or n.op.startswith("QLinear")
+               for n in model.graph.nodes):
+            return PassResult(changed=False, stats={"skipped": "the model is already quantized"})
+        saved_opsets = [(imp.domain, imp.version) for imp in model.template.opset_import]
+        try:
+            return self._quantize(model, ctx)
+        except Exception:
+            # the manager restores the graph; the opset import lives on the template
+            for imp, (_, version) in zip(model.template.opset_import, saved_opsets):
+                imp.version = version
+            raise
+
+    def _quantize(self, model, ctx) -> PassResult:
         act, wt, reduce_why = self._schemes(ctx)
         stats: dict = {"method": self.options.calibration, "activations": act.dtype,
                        "weights": f"{wt.dtype} {wt.granularity.replace('-', '_')}" + (" reduce_range" if wt.reduce_range else "")}

@@ -281,3 +281,10 @@ def test_relu_on_integers_is_never_folded():
     out, result = quantize(proto)
     assert op_histogram(out)["Relu"] == 1 and result.stats["activations_folded"] == 0
     np.testing.assert_array_equal(run(proto, {"x": X[0]}), run(out, {"x": X[0]}))
+
+
+def test_an_already_quantized_model_is_left_alone():
+    out, _ = quantize(conv_relu())
+    again, result = quantize(out)
+    assert not result.changed and result.stats["skipped"] == "the model is already quantized"
+    assert op_histogram(again) == op_histogram(out)
