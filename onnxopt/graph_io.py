@@ -601,8 +601,22 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     used_domains: set[str] = set()
     with _no_gc():
         _export_graph(graph, model.graph, None, used_domains)
+    _add_new_functions(model, graph)
     _sync_opsets(model, graph, used_domains)
     return model
+
+
+def _add_new_functions(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Functions a pass put into ``graph.functions`` (import leaves it empty)."""
+    if not graph.functions:
+        return
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    present = {(f.domain, f.name, f.overload) for f in model.functions}
+    for func in graph.functions:
+        proto = OnnxExporter.export_function(func)
+        if (proto.domain, proto.name, proto.overload) not in present:
+            model.functions.append(proto)
 
 
 def _sync_opsets(model: onnx.ModelProto, graph: gs.Graph, used_domains: set[str]) -> None:

@@ -472,3 +472,22 @@ def test_renamed_tensors_keep_their_type_structure_and_doc():
     assert out.graph.input[0].name == "maybe_input"
     assert out.graph.input[0].type == opt.type and out.graph.input[0].doc_string == "maybe"
     assert run(out, {"maybe_input": np.ones(3, np.float32)})[0]
+
+
+def test_function_added_by_a_pass_is_exported_next_to_the_templates():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [X], [Y])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+    def add_function(graph):
+        a, b = gs.Variable("a", np.float32), gs.Variable("b", np.float32)
+        func = gs.Function("Double", domain="com.example", inputs=[a], outputs=[b],
+                           nodes=[gs.Node("Add", inputs=[a, a], outputs=[b])])
+        graph.functions.append(func)
+        relu_out = graph.outputs[0]
+        doubled = gs.Variable("doubled", np.float32, [2, 3])
+        graph.nodes.append(gs.Node("Double", domain="com.example", inputs=[relu_out], outputs=[doubled]))
+        graph.outputs = [doubled]
+    out = roundtrip(model, add_function)
+    assert [f.name for f in out.functions] == ["Double"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    np.testing.assert_array_equal(run(out, {"x": x})[0], 2 * np.maximum(x, 0))
