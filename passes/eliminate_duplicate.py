@@ -31,7 +31,8 @@ from onnx import numpy_helper
 from onnxopt.pass_base import Pass, PassResult
 from onnxopt.registry import register_pass
 
-from .fold_constants import NONDETERMINISTIC, topological_order
+from .eliminate_identity import rewire
+from .fold_constants import NONDETERMINISTIC, detach_nodes, topological_order
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +120,14 @@ class EliminateDuplicatePass(Pass):
                 keep = first.setdefault(key, t)
                 if keep is t:
                     continue
-                for user in list(t.outputs):
-                    for i, inp in enumerate(user.inputs):
-                        if inp is t:
-                            user.inputs[i] = keep
+                rewire(t, keep)
                 merged += 1
         return merged
 
     @staticmethod
     def merge_nodes(graph: gs.Graph, output_ids: set[int]) -> int:
         first: dict[tuple, gs.Node] = {}
-        gone = set()
+        gone, gone_nodes = set(), []
         for node in topological_order(graph):
             key = _node_key(node)
             if key is None:
@@ -140,15 +138,11 @@ class EliminateDuplicatePass(Pass):
             if any(id(o) in output_ids for o in node.outputs):
                 continue
             for old, new in zip(node.outputs, keep.outputs):
-                if not old.name:
-                    continue
-                for user in list(old.outputs):
-                    for i, inp in enumerate(user.inputs):
-                        if inp is old:
-                            user.inputs[i] = new
-            node.inputs.clear()
-            node.outputs.clear()
+                if old.name:
+                    rewire(old, new)
             gone.add(id(node))
+            gone_nodes.append(node)
+        detach_nodes(gone_nodes)
         if gone:
             graph.nodes[:] = [n for n in graph.nodes if id(n) not in gone]
         return len(gone)

@@ -36,7 +36,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.pass_base import Pass, PassResult
 from onnxopt.registry import register_pass
 
-from .fold_constants import constant_node_value, exact_array, is_default_domain, topological_order
+from .fold_constants import (constant_node_value, detach_nodes, exact_array, is_default_domain,
+                             topological_order)
 
 logger = logging.getLogger(__name__)
 
@@ -59,28 +60,26 @@ class EliminateIdentityPass(Pass):
         output_ids = {id(t) for g in model.graphs() for t in g.outputs}
         for graph in list(model.graphs()):
             own = {id(n) for n in graph.nodes}
-            gone = set()
+            gone, gone_nodes = set(), []
             for node in topological_order(graph):
                 rule = rules.match(node)
                 if rule is None:
                     continue
                 src, dst = node.inputs[0], node.outputs[0]
                 if id(dst) in output_ids:
-                    if not _can_take_over(src, node, own, output_ids):
+                    if not _can_take_over(src, node, own, output_ids, gone):
                         kept_for_output += 1
                         continue
                     producer = src.inputs[0]
-                    _detach(node)
+                    detach_nodes([node])  # src and dst have no other links
                     slot = next(i for i, t in enumerate(producer.outputs) if t is src)
                     producer.outputs[slot] = dst
                 else:
-                    for user in list(dst.outputs):
-                        for i, t in enumerate(user.inputs):
-                            if t is dst:
-                                user.inputs[i] = src
-                    _detach(node)
+                    rewire(dst, src)
+                    gone_nodes.append(node)
                 gone.add(id(node))
                 removed[rule] += 1
+            detach_nodes(gone_nodes)
             if gone:
                 graph.nodes[:] = [n for n in graph.nodes if id(n) not in gone]
         stats = dict(sorted(removed.items()))
@@ -90,18 +89,25 @@ class EliminateIdentityPass(Pass):
         return PassResult(changed=stats["removed"] > 0, stats=stats)
 
 
-def _detach(node: gs.Node) -> None:
-    node.inputs.clear()
-    node.outputs.clear()
+def rewire(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every reader of ``old`` (in this graph or a body) reads ``new`` instead."""
+    users = list(old.outputs)
+    list.clear(old.outputs)
+    for user in users:
+        for i, t in enumerate(user.inputs):
+            if t is old:
+                list.__setitem__(user.inputs, i, new)
+                list.append(new.outputs, user)
 
 
-def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set) -> bool:
+def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set, gone: set) -> bool:
     """May the producer of ``src`` write ``node``'s output name instead (so ``node`` goes)?"""
     if isinstance(src, gs.Constant) or not src.inputs or id(src.inputs[0]) not in own:
         return False  # graph input, initializer or a tensor of an enclosing graph
     if id(src) in output_ids:
         return False
-    return len(src.outputs) == 1 and src.outputs[0] is node
+    readers = [u for u in src.outputs if id(u) not in gone]  # removed nodes unlink at the end
+    return len(readers) == 1 and readers[0] is node
 
 
 class _Rules:

@@ -107,6 +107,9 @@ def _nbytes(spec: tuple) -> int:
 # Inputs of these ops that are parameters, not data (left out of the broadcast).
 _PARAM_INPUTS = {"Clip": 1}
 
+# Constant inputs up to this size go into the evaluation model as initializers, not feeds.
+_SMALL_VALUE = 4096
+
 # Inputs up to this size are handed to onnx's per-node shape inference as values.
 _INFER_DATA_LIMIT = 64 * 1024
 
@@ -205,6 +208,27 @@ def topological_order(graph: gs.Graph) -> list[gs.Node]:
     if len(order) != len(nodes):  # a cycle (invalid model): keep the given order
         return list(nodes)
     return [nodes[i] for i in order]
+
+
+def detach_nodes(nodes) -> None:
+    """Unlink ``nodes`` from every tensor they read or write, in time linear in the links.
+
+    (graphsurgeon's list methods remove one link with a linear scan calling Node.__eq__,
+    which is quadratic for a constant read by thousands of removed nodes.)
+    """
+    gone = {id(n) for n in nodes}
+    tensors = {}
+    for node in nodes:
+        for t in list(node.inputs) + list(node.outputs):
+            tensors[id(t)] = t
+        list.clear(node.inputs)
+        list.clear(node.outputs)
+    for t in tensors.values():
+        for links in (t.inputs, t.outputs):
+            kept = [n for n in links if id(n) not in gone]
+            if len(kept) != len(links):
+                list.clear(links)
+                list.extend(links, kept)
 
 
 def graph_output_ids(model) -> set[int]:
@@ -674,11 +698,17 @@ class _Folder:
         from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
         produced = {o.name for n in nodes for o in n.outputs if o.name}
-        feeds, inputs, outputs = {}, [], []
+        feeds, inputs, outputs, initializers, seen = {}, [], [], [], set()
         for node in nodes:
             for t in node.inputs:
-                if t.name and t.name not in feeds and t.name not in produced:
+                if t.name and t.name not in seen and t.name not in produced:
+                    seen.add(t.name)
                     value = self.value_of(t)
+                    # Small values are initializers: onnxruntime checks feed names in
+                    # quadratic time, and shape chains have thousands of tiny inputs.
+                    if value.nbytes <= _SMALL_VALUE and value.dtype.kind != "O":
+                        initializers.append(numpy_helper.from_array(value, t.name))
+                        continue
                     feeds[t.name] = value
                     inputs.append(onnx.helper.make_tensor_value_info(
                         t.name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
@@ -687,7 +717,8 @@ class _Folder:
                     vi = onnx.ValueInfoProto()
                     vi.name = o.name
                     outputs.append(vi)
-        graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", inputs, outputs)
+        graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", inputs, outputs,
+                                       initializer=initializers)
         proto = onnx.helper.make_model(graph, opset_imports=self.opset_import)
         proto.ir_version = self.ir_version
         return proto, feeds
@@ -769,20 +800,20 @@ class _Folder:
 
     # -- rewrite -------------------------------------------------------------------------
     def replace(self, graph: gs.Graph, folded: dict[int, gs.Node]) -> None:
+        gone = [n for n in graph.nodes if id(n) in folded]
+        outputs_of = {id(n): [o for o in n.outputs if o.name] for n in gone}
+        detach_nodes(gone)
         new_nodes = []
         for node in graph.nodes:
             if id(node) not in folded:
                 new_nodes.append(node)
                 continue
             self.stats["folded_nodes"] += 1
-            outs = [o for o in node.outputs if o.name]
-            kept = [o for o in outs if id(o) in self.outputs]
-            node.inputs.clear()
-            node.outputs.clear()
-            for o in outs:
+            for o in outputs_of[id(node)]:
                 if id(o) not in self.outputs:
                     o.to_constant(self.known[id(o)])
-            for o in kept:  # a graph output stays produced by a node
+                    continue
+                # A graph output stays produced by a node.
                 const = gs.Constant(f"{o.name}_value", self.known[id(o)])
                 new_nodes.append(gs.Node("Constant", name=f"{o.name}_constant", attrs={"value": const},
                                          outputs=[o]))
