@@ -11,7 +11,7 @@ metadata, attribute types (empty lists cannot be exported; SPARSE_TENSOR, TYPE_P
 TENSORS, GRAPHS attributes are dropped), initializers that are also graph inputs (turned
 into foldable constants), unreferenced initializers, int4/uint4/fnuz/string constants
 re-encoded from numpy, and the exporter writes tensor names into the caller's protos.
-Findings in tools/conformance.py's docstring and /tmp/gs_findings.md.
+tests/test_graph_io.py has a test for each; tools/conformance.py --peer compares.
 
 How the extra information travels with the graph (and survives ``Graph.copy()``, which
 the pass manager uses for rollback snapshots):
@@ -22,13 +22,15 @@ the pass manager uses for rollback snapshots):
   clear that dict).
 * ``OnnxNode`` keeps its source NodeProto (doc string, metadata, attribute types) and a
   snapshot of what it looked like; an unchanged node is written back as its source proto.
-* ``OnnxVariable`` only fixes ``copy()``, which in gs resets ``type`` to tensor_type.
+* ``OnnxVariable`` keeps the ValueInfoProto it came from (so a renamed optional input
+  keeps its type) and fixes ``copy()``, which in gs resets ``type`` to tensor_type.
 * Constants keep graphsurgeon's ``LazyValues``: the original TensorProto is written back
   (renamed on a copy when the tensor was renamed); nothing is decoded to numpy unless a
   pass reads ``.values``.
 
 Local functions are not imported into ``graph.functions``: graphsurgeon's Function round
-trip is lossy, so they are carried unchanged from the template.
+trip is lossy, so they are carried unchanged from the template. Functions a pass appends
+to ``graph.functions`` are exported (with graphsurgeon's exporter) next to them.
 
 An input that also has an initializer is imported as a graph input (a Variable, so no
 pass folds it: a caller may feed it) whose default value is re-emitted on export.
@@ -42,7 +44,7 @@ import gc
 import logging
 from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -268,8 +270,8 @@ def _elem_type(dtype: Any) -> int:
 
 
 def _kind(type_proto: onnx.TypeProto) -> str | None:
-    which = type_proto.WhichOneof("value")
-    return which
+    """graphsurgeon's name for the kind of a type: "tensor_type", "sequence_type", ..."""
+    return type_proto.WhichOneof("value")
 
 
 def _inner_elem_type(type_proto: onnx.TypeProto) -> int:
