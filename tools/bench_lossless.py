@@ -151,15 +151,32 @@ def model_bytes(path: Path) -> int:
 
 
 def check_equal(src: Path, dst: str) -> str:
+    """onnxopt's output against its input in onnxruntime: 'equal', the mismatch, or why not run."""
+    import numpy as np
     import onnx
 
     from onnxopt import verify
 
-    try:
-        feeds, ref = verify.run(onnx.load(str(src)))
-        _, got = verify.run(onnx.load(dst), feeds)
-    except verify.CannotRun as exc:
-        return f"not run: {exc}"
+    ref_model, cand_model = onnx.load(str(src)), onnx.load(dst)
+    feeds = None
+    for dim in (None, 512):  # 512: models (an STFT front end) that refuse the default 32 samples
+        try:
+            if dim is not None:
+                sess = verify.session(ref_model)
+                rng = np.random.default_rng(0)
+                feeds = {}
+                for i in sess.get_inputs():
+                    shape = [d if isinstance(d, int) else (1 if k == 0 or 'batch' in str(d).lower() else dim)
+                             for k, d in enumerate(i.shape)]
+                    feeds[i.name] = (np.full(shape, 16000, np.int64) if "int64" in i.type
+                                     else rng.standard_normal(shape).astype(np.float32) * 0.1)
+            feeds, ref = verify.run(ref_model, feeds)
+            _, got = verify.run(cand_model, feeds)
+            break
+        except verify.CannotRun as exc:
+            reason = str(exc)
+    else:
+        return f"not run: {reason[:80]}"
     problems = verify.compare_outputs(ref, got)
     return "equal" if not problems else "; ".join(map(str, problems[:2]))
 
@@ -191,6 +208,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
     ap.add_argument("--check", action="store_true", help="check onnxopt's outputs in onnxruntime")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--markdown", action="store_true", help="end with the results as a markdown table")
     ap.add_argument("--workdir", help="where models and outputs go (default: a temporary folder)")
     ap.add_argument("--scale", action="store_true",
                     help="scale mode: `inspect` and `optimize --pipeline lossless` only, on the chains "
@@ -261,6 +279,51 @@ def main() -> None:
                   + (f"  [{row['check']}]" if "check" in row else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        print()
+        print(scale_table(rows) if args.scale else lossless_table(rows))
+
+
+def _secs(row: dict) -> str:
+    if row["status"] != "ok":
+        return row["status"].split(":")[0]
+    ratio = f" ({row['x_loadsave']:.1f}x)" if "x_loadsave" in row else ""
+    return f"{row['wall']:.2f}{ratio}"
+
+
+def lossless_table(rows: list[dict]) -> str:
+    """One line per model and tool: nodes left, wall time (x load+save), work time, peak RSS."""
+    lines = ["| model | nodes | tool | nodes left | wall s (x load+save) | work s | peak RSS MB | outputs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        work = f"{r['work']:.2f}" if r.get("work") is not None else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
+        lines.append(f"| {r['model'].removesuffix('.onnx')} | {r['nodes_in']} | {r['tool']} | "
+                     f"{r.get('nodes') if r.get('nodes') is not None else '-'} | {_secs(r)} | {work} | {rss} | "
+                     f"{r.get('check', '')} |")
+    return "\n".join(lines)
+
+
+def scale_table(rows: list[dict]) -> str:
+    """One line per model: inspect and optimize wall time and peak RSS (x the model's bytes)."""
+    lines = ["| model | nodes | bytes | inspect s | inspect peak RSS | optimize s | optimize peak RSS | nodes left |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_model: dict[str, dict] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["tool"]] = r
+
+    def rss(r):
+        if not r.get("peak_rss_mb"):
+            return "-"
+        return f"{r['peak_rss_mb']:.0f} MB ({r['rss_x_bytes']:.2f}x)"
+
+    for name, tools in by_model.items():
+        i, o = tools.get("inspect", {}), tools.get("onnxopt", {})
+        first = i or o
+        lines.append(f"| {name.removesuffix('.onnx')} | {first['nodes_in']} | {first['bytes'] / 1e6:.1f} MB | "
+                     f"{_secs(i) if i else '-'} | {rss(i)} | {_secs(o) if o else '-'} | {rss(o)} | "
+                     f"{o.get('nodes', '-') if o else '-'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
