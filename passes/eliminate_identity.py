@@ -13,7 +13,8 @@ eliminate-identity
     - ``Pad`` whose pads are all zero (any mode);
     - ``Tile`` whose repeats are all one;
     - ``Slice`` with positive steps whose output has the input's static shape (it can
-      only be the whole range);
+      only be the whole range), or from 0 to an end of at least 2**62 (exporters' "to the
+      end") with steps of 1;
     - ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Expand`` whose output has the
       input's static shape (from the ``shapes`` analysis);
     - ``Concat``, ``Sum``, ``Max``, ``Min``, ``Mean`` of a single input.
@@ -161,10 +162,25 @@ class _Rules:
                     return None
             elif self.opset >= 10 and len(node.inputs) < 3:
                 return None
-            return "slice_whole" if self.same_static_shape(src, node.outputs[0]) else None
+            if self.same_static_shape(src, node.outputs[0]) or self.slices_everything(node):
+                return "slice_whole"
+            return None
         if op in SAME_SHAPE_OPS:
             return f"{op.lower()}_same_shape" if self.same_static_shape(src, node.outputs[0]) else None
         return None
+
+    def slices_everything(self, node: gs.Node) -> bool:
+        """Slice from 0 to "the end" (an end of at least 2**62, as exporters write) in steps of 1."""
+        if self.opset < 10:
+            starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        else:
+            starts, ends = self.ints(node.inputs[1]), self.ints(node.inputs[2])
+        if len(node.inputs) > 4 and node.inputs[4].name:
+            steps = self.ints(node.inputs[4])
+            if steps is None or any(s != 1 for s in steps):
+                return False
+        return (starts is not None and ends is not None and len(starts) == len(ends)
+                and all(s == 0 for s in starts) and all(e >= 2**62 for e in ends))
 
     def inference_dropout(self, node: gs.Node) -> bool:
         if len(node.outputs) > 1:

@@ -68,12 +68,24 @@ def test_each_noop_rule(rule):
     check(proto, out)
 
 
+def test_slice_to_the_end_of_a_symbolic_dim():
+    nodes = [helper.make_node("Slice", ["a", "st", "en", "ax", "sp"], ["b"])]
+    inits = [init("st", i64([0])), init("en", i64([2**63 - 1])), init("ax", i64([1])), init("sp", i64([1]))]
+    proto = between_relus(nodes, inits, shape=(2, "T", 4))
+    out, result = run_pass("eliminate-identity", proto)
+    assert result.stats == {"slice_whole": 1, "removed": 1}
+    assert op_histogram(out) == {"Relu": 2}
+    check(proto, out, {"x": np.ones((2, 5, 4), np.float32)})
+
+
 MUST_NOT_FIRE = {
     "reshape_changes_shape": ([helper.make_node("Reshape", ["a", "s"], ["b"])], [init("s", i64([3, 2, 4]))], (3, 2, 4)),
     "transpose_permutes": ([helper.make_node("Transpose", ["a"], ["b"], perm=[0, 2, 1])], [], (2, 4, 3)),
     "cast_changes_type": ([helper.make_node("Cast", ["a"], ["h"], to=TensorProto.FLOAT16),
                            helper.make_node("Cast", ["h"], ["b"], to=TensorProto.FLOAT)], [], None),
     "pad_nonzero": ([helper.make_node("Pad", ["a", "p"], ["b"])], [init("p", i64([0, 0, 1, 0, 0, -1]))], None),
+    "slice_from_one": ([helper.make_node("Slice", ["a", "st", "en", "ax"], ["b"])],
+                       [init("st", i64([1])), init("en", i64([2**63 - 1])), init("ax", i64([1]))], (2, 2, 4)),
     "slice_reverses": ([helper.make_node("Slice", ["a", "st", "en", "ax", "sp"], ["b"])],
                        [init("st", i64([-1])), init("en", i64([-2**62])), init("ax", i64([2])),
                         init("sp", i64([-1]))], None),
