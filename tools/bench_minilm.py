@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, os.path.getsize(path), lat[name], float(cos.mean()), float(cos.min())))
     cpu = _cpu_name()
     print(f"MiniLM-L6, batch {BATCH}x{SEQ} tokens, {len(EVAL)} eval sentences, median of {args.repeat}, "
-          f"onnxruntime {ort.__version__} ORT_ENABLE_ALL, {cpu}")
+          f"onnxruntime {ort.__version__} ORT_ENABLE_ALL, {cpu}, load average {os.getloadavg()[0]:.1f} at the end")
     head = "| variant | size MB | " + " | ".join(f"{t} thr ms (x float)" for t in args.threads) + \
         " | cosine mean | cosine min |"
     print(head)
