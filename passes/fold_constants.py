@@ -3,16 +3,20 @@
 fold-constants
     A node of the default ONNX domain whose inputs are all constant (initializers, Constant
     nodes, outputs of nodes folded before it) is evaluated and its outputs become
-    initializers. Nodes are evaluated in waves (a wave = every node whose inputs became
-    known in the previous one), each wave as one small model in one onnxruntime session
-    (ORT_DISABLE_ALL, so the values are exactly what the runtime would compute). A node
-    onnxruntime refuses is evaluated alone, then by onnx's ReferenceEvaluator, else left.
+    initializers. Evaluation is batched: every node whose output size follows from the
+    shapes of its inputs joins the current batch (so a chain of any depth is one batch),
+    and each batch is one small model run in one onnxruntime session (ORT_DISABLE_ALL, so
+    the values are exactly what the runtime would compute); a node whose size needs its
+    inputs' values waits for the next batch. When a batch fails, its nodes are evaluated
+    one by one, by onnxruntime, else by onnx's ReferenceEvaluator, else left alone.
 
     Shape computations: ``Shape`` (with its ``start``/``end`` attributes) and ``Size`` of a
     tensor whose dims are statically known (the ``shapes`` analysis: onnx shape inference
     with data propagation) become constants without evaluating anything, so exported
-    Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away. ``Shape`` with
-    start/end folds when only the selected dims are static.
+    Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away. For a partly
+    symbolic shape, ``Cast`` (to int32/int64), ``Gather``, ``Slice`` and ``Concat`` of it
+    fold when every element they produce is a static dim (``Gather(Shape(x), 1)`` with x
+    of shape [N, 3, H] is 3).
 
     Size bound (option ``max_bytes``): a node is folded only when the byte size of every
     output is known BEFORE it is evaluated and is at most ``max_bytes``: from the
