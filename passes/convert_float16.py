@@ -14,7 +14,10 @@ so a tensor gets at most one Cast whatever its number of consumers. Constants ar
 converted in place instead (a constant both sides read gets a second, converted copy), so
 weights never cost a Cast. Graph outputs keep float32 when ``keep_io`` (one Cast before
 each that needs it). Constants beyond the float16 range are clamped to +-65504 with a
-warning; bfloat16 has float32's range and needs no clamping.
+warning when they feed an op of ``clamp_ops`` (where they act as sentinels: -1e9 in an
+attention mask); any other node reading one stays float32 with a warning (PP-OCR det has
+BatchNormalization variances above 1e5: clamping them ruined its output, -104 dB SNR).
+bfloat16 has float32's range and needs neither.
 """
 
 from __future__ import annotations
@@ -88,6 +91,15 @@ def clamp_to_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
     return values.astype(np.float16), n
 
 
+def _reads_out_of_range(node: gs.Node) -> bool:
+    for t in node.inputs:
+        if isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32:
+            v = np.asarray(t.values)
+            if v.size and np.any(np.isfinite(v) & (np.abs(v) > FP16_MAX)):
+                return True
+    return False
+
+
 @register_pass("convert-float16")
 class ConvertFloat16Pass(Pass):
     """Compute in float16 (or bfloat16), keeping graph I/O and blocked ops in float32."""
@@ -101,6 +113,9 @@ class ConvertFloat16Pass(Pass):
         block_ops: list[str] = option([], "more op types to keep in float32 (added to the built-in list)")
         keep_nodes: list[str] = option([], "node names to keep in float32")
         use_default_block: bool = option(True, "also keep the built-in list of fragile ops in float32")
+        clamp_ops: list[str] = option(["Add", "Sub", "Where", "Min", "Max", "Clip"],
+                                      "ops whose out-of-float16-range constants are clamped (sentinels such "
+                                      "as -1e9 masks); any other op reading one stays float32")
 
     def run(self, model, ctx) -> PassResult:
         o = self.options
@@ -141,6 +156,8 @@ class ConvertFloat16Pass(Pass):
         # 1. Which nodes compute in the low type, and which of their slots follow.
         converted: dict[int, tuple[list[bool], list[bool]]] = {}
         blocked = 0
+        kept_range = 0
+        clamp_ops = set(o.clamp_ops)
         for node in graph.nodes:
             float_in = [bool(t.name) and dtype_of(t) == f32 for t in node.inputs]
             float_out = [dtype_of(t) == f32 for t in node.outputs]
@@ -166,6 +183,14 @@ class ConvertFloat16Pass(Pass):
             types = _slot_types(node.op, model.opset)
             if types is None:
                 blocked += 1
+                continue
+            if o.dtype == "float16" and node.op not in clamp_ops and _reads_out_of_range(node):
+                # e.g. a BatchNormalization variance of 1e6: clamping it would change the
+                # result, so the node computes in float32 instead
+                logger.warning("convert-float16: node '%s' (%s) reads constants beyond the float16 range; "
+                               "kept in float32", node.name, node.op)
+                blocked += 1
+                kept_range += 1
                 continue
             ins_p, outs_p, allowed = types
             ins = [f and _slot_allows(ins_p, allowed, i, low_str) for i, f in enumerate(float_in)]
@@ -272,7 +297,7 @@ class ConvertFloat16Pass(Pass):
         graph.nodes.extend(new_nodes)
         graph.toposort()
         graph.cleanup()
-        stats = {"converted": len(converted), "kept_float32": blocked, "casts": n_casts,
-                 "clamped": clamped, "dtype": o.dtype}
+        stats = {"converted": len(converted), "kept_float32": blocked, "kept_for_range": kept_range,
+                 "casts": n_casts, "clamped": clamped, "dtype": o.dtype}
         logger.info("convert-float16: %s", stats)
         return PassResult(changed=True, stats=stats)

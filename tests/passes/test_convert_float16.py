@@ -159,3 +159,23 @@ def test_minilm_runs_in_float16_on_the_cpu():
     assert got["last_hidden_state"].dtype == np.float32
     a, b = ref["last_hidden_state"].ravel(), got["last_hidden_state"].ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
+
+
+def test_a_node_reading_out_of_range_constants_stays_float32_unless_it_clamps():
+    """BatchNormalization with a variance of 1e6: clamping it would quadruple the output."""
+    var = np.array([1e6, 4.0], np.float32)
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["y"])]
+    model = make_model(nodes, [tensor("x", [1, 2, 3])], [tensor("y", [1, 2, 3])],
+                       [init("s", np.ones(2, np.float32)), init("b", np.zeros(2, np.float32)),
+                        init("m", np.zeros(2, np.float32)), init("v", var)])
+    out, result = run_pass("convert-float16", model)
+    assert result.stats["kept_for_range"] == 1 and result.stats["clamped"] == 0
+    assert elem_types(out)["v"] == TensorProto.FLOAT
+    x = (rng(7).standard_normal((1, 2, 3)) * 1000).astype(np.float32)
+    close_to_float(model, out, {"x": x}, tol=1e-2)
+    out, result = run_pass("convert-float16", model, clamp_ops=["BatchNormalization"])
+    assert result.stats["clamped"] == 1  # asked to clamp: it does, and the result moves
+    _, got = verify.run(out, {"x": x})
+    _, ref = verify.run(model, {"x": x})
+    assert np.abs(got["y"] - ref["y"]).max() > 0.5 * np.abs(ref["y"]).max()
