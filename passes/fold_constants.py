@@ -245,6 +245,10 @@ class FoldConstantsPass(Pass):
     """Evaluate nodes whose inputs are all constant and store their outputs as initializers."""
 
     lossless = True
+    # Folding replaces computed tensors by constants of the same shape and type, and an
+    # inlined If's outputs keep theirs: every shape the analysis knew stays true (tensors
+    # it never saw are simply unknown to it), so the next pass need not infer again.
+    preserves = frozenset({"shapes"})
 
     @dataclass
     class Options:
