@@ -15,22 +15,23 @@ import onnx
 
 logger = logging.getLogger(__name__)
 
-# Symbolic dims get these sizes when no data is given: batch-like dims 1, others 128
-# (long enough for the reflect pads of audio front ends, divisible by the strides of
-# common CNNs, still cheap). A dim name keeps one size across all inputs.
+# Symbolic dims get one of these sizes when no data is given: batch-like dims 1, the
+# others the first size the model runs with (audio front ends need long inputs, CNNs
+# sizes divisible by their strides, some recognizers fixed-size tails). A dim name keeps
+# one size across all inputs.
 DEFAULT_BATCH = 1
-DEFAULT_DIM = 128
+DIM_CANDIDATES = (128, 512, 32, 1024, 64, 256, 16, 8)
 
 
-def _dim_size(dim, position: int, named: dict) -> int:
+def _dim_size(dim, position: int, named: dict, size: int) -> int:
     if isinstance(dim, int) and dim >= 0:
         return dim
     if isinstance(dim, str) and dim:
         if dim not in named:
             batch_like = "batch" in dim.lower() or dim in ("N", "n", "B", "b")
-            named[dim] = DEFAULT_BATCH if batch_like or position == 0 else DEFAULT_DIM
+            named[dim] = DEFAULT_BATCH if batch_like or position == 0 else size
         return named[dim]
-    return DEFAULT_BATCH if position == 0 else DEFAULT_DIM
+    return DEFAULT_BATCH if position == 0 else size
 
 
 class CannotRun(Exception):
@@ -68,8 +69,30 @@ def _ort_dtype(type_str: str) -> np.dtype:
     return np.dtype(table[name])
 
 
-def sample_inputs(sess, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs made from the model's input specs: symbolic dims get small fixed sizes."""
+def sample_inputs(sess, seed: int = 0, probe: bool = True) -> dict[str, np.ndarray]:
+    """Inputs made from the model's input specs (seeded).
+
+    Symbolic dims take the first size of DIM_CANDIDATES with which the model runs
+    (``probe``: one trial run per size tried); the first size when none does.
+    """
+    first = None
+    for size in DIM_CANDIDATES:
+        feeds = _make_inputs(sess, seed, size)
+        if first is None:
+            first = feeds
+        if not probe:
+            break
+        if all(isinstance(d, int) and d >= 0 for i in sess.get_inputs() for d in (i.shape or [])):
+            return feeds  # nothing symbolic: no size to choose
+        try:
+            sess.run(None, feeds)
+            return feeds
+        except Exception:  # the model refuses this size: try the next
+            continue
+    return first
+
+
+def _make_inputs(sess, seed: int, size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     named: dict[str, int] = {}
@@ -77,7 +100,7 @@ def sample_inputs(sess, seed: int = 0) -> dict[str, np.ndarray]:
         if not inp.type.startswith("tensor("):
             raise CannotRun(f"input '{inp.name}' is a {inp.type}, not a tensor")
         dtype = _ort_dtype(inp.type)
-        shape = [_dim_size(d, i, named) for i, d in enumerate(inp.shape or [])]
+        shape = [_dim_size(d, i, named, size) for i, d in enumerate(inp.shape or [])]
         if dtype.kind == "f":
             value = rng.standard_normal(shape)
         elif dtype.kind == "b":
