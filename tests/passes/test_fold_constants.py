@@ -281,3 +281,20 @@ def test_cast_slice_concat_of_a_partly_symbolic_shape():
     assert op_histogram(out) == {"Shape": 1, "Cast": 1, "Reshape": 1}
     assert numpy_helper.to_array(inits(out)["target"]).tolist() == [-1, 3, 4]
     check(proto, out, {"x": np.ones((2, 3, 4), np.float32)})
+
+
+def test_folds_a_loop_invariant_inside_a_loop_body():
+    # body: acc_out = acc + (w * k)   where w is an outer constant and k a body constant
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["w", "k"], ["wk"]), helper.make_node("Add", ["acc", "wk"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("acc", [3])],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("acc_out", [3])], [init("k", np.float32([2, 2, 2]))])
+    nodes = [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)]
+    proto = make_model(nodes, [tensor("n", [], TensorProto.INT64), tensor("x", [3])], [tensor("y", [3])],
+                       [init("w", np.float32([1, 2, 3]))])
+    out, result = run_pass("fold-constants", proto)
+    assert result.stats["folded_nodes"] == 1 and result.stats["subgraphs_visited"] == 1
+    body_out = out.graph.node[0].attribute[0].g
+    assert [n.op_type for n in body_out.node] == ["Add", "Identity"]
+    check(proto, out, {"n": np.array(3, np.int64), "x": np.float32([0, 1, 2])})
