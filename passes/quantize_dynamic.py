@@ -258,7 +258,8 @@ class _Rewriter:
     def rewrite_gather(self, node: gs.Node) -> None:
         data, idx = node.inputs
         base = _node_key(node)
-        q, scale = symmetric_int8(data.values, 0 if self.per_channel else None, self.reduce_range)
+        # dequantized in float after the lookup: no int16 saturation, all 8 bits
+        q, scale = symmetric_int8(data.values, 0 if self.per_channel else None)
         out = node.outputs[0]
         node.outputs = []
         self.removed.add(id(node))
@@ -377,7 +378,9 @@ class QuantizeDynamicPass(Pass):
         op_types: list[str] = option(["MatMul", "Gemm", "Gather"],
                                      "ops to quantize: MatMul, Gemm, Conv, Gather (embedding tables)")
         per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
-        reduce_range: bool = option(False, "7-bit weights (for x86 CPUs without VNNI)")
+        reduce_range: str = option("auto", "7-bit weights: on, off, or auto (on for the CPU provider on an "
+                                           "x86 CPU without VNNI, where u8*s8 dot products saturate int16)",
+                                   choices=["auto", "on", "off"])
         format: str = option("standard", "standard (DynamicQuantizeLinear shared by an activation's "
                                          "consumers, MatMulInteger) or contrib (DynamicQuantizeMatMul, "
                                          "needs runtime.contrib_ops)",
@@ -403,6 +406,7 @@ class QuantizeDynamicPass(Pass):
 
             raise PipelineError(f"quantize-dynamic: cannot quantize {', '.join(sorted(unknown))} "
                                 "(op_types takes MatMul, Gemm, Conv, Gather)")
+        reduce = o.reduce_range == "on" or (o.reduce_range == "auto" and _cpu_saturates(ctx))
         contrib = o.format == "contrib"
         if contrib and not ctx.target.runtime.contrib_ops:
             from onnxopt.errors import PipelineError
@@ -428,9 +432,11 @@ class QuantizeDynamicPass(Pass):
         self._smooth_scales = self._smoothing(model, ctx, plan) if o.smooth else {}
         if o.min_cosine > 0:
             plan, floated, cosine = self._drop_sensitive(model, ctx, plan, contrib)
+        self._reduce = reduce
         stats = self._apply(model, plan, contrib)
         stats["smoothed"] = len(self._smooth_scales)
         stats["format"] = "contrib" if contrib else "standard"
+        stats["reduce_range"] = reduce
         stats["kept_float"] = floated
         if cosine is not None:
             stats["sample_cosine"] = round(cosine, 5)
@@ -443,7 +449,7 @@ class QuantizeDynamicPass(Pass):
         counts: dict[str, int] = {}
         _insert_smoothing(model.graph, plan, getattr(self, "_smooth_scales", {}))
         for graph, node, kind in plan:
-            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, o.reduce_range, contrib))
+            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, getattr(self, "_reduce", False), contrib))
             getattr(rw, f"rewrite_{kind}")(node)
             counts[kind] = counts.get(kind, 0) + 1
         for rw in by_graph.values():
@@ -559,6 +565,18 @@ def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
             w = node.inputs[1]
             node.inputs[0] = xs
             node.inputs[1] = gs.Constant(names(f"{w.name}_smoothed"), (w.values * s[:, None]).astype(np.float32))
+
+
+def _cpu_saturates(ctx) -> bool:
+    """True when the target runs on onnxruntime's CPU provider on an x86 CPU without VNNI."""
+    providers = list(ctx.target.runtime.get("execution_providers", []))[:1]
+    if providers != ["CPUExecutionProvider"]:
+        return False
+    try:  # the same host check quantize-static uses
+        from onnxopt.passes.quantize_static import _cpu_has_vnni
+    except ImportError:
+        return False
+    return not _cpu_has_vnni()
 
 
 def _proto_of(model) -> onnx.ModelProto:

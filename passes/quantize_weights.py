@@ -200,9 +200,12 @@ class QuantizeWeightsPass(Pass):
         if o.block_size < 16 or o.block_size & (o.block_size - 1):
             raise PipelineError(f"quantize-weights: block_size must be a power of two >= 16, not {o.block_size}")
         contrib = o.format == "contrib" or (o.format == "auto" and bool(ctx.target.runtime.contrib_ops))
-        if o.bits == 4 and not contrib and not ctx.target.capabilities.get("int4", False) and o.format == "auto":
-            logger.warning("quantize-weights: target %s does not list int4; emitting it anyway as asked",
-                           ctx.target.name)
+        if contrib and not ctx.target.runtime.contrib_ops:
+            raise PipelineError(f"quantize-weights: format=contrib (MatMulNBits) needs a target with "
+                                f"runtime.contrib_ops; target '{ctx.target.name}' has none")
+        if o.bits == 4 and not contrib and not ctx.target.capabilities.get("int4", False):
+            raise PipelineError(f"quantize-weights: target '{ctx.target.name}' does not run int4 "
+                                "(capabilities.int4 = false); use bits=8")
         plan = self._plan(model)
         if not plan:
             return PassResult(changed=False, stats={"quantized": 0})

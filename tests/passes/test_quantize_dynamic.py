@@ -52,7 +52,7 @@ def test_scales_by_hand():
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_standard_form_matches_the_quantized_math(per_channel):
     model = matmul_add()
-    out, result = run_pass("quantize-dynamic", model, min_elements=1, per_channel=per_channel)
+    out, result = run_pass("quantize-dynamic", model, min_elements=1, per_channel=per_channel, reduce_range="off")
     onnx.checker.check_model(out)
     assert result.changed and result.stats["matmul"] == 1
     hist = op_histogram(out)
@@ -69,14 +69,23 @@ def test_standard_form_matches_the_quantized_math(per_channel):
     assert np.abs(got["y"] - ref["y"]).max() < 0.1 * np.abs(ref["y"]).max()
 
 
+def test_reduce_range_on_gives_7_bit_weights():
+    out, result = run_pass("quantize-dynamic", matmul_add(), min_elements=1, reduce_range="on")
+    assert result.stats["reduce_range"] is True
+    wq = next(i for i in out.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2)
+    assert np.abs(onnx.numpy_helper.to_array(wq)).max() == 63
+    _, off = run_pass("quantize-dynamic", matmul_add(), min_elements=1, reduce_range="off")
+    assert off.stats["reduce_range"] is False
+
+
 def test_contrib_form_folds_the_bias_and_runs():
     model = matmul_add()
-    out, result = run_pass("quantize-dynamic", model, min_elements=1, format="contrib")
+    out, result = run_pass("quantize-dynamic", model, min_elements=1, format="contrib", reduce_range="off")
     assert op_histogram(out) == {"DynamicQuantizeMatMul": 1}
     assert any(o.domain == "com.microsoft" for o in out.opset_import)
     x = rng(9).standard_normal((4, 16)).astype(np.float32)
     _, got = verify.run(out, {"x": x})
-    std, _ = run_pass("quantize-dynamic", model, min_elements=1)
+    std, _ = run_pass("quantize-dynamic", model, min_elements=1, reduce_range="off")
     _, want = verify.run(std, {"x": x})
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4)
 

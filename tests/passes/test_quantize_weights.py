@@ -154,6 +154,14 @@ def test_gemm_with_transposed_weight_and_bias():
         np.testing.assert_allclose(got["y"], want, rtol=1e-4, atol=1e-4)
 
 
+def test_target_limits_are_errors():
+    with pytest.raises(PipelineError, match="int4"):
+        run_pass("quantize-weights", matmul_bias(opset=21), target="npu", min_elements=1, block_size=16)
+    with pytest.raises(PipelineError, match="contrib_ops"):
+        run_pass("quantize-weights", matmul_bias(), target="npu", min_elements=1, block_size=16,
+                 bits=8, format="contrib")
+
+
 def test_bad_block_size_and_untouched_models():
     with pytest.raises(PipelineError, match="power of two"):
         run_pass("quantize-weights", matmul_bias(), block_size=24)
