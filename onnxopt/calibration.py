@@ -109,7 +109,11 @@ class TensorStatistics:
             return min(plo, phi), phi
         if method == "entropy":
             abs_hist = kernels.fold_abs(hist)
-            threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels), float(max_clipped))
+            # at most ~512 candidate thresholds: a step of a few of 2048 bins changes the
+            # range by under 0.2% and makes this 3-4x faster
+            stride = max(1, -(-(abs_hist.size - int(levels)) // 512))
+            threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels), float(max_clipped),
+                                                  stride)
             elo, ehi = max(lo, -threshold), min(hi, threshold)
             return min(elo, ehi), ehi
         if method == "mse":

@@ -164,7 +164,7 @@ def kl_divergence_at(abs_hist, i, levels, p, q, eps=1e-4):
 
 
 @njit(cache=True, nogil=True)
-def entropy_threshold(abs_hist, bin_width, levels, max_clipped):
+def entropy_threshold(abs_hist, bin_width, levels, max_clipped, stride=1):
     """TensorRT's calibration: the |x| threshold whose clipped, quantized distribution is
     closest in KL divergence to the original. Candidates run from ``levels`` bins to the
     last nonzero bin; returns the upper edge of the last kept bin (i * bin_width).
@@ -172,7 +172,8 @@ def entropy_threshold(abs_hist, bin_width, levels, max_clipped):
     Candidates that clip more than a fraction ``max_clipped`` of the values are skipped:
     for a tensor whose values sit away from zero (a hard-sigmoid in [0.13, 0.86]) a
     threshold below every value folds the whole histogram into one bin, which any Q
-    matches exactly (KL = 0), and would clip everything."""
+    matches exactly (KL = 0), and would clip everything. ``stride`` > 1 tries every
+    stride-th candidate only (the last bin is always tried)."""
     nbins = abs_hist.size
     last = 0
     total = 0.0
@@ -186,20 +187,21 @@ def entropy_threshold(abs_hist, bin_width, levels, max_clipped):
         return stop * bin_width
     best = np.inf
     best_i = stop
-    beyond = 0.0
-    for k in range(levels, nbins):
-        beyond += abs_hist[k]
+    suffix = np.zeros(nbins + 1, dtype=np.float64)  # suffix[i] = count in bins i and beyond
+    for k in range(nbins - 1, -1, -1):
+        suffix[k] = suffix[k + 1] + abs_hist[k]
     p = np.empty(nbins, dtype=np.float64)
     q = np.empty(nbins, dtype=np.float64)
-    for i in range(levels, stop + 1):
-        if i > levels:
-            beyond -= abs_hist[i - 1]
-        if beyond > max_clipped * total:
+    i = levels
+    while i <= stop:
+        candidate = i
+        i = i + stride if i < stop and i + stride <= stop else (stop if i < stop else stop + 1)
+        if suffix[candidate] > max_clipped * total:
             continue
-        kl = kl_divergence_at(abs_hist, i, levels, p, q)
+        kl = kl_divergence_at(abs_hist, candidate, levels, p, q)
         if kl < best:
             best = kl
-            best_i = i
+            best_i = candidate
     return best_i * bin_width
 
 

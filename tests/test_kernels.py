@@ -78,7 +78,7 @@ def test_percentile_matches_numpy(p):
     assert abs(hi - np.percentile(everything, p)) <= 4 * width
 
 
-def slow_entropy_threshold(abs_hist, width, levels, max_clipped):
+def slow_entropy_threshold(abs_hist, width, levels, max_clipped, stride=1):
     """TensorRT's KL calibration written plainly in numpy (same smoothing and grouping)."""
     def smooth(p, eps=1e-4):
         zeros = p == 0
@@ -89,7 +89,7 @@ def slow_entropy_threshold(abs_hist, width, levels, max_clipped):
     last = np.nonzero(abs_hist)[0].max()
     stop = min(max(last + 1, levels), abs_hist.size)
     best, best_i = np.inf, stop
-    for i in range(levels, stop + 1):
+    for i in sorted(set(range(levels, stop + 1, stride)) | {stop}):
         if abs_hist[i:].sum() > max_clipped * abs_hist.sum():
             continue
         p = abs_hist[:i].copy()
@@ -120,6 +120,8 @@ def test_entropy_matches_slow_reference():
     guarded = kernels.entropy_threshold(abs_hist.astype(np.float64), width, 128, 1e-4)
     assert guarded == pytest.approx(slow_entropy_threshold(abs_hist.astype(np.float64), width, 128, 1e-4))
     assert np.mean(np.abs(x) > guarded) <= 1e-4
+    strided = kernels.entropy_threshold(abs_hist.astype(np.float64), width, 128, 1.0, 3)
+    assert strided == pytest.approx(slow_entropy_threshold(abs_hist.astype(np.float64), width, 128, 1.0, 3))
 
 
 def test_entropy_does_not_clip_a_distribution_away_from_zero():
