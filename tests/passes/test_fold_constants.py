@@ -183,7 +183,18 @@ def _dequantize_weight():
                       [init("q", np.int8([[1, 2], [3, 4]])), init("s", np.float32(0.1)), init("z", np.int8(0))])
 
 
-@pytest.mark.parametrize("build", [_random_like, _custom_domain, _bfloat16_weight, _dequantize_weight])
+def _overridable_initializer():
+    # "a" is an initializer and a graph input: the caller may feed another value.
+    nodes = [helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("Add", ["x", "ab"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [tensor("x", [2]), tensor("a", [2])], [tensor("y", [2])],
+                              [init("a", np.float32([1, 1])), init("b", np.float32([2, 3]))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("build", [_random_like, _custom_domain, _bfloat16_weight, _dequantize_weight,
+                                   _overridable_initializer])
 def test_never_folds_random_custom_unrepresentable_or_dequantize(build):
     proto = build()
     out, result = run_pass("fold-constants", proto)
