@@ -209,21 +209,125 @@ class GraphSource:
 
 
 class OnnxGraph(gs.Graph):
-    """A Graph with its ``GraphSource``; ``copy()`` keeps it (and the producer fields)."""
+    """A Graph with its ``GraphSource`` and a faithful, fast ``copy()``."""
 
     def copy(self, tensor_map=None):
-        graph = super().copy(tensor_map)
-        graph.__class__ = OnnxGraph
-        graph.producer_name = self.producer_name
-        graph.producer_version = self.producer_version
-        source = self.__dict__.get("onnx_source")
-        graph.onnx_source = source.copy() if source is not None else GraphSource()
+        """A copy that shares no mutable state with this graph.
+
+        Unlike graphsurgeon's copy (which the pass manager uses for rollback snapshots)
+        it keeps variable types and infos, node sources, the GraphSource and producer
+        fields; it copies numpy weights (gs shares them, so a pass editing a weight in
+        place would also edit the snapshot) while LazyValues, which wrap the model's
+        immutable TensorProtos, stay shared; and it is about 10x faster.
+        """
+        created: list[gs.Graph] = []
+        with _no_gc():
+            graph = _copy_graph(self, tensor_map or {}, created)
+        if tensor_map is None:
+            for sub in created:  # one function list per graph tree, as in graphsurgeon
+                sub._functions = graph._functions
         return graph
 
     @property
     def unused_initializers(self) -> dict[str, Message]:
         """Initializers no node reads, written back on export unless removed from here."""
         return self.onnx_source.unused_initializers
+
+
+_PLAIN_TENSORS = (gs.Variable, OnnxVariable, gs.Constant)
+_PLAIN_NODES = (gs.Node, OnnxNode)
+
+
+def _copy_tensor(t: gs.Tensor) -> gs.Tensor:
+    kind = type(t)
+    if kind is gs.Constant:
+        values = t._values
+        if isinstance(values, np.ndarray):
+            values = values.copy()
+        return gs.Constant(t.name, values, data_location=t.data_location, export_dtype=t._export_dtype)
+    if kind is gs.Variable or kind is OnnxVariable:
+        c = _new_variable(t.name)
+        shape = t.shape
+        c.__dict__.update(dtype=t.dtype, shape=list(shape) if isinstance(shape, list) else shape, type=t.type)
+        info = getattr(t, "info", None)
+        if info is not None:
+            c.__dict__["info"] = info
+        return c
+    return t.copy()  # a Tensor subclass we do not know: its own copy
+
+
+def _copy_graph(graph: gs.Graph, outer: Mapping[str, gs.Tensor], created: list) -> gs.Graph:
+    """graphsurgeon's Graph.copy semantics: local tensors are new, foreign ones come from
+    ``outer`` (the enclosing graph's copies) when present."""
+    local_names = {t.name for t in graph.inputs}
+    referenced: dict[str, gs.Tensor] = {}
+    for t in graph.inputs:
+        referenced.setdefault(t.name, t)
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name not in referenced:
+                referenced[t.name] = t
+            if isinstance(t, gs.Constant):
+                local_names.add(t.name)
+        for t in node.outputs:
+            referenced.setdefault(t.name, t)
+            local_names.add(t.name)
+    for t in graph.outputs:
+        referenced.setdefault(t.name, t)
+        if isinstance(t, gs.Constant):
+            local_names.add(t.name)
+    referenced.pop("", None)
+
+    copies: dict[str, gs.Tensor] = {}
+    for name, t in referenced.items():
+        if name not in local_names and name in outer:
+            copies[name] = outer[name]
+        else:
+            copies[name] = _copy_tensor(t)
+    scope = ChainMap(copies, outer) if outer else copies
+
+    def get(t: gs.Tensor) -> gs.Tensor:
+        return copies[t.name] if t.name else gs.Variable.empty()
+
+    nodes = []
+    for node in graph.nodes:
+        attrs = {}
+        for key, value in node.attrs.items():
+            if type(value) is OnnxGraph:
+                value = _copy_graph(value, scope, created)
+                created.append(value)
+            elif isinstance(value, gs.Graph):
+                value = value.copy(tensor_map=dict(scope))
+                created.append(value)
+            elif isinstance(value, list):
+                value = list(value)
+            attrs[key] = value
+        inputs = [get(t) for t in node.inputs]
+        outputs = [get(t) for t in node.outputs]
+        if type(node) in _PLAIN_NODES:
+            nodes.append(_new_node(node.op, node.name, attrs, inputs, outputs, node.domain,
+                                   source=getattr(node, "source", None),
+                                   snapshot=getattr(node, "snapshot", None)))
+        else:  # a Node subclass we do not know: its own copy
+            nodes.append(node.copy(inputs=inputs, outputs=outputs, tensor_map=dict(scope)))
+
+    clone = OnnxGraph(
+        inputs=[get(t) for t in graph.inputs],
+        outputs=[get(t) for t in graph.outputs],
+        name=graph.name,
+        doc_string=graph.doc_string,
+        opset=graph.opset,
+        import_domains=graph.import_domains,
+        producer_name=graph.producer_name,
+        producer_version=graph.producer_version,
+        functions=list(graph.functions),
+        ir_version=graph.ir_version,
+    )
+    clone.nodes = nodes
+    clone.name_idx = graph.name_idx
+    source = _source_of(graph)
+    clone.onnx_source = source.copy() if source is not None else GraphSource()
+    return clone
 
 
 def _source_of(graph: gs.Graph) -> GraphSource | None:

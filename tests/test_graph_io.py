@@ -491,3 +491,27 @@ def test_function_added_by_a_pass_is_exported_next_to_the_templates():
     assert [f.name for f in out.functions] == ["Double"]
     x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
     np.testing.assert_array_equal(run(out, {"x": x})[0], 2 * np.maximum(x, 0))
+
+
+def test_copy_is_independent_including_numpy_weights():
+    """The pass manager snapshots with graph.copy(): editing the copy must not leak back."""
+    model = subgraph_model()
+    graph = import_graph(model)
+    w = next(t for t in graph.tensors().values() if t.name == "zero")
+    w.values = np.array([1.0, 2.0, 3.0], np.float32)  # a pass decoded / replaced a weight
+    snapshot = graph.copy()
+    assert snapshot.onnx_source is not graph.onnx_source
+    w.values[0] = 100.0  # ... then edits it in place
+    snapshot_zero = next(t for t in snapshot.tensors().values() if t.name == "zero")
+    assert snapshot_zero.values[0] == 1.0
+    for g in iter_graphs(graph):  # rename everything in the original
+        for node in g.nodes:
+            for t in node.outputs:
+                if t.name:
+                    t.name += "_renamed"
+    else_branch = snapshot.nodes[0].attrs["else_branch"]
+    assert else_branch.nodes[0].outputs[0].name == "e"
+    # The snapshot still exports as the model did (bar the one replaced weight).
+    out = export_model(snapshot, model)
+    assert [n.output[0] for n in out.graph.node] == [n.output[0] for n in model.graph.node]
+    assert numpy_helper.to_array(out.graph.initializer[2]).tolist() == [1.0, 2.0, 3.0]
