@@ -429,12 +429,11 @@ class QuantizeDynamicPass(Pass):
             model.require_opset(MS_DOMAIN, 1)
         floated: list[str] = []
         cosine = None
-        self._smooth_scales = self._smoothing(model, ctx, plan) if o.smooth else {}
+        scales = self._smoothing(model, ctx, plan) if o.smooth else {}
         if o.min_cosine > 0:
-            plan, floated, cosine = self._drop_sensitive(model, ctx, plan, contrib)
-        self._reduce = reduce
-        stats = self._apply(model, plan, contrib)
-        stats["smoothed"] = len(self._smooth_scales)
+            plan, floated, cosine = self._drop_sensitive(model, ctx, plan, contrib, scales, reduce)
+        stats = self._apply(model, plan, contrib, scales, reduce)
+        stats["smoothed"] = len(scales)
         stats["format"] = "contrib" if contrib else "standard"
         stats["reduce_range"] = reduce
         stats["kept_float"] = floated
@@ -443,13 +442,13 @@ class QuantizeDynamicPass(Pass):
         logger.info("quantize-dynamic: %s", stats)
         return PassResult(changed=True, stats=stats)
 
-    def _apply(self, model, plan, contrib: bool) -> dict:
+    def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool) -> dict:
         o = self.options
         by_graph: dict[int, _Rewriter] = {}
         counts: dict[str, int] = {}
-        _insert_smoothing(model.graph, plan, getattr(self, "_smooth_scales", {}))
+        _insert_smoothing(model.graph, plan, scales)
         for graph, node, kind in plan:
-            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, getattr(self, "_reduce", False), contrib))
+            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib))
             getattr(rw, f"rewrite_{kind}")(node)
             counts[kind] = counts.get(kind, 0) + 1
         for rw in by_graph.values():
@@ -465,10 +464,10 @@ class QuantizeDynamicPass(Pass):
         feeds = sample_feeds(model, ctx)
         if not groups or not feeds:
             return {}
-        proto = model.to_proto() if model.modified else _proto_of(model)
+        proto = model.to_proto()
         have = {o.name for o in proto.graph.output}
         for name in groups:
-            if name not in have:
+            if name not in have and name not in feeds[0]:  # graph inputs: read from the feeds
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         try:
             sess = verify.session(proto, optimize=True)
@@ -478,8 +477,8 @@ class QuantizeDynamicPass(Pass):
             logger.warning("quantize-dynamic: cannot run the model on sample data (%s); no smoothing", exc)
             return {}
         amax: dict[str, np.ndarray] = {}
-        for values in runs:
-            for name, value in zip(wanted, values):
+        for f, values in zip(feeds, runs):
+            for name, value in list(zip(wanted, values)) + list(f.items()):
                 if name in groups:
                     m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
                     amax[name] = np.maximum(amax[name], m) if name in amax else m
@@ -497,7 +496,7 @@ class QuantizeDynamicPass(Pass):
         return scales
 
     # Sensitivity: quantize one layer at a time on a copy, compare outputs with float.
-    def _drop_sensitive(self, model, ctx, plan, contrib: bool):
+    def _drop_sensitive(self, model, ctx, plan, contrib: bool, scales: dict, reduce: bool):
         from onnxopt import verify
         from onnxopt.model import load
 
@@ -505,7 +504,7 @@ class QuantizeDynamicPass(Pass):
         layers = [(g, n, k) for g, n, k in plan if k in ("matmul", "gemm", "conv") and g is model.graph]
         if not feeds or not layers:
             return plan, [], None
-        base_proto = model.to_proto() if model.modified else _proto_of(model)
+        base_proto = model.to_proto()
 
         def quantized_outputs(selected_keys: set[str]) -> list[list[np.ndarray]]:
             trial = load(base_proto)
@@ -514,7 +513,7 @@ class QuantizeDynamicPass(Pass):
                           if k is not None and _node_key(n) in selected_keys]
             if contrib:
                 trial.require_opset(MS_DOMAIN, 1)
-            self._apply(trial, trial_plan, contrib)
+            self._apply(trial, trial_plan, contrib, scales, reduce)
             trial.modified = True
             sess = verify.session(trial.to_proto(), optimize=True)
             return [sess.run(None, f) for f in feeds]
@@ -577,11 +576,3 @@ def _cpu_saturates(ctx) -> bool:
     except ImportError:
         return False
     return not _cpu_has_vnni()
-
-
-def _proto_of(model) -> onnx.ModelProto:
-    model.modified = True
-    try:
-        return model.to_proto()
-    finally:
-        model.modified = False
