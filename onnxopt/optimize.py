@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -82,7 +83,13 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         logger.warning(note)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph)}
     manager = PassManager(specs, verify=verify, strict=strict, progress=progress)
-    records = manager.run(m, ctx)
+    # The imported graph is hundreds of thousands of long-lived objects on big models;
+    # freezing them keeps the cyclic collector from rescanning them during every pass.
+    gc.freeze()
+    try:
+        records = manager.run(m, ctx)
+    finally:
+        gc.unfreeze()
     proto = m.to_proto()
     pipeline_text = format_pipeline(specs)
     add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,

@@ -50,6 +50,8 @@ def _info(type_proto: onnx.TypeProto) -> TensorInfo | None:
 # would cost more than the inference itself. Small ones keep their data, which data
 # propagation reads (Reshape targets, Slice bounds, …).
 _KEEP_DATA_BYTES = 4096
+# Longest static rank-1 tensor for which data propagation is allowed (see infer_shapes).
+_MAX_PROPAGATED_LENGTH = 1 << 16
 
 
 def _without_large_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,11 +94,25 @@ def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     proto = export_model(model.graph, model.template)
     shapes: dict[str, TensorInfo] = {}
     _collect(proto.graph, shapes)  # declared types, kept where inference adds nothing
+    light = _without_large_weights(proto)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(proto), strict_mode=False,
-                                                     data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
     except Exception as exc:  # inference is best effort; passes fall back to what they know
         logger.debug("shape inference failed: %s", exc)
+        return shapes
+    _collect(inferred.graph, shapes)
+    # Data propagation materializes rank-1 values it tracks: a Range or Tile of 2**40
+    # elements would exhaust memory. Only propagate when no such vector exists.
+    longest = max((info.shape[0] for info in shapes.values()
+                   if info.shape is not None and len(info.shape) == 1 and isinstance(info.shape[0], int)),
+                  default=0)
+    if longest > _MAX_PROPAGATED_LENGTH:
+        logger.debug("shape inference without data propagation: a vector of %d elements", longest)
+        return shapes
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        logger.debug("shape inference with data propagation failed: %s", exc)
         return shapes
     _collect(inferred.graph, shapes)
     return shapes
