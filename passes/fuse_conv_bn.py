@@ -1,7 +1,8 @@
 """fuse-conv-bn: fold per-channel affine ops into the Conv or ConvTranspose before them.
 
-Rules: ``conv-bn`` (an inference BatchNormalization) and ``conv-add`` (an Add of a
-per-channel constant, the way Paddle and some exporters write a conv bias).
+Rules: ``conv-bn`` (an inference BatchNormalization), ``conv-add`` (an Add of a
+per-channel constant, the way Paddle and some exporters write a conv bias) and
+``conv-mul`` (a Mul by a per-channel or scalar constant, as in PP-OCR's recognizer).
 
 conv-bn
 -------
@@ -35,6 +36,12 @@ conv-add
 shape [1, C, 1, 1], [C, 1, 1], [1] or a scalar for a 2-D conv) is the conv with bias
 ``b'[c] = b[c] + A[c]``. The conv output must be read only by the Add, and A must have
 the weight's dtype.
+
+conv-mul
+--------
+``Mul(conv(x), A)`` with A constant per channel (same shapes as for conv-add) is the conv
+with ``W'[c] = W[c] * A[c]`` (the output channels' weights, as for conv-bn) and
+``b'[c] = b[c] * A[c]``.
 """
 
 from __future__ import annotations
@@ -89,6 +96,45 @@ def _set_bias(conv, graph, values: np.ndarray) -> None:
         conv.inputs.append(fused_bias)
 
 
+def _scale_output_channels(match, s: np.ndarray) -> np.ndarray:
+    """The conv weight with every weight of output channel c multiplied by s[c] (float64)."""
+    weight, group = match["weight"], match["group"]
+    k = weight.shape[2:]
+    if match["transposed"]:
+        grouped = weight.astype(np.float64).reshape(group, weight.shape[0] // group, weight.shape[1], *k)
+        factor = s.reshape(group, 1, weight.shape[1], *([1] * len(k)))
+        return (grouped * factor).reshape(weight.shape)
+    return weight.astype(np.float64) * s.reshape(-1, *([1] * (weight.ndim - 1)))
+
+
+def _per_channel_constant(match, tensor) -> str | None:
+    """Why ``tensor`` is not a per-channel constant of the conv; else store it as float64."""
+    value = constant_value(tensor)
+    if value is None:
+        return "other operand is not constant"
+    weight, channels = match["weight"], match["channels"]
+    if value.dtype != weight.dtype:
+        return "constant and weight dtypes differ"
+    out_rank = weight.ndim  # per channel: at most the conv output's rank, 1 but on axis 1
+    if value.ndim > out_rank:
+        return "constant has a higher rank than the conv output"
+    shape = (1,) * (out_rank - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return "constant is not per channel"
+    match["per_channel"] = np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
+    return None
+
+
+def _match_conv_operand(node, op: str):
+    if not is_op(node, op) or len(node.inputs) != 2:
+        return None
+    for i in (0, 1):
+        conv = producer_op(node, i, "Conv", "ConvTranspose")
+        if conv is not None:
+            return {"conv": conv, "node": node, "operand": node.inputs[1 - i]}
+    return None
+
+
 class FoldBatchNormIntoConv(RewriteRule):
     """Conv/ConvTranspose -> BatchNormalization becomes one conv with scaled weights."""
 
@@ -123,21 +169,14 @@ class FoldBatchNormIntoConv(RewriteRule):
 
     def rewrite(self, match, graph):
         conv, bn = match["conv"], match["bn"]
-        weight, group, channels = match["weight"], match["group"], match["channels"]
+        weight, channels = match["weight"], match["channels"]
         scale, beta, mean, var = (p.astype(np.float64) for p in match["params"])
         eps = float(bn.attrs.get("epsilon", 1e-5))
         s = scale / np.sqrt(var + eps)
         bias = np.zeros(channels) if match["bias"] is None else match["bias"].astype(np.float64)
         new_bias = (bias - mean) * s + beta
 
-        k = weight.shape[2:]
-        if match["transposed"]:
-            grouped = weight.astype(np.float64).reshape(group, weight.shape[0] // group, weight.shape[1], *k)
-            factor = s.reshape(group, 1, weight.shape[1], *([1] * len(k)))
-            new_weight = (grouped * factor).reshape(weight.shape)
-        else:
-            new_weight = weight.astype(np.float64) * s.reshape(-1, *([1] * (weight.ndim - 1)))
-
+        new_weight = _scale_output_channels(match, s)
         conv.inputs[1] = new_constant(graph, f"{conv.name or conv.outputs[0].name}_weight", new_weight.astype(weight.dtype))
         _set_bias(conv, graph, new_bias.astype(weight.dtype))
         take_outputs(bn, conv, count=1)
@@ -151,45 +190,48 @@ class FoldAddIntoConvBias(RewriteRule):
     root_ops = ("Add",)
 
     def match(self, node, graph):
-        if not is_op(node, "Add") or len(node.inputs) != 2:
-            return None
-        for i in (0, 1):
-            conv = producer_op(node, i, "Conv", "ConvTranspose")
-            if conv is not None:
-                return {"conv": conv, "add": node, "addend": node.inputs[1 - i]}
-        return None
+        return _match_conv_operand(node, "Add")
 
     def check(self, match, model, ctx):
-        addend = constant_value(match["addend"])
-        if addend is None:
+        if constant_value(match["operand"]) is None:
             return "added tensor is not constant"
-        problem = _check_conv(match["conv"], match["graph"], match)
-        if problem:
-            return problem
-        weight, channels = match["weight"], match["channels"]
-        if addend.dtype != weight.dtype:
-            return "added constant and weight dtypes differ"
-        # per channel: at most the conv output's rank, every dim 1 but the channel one
-        out_rank = weight.ndim
-        if addend.ndim > out_rank:
-            return "added constant has a higher rank than the conv output"
-        shape = (1,) * (out_rank - addend.ndim) + addend.shape
-        if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-            return "added constant is not per channel"
-        match["per_channel"] = np.broadcast_to(addend.reshape(-1), (channels,))
-        return None
+        return _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
 
     def rewrite(self, match, graph):
-        conv, add, weight = match["conv"], match["add"], match["weight"]
+        conv, weight = match["conv"], match["weight"]
         bias = np.zeros(match["channels"]) if match["bias"] is None else match["bias"].astype(np.float64)
-        _set_bias(conv, graph, (bias + match["per_channel"].astype(np.float64)).astype(weight.dtype))
-        take_outputs(add, conv)
+        _set_bias(conv, graph, (bias + match["per_channel"]).astype(weight.dtype))
+        take_outputs(match["node"], conv)
+        return None
+
+
+class FoldMulIntoConv(RewriteRule):
+    """Conv/ConvTranspose -> Mul by a per-channel constant scales the conv's weights and bias."""
+
+    name = "conv-mul"
+    root_ops = ("Mul",)
+
+    def match(self, node, graph):
+        return _match_conv_operand(node, "Mul")
+
+    def check(self, match, model, ctx):
+        if constant_value(match["operand"]) is None:
+            return "multiplier is not constant"
+        return _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
+
+    def rewrite(self, match, graph):
+        conv, weight, s = match["conv"], match["weight"], match["per_channel"]
+        name = conv.name or conv.outputs[0].name
+        conv.inputs[1] = new_constant(graph, f"{name}_weight", _scale_output_channels(match, s).astype(weight.dtype))
+        if match["bias"] is not None:
+            _set_bias(conv, graph, (match["bias"].astype(np.float64) * s).astype(weight.dtype))
+        take_outputs(match["node"], conv)
         return None
 
 
 @register_pass("fuse-conv-bn")
 class FuseConvBnPass(RewritePass):
-    """Fold inference BatchNormalization and per-channel constant Adds into the preceding Conv/ConvTranspose."""
+    """Fold inference BatchNormalization and per-channel constant Adds and Muls into the preceding Conv/ConvTranspose."""
 
     lossless = True
-    rules = (FoldBatchNormIntoConv(), FoldAddIntoConvBias())
+    rules = (FoldBatchNormIntoConv(), FoldAddIntoConvBias(), FoldMulIntoConv())

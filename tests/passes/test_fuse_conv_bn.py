@@ -91,7 +91,7 @@ def test_folds_and_keeps_outputs(case):
     out, result = fused(proto)
     assert op_histogram(proto) == {op: 1, "BatchNormalization": 1, "Relu": 1}
     assert op_histogram(out) == {op: 1, "Relu": 1}
-    assert result.changed and result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert result.changed and result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     conv = out.graph.node[0]
     assert len(conv.input) == 3 and conv.output[0] == "n"
     assert_equivalent(proto, out, rtol=1e-4, atol=1e-5)
@@ -103,7 +103,7 @@ def test_weights_keep_their_dtype(dtype, op):
     # (onnx's reference ConvTranspose does not handle groups; grouped ones run in ORT above)
     proto = conv_bn(op=op, dtype=dtype, group=2 if op == "Conv" else 1)
     out, result = fused(proto)
-    assert result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     elem = NP_TO_ONNX[dtype]
     assert {i.data_type for i in out.graph.initializer} == {elem}
     # onnxruntime's CPU Conv has no double kernel: compare with onnx's reference evaluator
@@ -127,7 +127,7 @@ def test_bn_output_read_twice_still_folds():
     proto.graph.node.append(helper.make_node("Neg", ["n"], ["z"]))
     proto.graph.output.append(tensor("z", [1, 6, 5, 5]))
     out, result = fused(proto)
-    assert result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     assert_equivalent(proto, out)
 
 
@@ -157,7 +157,7 @@ def test_shared_weight_initializer_is_not_mutated():
     proto.graph.node.append(helper.make_node("Conv", ["x", "w", "b"], ["c2"], pads=[1, 1, 1, 1]))
     proto.graph.output.append(tensor("c2", [1, 6, 5, 5]))
     out, result = fused(proto)
-    assert result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     names = {i.name for i in out.graph.initializer}
     assert "w" in names and len(names) == 4  # w, b for the plain conv + fused weight and bias
     assert_equivalent(proto, out)
@@ -174,7 +174,7 @@ def test_folds_inside_if_branch():
     proto = make_model([helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
                        [tensor("cond", [], TensorProto.BOOL), tensor("x", [1, 4, 5, 5])], [tensor("out", [1, 6, 5, 5])])
     out, result = fused(proto)
-    assert result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     then_out = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in then_out.node] == ["Conv", "Relu"]
     x = np.random.default_rng(2).standard_normal((1, 4, 5, 5)).astype(np.float32)
@@ -207,12 +207,12 @@ def test_shared_builder_grouped_convtranspose_without_bias():
 
     proto = convtranspose_bn_grouped()
     out, result = fused(proto)
-    assert op_histogram(out) == {"ConvTranspose": 1} and result.stats == {"conv-bn": 1, "conv-add": 0}
+    assert op_histogram(out) == {"ConvTranspose": 1} and result.stats == {"conv-bn": 1, "conv-add": 0, "conv-mul": 0}
     assert_equivalent(proto, out)
 
 
-def conv_add(op="Conv", bias=True, addend_shape=(1, 6, 1, 1), addend_first=False, seed=3) -> onnx.ModelProto:
-    """x -> Conv/ConvTranspose [+ bias] -> Add(constant) -> y."""
+def conv_add(op="Conv", bias=True, addend_shape=(1, 6, 1, 1), addend_first=False, seed=3, binary="Add") -> onnx.ModelProto:
+    """x -> Conv/ConvTranspose [+ bias] -> Add (or Mul) of a constant -> y."""
     r = np.random.default_rng(seed)
     w_shape = (6, 4, 3, 3) if op == "Conv" else (4, 6, 3, 3)
     inits = [init("w", r.standard_normal(w_shape).astype(np.float32)),
@@ -222,7 +222,7 @@ def conv_add(op="Conv", bias=True, addend_shape=(1, 6, 1, 1), addend_first=False
         inits.append(init("b", r.standard_normal(6).astype(np.float32)))
         conv_in.append("b")
     nodes = [helper.make_node(op, conv_in, ["c"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("Add", ["a", "c"] if addend_first else ["c", "a"], ["y"])]
+             helper.make_node(binary, ["a", "c"] if addend_first else ["c", "a"], ["y"])]
     return make_model(nodes, [tensor("x", [1, 4, 5, 5])], [tensor("y", [1, 6, 5, 5])], inits)
 
 
@@ -233,14 +233,14 @@ def test_per_channel_add_becomes_the_bias(kw):
     proto = conv_add(**kw)
     out, result = fused(proto)
     assert op_histogram(out) == {kw.get("op", "Conv"): 1}
-    assert result.stats == {"conv-bn": 0, "conv-add": 1}
+    assert result.stats == {"conv-bn": 0, "conv-add": 1, "conv-mul": 0}
     assert out.graph.node[0].output[0] == "y" and len(out.graph.node[0].input) == 3
     assert_equivalent(proto, out)
 
 
-@pytest.mark.parametrize("shape,reason", [((1, 6, 6, 6), "added constant is not per channel"),
-                                          ((6,), "added constant is not per channel"),  # along W
-                                          ((1, 1, 6, 1, 1), "added constant has a higher rank than the conv output")],
+@pytest.mark.parametrize("shape,reason", [((1, 6, 6, 6), "constant is not per channel"),
+                                          ((6,), "constant is not per channel"),  # along W
+                                          ((1, 1, 6, 1, 1), "constant has a higher rank than the conv output")],
                          ids=str)
 def test_add_that_is_not_per_channel_is_left_alone(shape, reason):
     out_shape = list(np.broadcast_shapes((1, 6, 6, 6), shape))
@@ -248,6 +248,24 @@ def test_add_that_is_not_per_channel_is_left_alone(shape, reason):
     proto = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", out_shape)],
                        [init("w", np.ones((6, 4, 3, 3), np.float32)), init("a", np.ones(shape, np.float32))])
     assert assert_untouched(proto).stats["skipped"] == {f"conv-add: {reason}": 1}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bias=False), dict(addend_shape=()), dict(addend_first=True),
+                                dict(op="ConvTranspose"), dict(op="ConvTranspose", addend_shape=(6, 1, 1))], ids=str)
+def test_per_channel_mul_scales_weights_and_bias(kw):
+    proto = conv_add(binary="Mul", **kw)
+    out, result = fused(proto)
+    assert op_histogram(out) == {kw.get("op", "Conv"): 1}
+    assert result.stats == {"conv-bn": 0, "conv-add": 0, "conv-mul": 1}
+    assert out.graph.node[0].output[0] == "y"
+    assert_equivalent(proto, out)
+
+
+def test_mul_by_a_non_constant_is_left_alone():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Mul", ["c", "x2"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [1, 4, 6, 6]), tensor("x2", [1, 6, 6, 6])], [tensor("y", [1, 6, 6, 6])],
+                       [init("w", np.ones((6, 4, 3, 3), np.float32))])
+    assert assert_untouched(proto).stats["skipped"] == {"conv-mul: multiplier is not constant": 1}
 
 
 def test_bn_after_conv_add_folds_too():
@@ -258,5 +276,5 @@ def test_bn_after_conv_add_folds_too():
     proto.graph.initializer.extend([init("s", r.uniform(0.5, 1.5, 6).astype(np.float32)), init("bb", r.standard_normal(6).astype(np.float32)),
                                     init("m", r.standard_normal(6).astype(np.float32)), init("v", r.uniform(0.5, 2, 6).astype(np.float32))])
     out, result = fused(proto)
-    assert op_histogram(out) == {"Conv": 1} and result.stats == {"conv-bn": 1, "conv-add": 1}
+    assert op_histogram(out) == {"Conv": 1} and result.stats == {"conv-bn": 1, "conv-add": 1, "conv-mul": 0}
     assert_equivalent(proto, out)
