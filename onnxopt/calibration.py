@@ -264,14 +264,54 @@ class NpzSource:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for f in self.files:
-            with np.load(f, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
             if not self._stacked[f]:
+                with np.load(f, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
                 yield check_batch(arrays, self.specs, str(f))
                 continue
-            n = next(iter(arrays.values())).shape[0]
-            for i in range(n):
-                yield check_batch({k: v[i] for k, v in arrays.items()}, self.specs, f"{f} [batch {i}]")
+            for i, batch in enumerate(_stream_stacks(f)):
+                yield check_batch(batch, self.specs, f"{f} [batch {i}]")
+
+
+def _stream_stacks(path: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Batch i of every array of an .npz whose arrays are stacks of batches, read one
+    batch at a time from the zip members (compressed or not), so a stack of many samples
+    never sits in memory whole."""
+    with zipfile.ZipFile(path) as zf:
+        streams = {}
+        try:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                fh = zf.open(info)
+                version = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(fh)
+                if fortran or dtype.hasobject:  # rare: read it whole
+                    fh.close()
+                    with np.load(path, allow_pickle=False) as data:
+                        whole = data[info.filename[:-4]]
+                    streams[info.filename[:-4]] = (None, whole, shape, dtype)
+                else:
+                    streams[info.filename[:-4]] = (fh, None, shape, dtype)
+            count = next(iter(streams.values()))[2][0] if streams else 0
+            for i in range(count):
+                batch = {}
+                for name, (fh, whole, shape, dtype) in streams.items():
+                    if whole is not None:
+                        batch[name] = whole[i]
+                        continue
+                    size = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                    data = fh.read(size)
+                    if len(data) != size:
+                        raise CalibrationError(f"{path}: array '{name}' is truncated")
+                    batch[name] = np.frombuffer(data, dtype=dtype).reshape(shape[1:]).copy()
+                yield batch
+        finally:
+            for fh, *_ in streams.values():
+                if fh is not None:
+                    fh.close()
 
 
 class ReaderSource:

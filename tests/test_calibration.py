@@ -186,3 +186,15 @@ def test_memory_of_statistics_does_not_grow_with_samples():
     for _ in range(50):
         stats.add(r.standard_normal(1000).astype(np.float32))
     assert stats.hist.nbytes == size and stats.count == 51000
+
+
+def test_stacked_npz_is_streamed_batch_by_batch_with_the_same_values(tmp_path):
+    model = load(relu_scale_model())
+    stack = data(5, n=6)
+    np.savez(tmp_path / "plain.npz", x=stack)
+    np.savez_compressed(tmp_path / "zipped.npz", x=stack)
+    for name in ("plain.npz", "zipped.npz"):
+        got = batches_of(open_calibration(tmp_path / name, model))
+        assert len(got) == 6
+        for i, batch in enumerate(got):
+            np.testing.assert_array_equal(batch["x"], stack[i])
