@@ -168,7 +168,8 @@ def cmd_optimize(args) -> int:
             print(_summary_table(report | {"input_bytes": Path(args.input).stat().st_size}))
         raise QualityGateError(f"{comparison['metric']['metric']} drop {gate['drop']:.6g} exceeds "
                                f"--max-accuracy-drop {gate['max_drop']:g}; {args.output} not written")
-    save(result.model, args.output, external_data=True if args.external_data else None)
+    # consume: the proto is not used after this, so its weights are moved, not copied.
+    save(result.model, args.output, external_data=True if args.external_data else None, consume=True)
     report["output"] = args.output
     report["output_bytes"] = Path(args.output).stat().st_size
     report["input_bytes"] = Path(args.input).stat().st_size
