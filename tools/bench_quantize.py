@@ -162,8 +162,9 @@ def worker(args) -> None:
         elif args.tool == "onnxopt":
             import onnxopt
 
+            extra = f",{args.options}" if args.options else ""
             pipeline = (f"lossless,fold-constants,fuse-conv-bn,quantize-static{{calibration={args.method},"
-                        f"percentile={args.percentile}}}")
+                        f"percentile={args.percentile}{extra}}}")
             result = onnxopt.optimize(args.model, target="cpu", pipeline=pipeline, calibration=args.calib)
             result.save(args.output)
             info["notes"] = result.report["notes"]
@@ -185,9 +186,9 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(info))
 
 
-def run_worker(tool, model, calib, method, output, percentile, per_tensor=False) -> dict:
+def run_worker(tool, model, calib, method, output, percentile, per_tensor=False, options="") -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--calib", calib,
-           "--method", method, "--output", output, "--percentile", str(percentile)]
+           "--method", method, "--output", output, "--percentile", str(percentile), "--options", options]
     if per_tensor:
         cmd.append("--per-tensor")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -336,6 +337,33 @@ def cpu_name() -> str:
         return platform.processor()
 
 
+def variants(args) -> None:
+    """U8S8 vs U8S8 with 7-bit weights vs S8S8 on this CPU: which is fast and faithful."""
+    name, method = args.variants.split(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (case,) = model_cases([name], args.samples, args.eval, tmp)
+        ref = outputs(case["model"], list(np.load(case["eval"])["x"]), "x")
+        rows = []
+        for label, options in (("U8S8", "activation_dtype=uint8,reduce_range=off"),
+                               ("U8S8 reduce_range", "activation_dtype=uint8,reduce_range=on"),
+                               ("S8S8", "activation_dtype=int8,reduce_range=off")):
+            out = str(tmp / f"{label.replace(' ', '_')}.onnx")
+            info = run_worker("onnxopt", case["model"], case["calib"], method, out, args.percentile, options=options)
+            rows.append({"label": label, "path": out, "snr": fidelity(case, out, ref), **info})
+        data = np.load(case["eval"])
+        feed = {"x": data["x"][0]}
+        paths = [case["model"]] + [r["path"] for r in rows]
+        lat = {t: interleaved_latency(paths, feed, t, args.repeats) for t in (1, 2)}
+        print(f"\n## {name}, {method}: activation/weight types on this CPU (load average {os.getloadavg()[0]:.1f})")
+        print("| variant | latency 1t ms (x float) | latency 2t ms (x float) | snr dB |")
+        print("|---|---|---|---|")
+        print(f"| float32 | {lat[1][0]:.2f} | {lat[2][0]:.2f} | inf |")
+        for i, r in enumerate(rows, 1):
+            print(f"| {r['label']} | {lat[1][i]:.2f} ({lat[1][i] / lat[1][0]:.2f}x) | "
+                  f"{lat[2][i]:.2f} ({lat[2][i] / lat[2][0]:.2f}x) | {r['snr']:.2f} |")
+
+
 def flat_memory(args) -> None:
     """Peak RSS and wall time of each tool as the number of calibration samples grows."""
     name, method, counts = args.flat_memory.split(":")
@@ -370,6 +398,9 @@ def main() -> None:
                     help="model:method:n1,n2,... — peak RSS of both tools as calibration samples grow "
                          "(e.g. ppocr_v4_det:percentile:4,16,64; onnxruntime only up to --ort-max-samples)")
     ap.add_argument("--ort-max-samples", type=int, default=16)
+    ap.add_argument("--variants", default="",
+                    help="model:method — onnxopt's U8S8, U8S8 with reduce_range and S8S8 side by side")
+    ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=("onnxopt", "ort", "lift"))
     ap.add_argument("--model")
     ap.add_argument("--calib")
@@ -379,13 +410,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(argparse.Namespace(tool=args.worker, model=args.model, calib=args.calib, method=args.method,
-                                  output=args.output, percentile=args.percentile, per_tensor=args.per_tensor))
+                                  output=args.output, percentile=args.percentile, per_tensor=args.per_tensor,
+                                  options=args.options))
         return
     print(f"CPU: {cpu_name()}; onnxruntime {__import__('onnxruntime').__version__}; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     results = []
     if args.flat_memory:
         flat_memory(args)
+        return
+    if args.variants:
+        variants(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
