@@ -5,7 +5,9 @@ quantize-static
     symmetric int8 by default, per-tensor as an option); activations get QuantizeLinear ->
     DequantizeLinear pairs whose scale and zero point come from calibration statistics
     (minmax, percentile, entropy or mse; see onnxopt/calibration.py). Biases of Conv,
-    ConvTranspose and Gemm become int32 with scale = input_scale * weight_scale.
+    ConvTranspose and Gemm become int32 with scale = input_scale * weight_scale (kept float
+    when the target's bias_bits is 0). Constant inputs of other quantized ops (an Add's
+    3.0 in hard-swish) are quantized per-tensor like activations, equal ones once.
 
     Where Q/DQ pairs go comes from the target's [quantization] table, never its name:
       quantized_ops      ops whose float inputs (and outputs, with quantize_outputs) are
@@ -24,7 +26,11 @@ quantize-static
     Per-channel DequantizeLinear needs opset 13: an older model is raised to 13 when
     every op keeps its meaning (or onnx's version converter can rewrite the changed ones);
     otherwise weights fall back to per-tensor and the report says so. 16-bit activations
-    need opset 21 likewise.
+    need opset 21 likewise. A model that already holds Q/DQ or QLinear ops is left alone.
+
+    Statistics: ``calibration_requests`` plans on a copy of the graph and names every
+    tensor it will quantize, so the pass manager can gather the requests of consecutive
+    calibrating passes into one streamed onnxruntime run (onnxopt/calibration.py).
 """
 
 from __future__ import annotations
