@@ -33,14 +33,15 @@ def _load_harness():
 harness = _load_harness()
 
 
-def lossless(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnxopt.optimize(model, target="cpu", pipeline="lossless").model
+def lossless(model: onnx.ModelProto):
+    result = onnxopt.optimize(model, target="cpu", pipeline="lossless")
+    return result.model, harness.pass_problems(result.report)
 
 
-def _report(result) -> str:
+def _report(result, kinds=("crashes", "mismatches")) -> str:
     lines = [result.summary()]
-    lines += [f"CRASH {name}: {err}" for name, err in sorted(result.crashes.items())]
-    lines += [f"MISMATCH {name}: {err}" for name, err in sorted(result.mismatches.items())]
+    for kind in kinds:
+        lines += [f"{kind.upper()} {name}: {err}" for name, err in sorted(getattr(result, kind).items())]
     if result.input_modified:
         lines.append("INPUT MODIFIED: " + " ".join(sorted(result.input_modified)))
     return "\n".join(lines)
@@ -51,11 +52,25 @@ def cases():
     return harness.load_cases()
 
 
-def test_lossless_pipeline_keeps_every_onnxruntime_passing_case(cases):
-    result = harness.run_suite(cases, {"lossless": lossless})["lossless"]
+@pytest.fixture(scope="module")
+def lossless_result(cases):
+    """The whole suite through the lossless pipeline, once for the tests below."""
+    return harness.run_suite(cases, {"lossless": lossless})["lossless"]
+
+
+def test_lossless_pipeline_keeps_every_onnxruntime_passing_case(cases, lossless_result):
+    result = lossless_result
     # The suite must actually have been exercised (not skipped by an ORT problem).
     assert len(result.ort_passing) > 0.75 * len(cases), result.summary()
     assert not result.crashes and not result.mismatches and not result.input_modified, _report(result)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: fuse-layernorm and fuse-gelu raise TypeError on the 8 ai.onnx.ml cases, whose "
+    "models import no default-domain opset (Model.opset is None); remove this mark once fixed"))
+def test_no_lossless_pass_raises_or_is_rolled_back_on_the_suite(lossless_result):
+    # The manager's rollback keeps results right; a pass that needed it is still a bug.
+    assert not lossless_result.notes, _report(lossless_result, kinds=("notes",))
 
 
 def test_harness_catches_a_wrong_result(cases):
@@ -75,6 +90,7 @@ def test_harness_catches_a_wrong_result(cases):
         return out
 
     result = harness.run_suite(picked, {"broken": negate_first_output})["broken"]
+    assert len(result.ort_passing) == 3
     assert sorted(result.mismatches) == ["test_abs", "test_relu"]
     assert list(result.crashes) == ["test_identity_sequence"]
 

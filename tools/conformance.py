@@ -33,7 +33,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
-Transform = Callable[[onnx.ModelProto], onnx.ModelProto]
+# A transform returns the new model, or (model, note) where a non-empty note says what
+# went wrong without breaking the model (e.g. a pass that raised and was rolled back).
+Transform = Callable[[onnx.ModelProto], Any]
 
 
 # --------------------------------------------------------------------------- cases
@@ -175,12 +177,24 @@ def graph_io_roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def pipeline_transform(pipeline: str, target: str = "cpu") -> Transform:
+    """optimize(); the note lists passes that raised or were rolled back."""
     import onnxopt
 
     def transform(model):
-        return onnxopt.optimize(model, target=target, pipeline=pipeline).model
+        result = onnxopt.optimize(model, target=target, pipeline=pipeline)
+        return result.model, pass_problems(result.report)
 
     return transform
+
+
+def pass_problems(report: dict) -> str:
+    """Passes of an optimize() report that did not end 'changed' or 'unchanged'."""
+    problems = [
+        f"{p['name']} {p['status']}: {p.get('error')}"
+        for p in report.get("passes", [])
+        if p.get("status") not in ("changed", "unchanged")
+    ]
+    return "; ".join(problems)
 
 
 # --------------------------------------------------------------------------- suite
@@ -198,12 +212,14 @@ class SuiteResult:
     input_modified: list[str] = field(default_factory=list)
     # Cases whose transformed model serializes exactly as the original (informative).
     byte_identical: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # name -> note of the transform
 
     def summary(self) -> str:
         return (
             f"cases={self.cases} ort_passing={len(self.ort_passing)} "
             f"crashes={len(self.crashes)} mismatches={len(self.mismatches)} "
-            f"input_modified={len(self.input_modified)} byte_identical={len(self.byte_identical)}"
+            f"input_modified={len(self.input_modified)} byte_identical={len(self.byte_identical)} "
+            f"noted={len(self.notes)}"
         )
 
 
@@ -233,6 +249,10 @@ def run_suite(cases: list, transforms: dict[str, Transform], progress: bool = Fa
                 # Transforms may log or print; keep the console for the summary.
                 with contextlib.redirect_stdout(io.StringIO()):
                     new_model = transform(model)
+                if isinstance(new_model, tuple):
+                    new_model, note = new_model
+                    if note:
+                        result.notes[case.name] = note
             except Exception as exc:  # noqa: BLE001 - every failure is a finding
                 result.crashes[case.name] = "transform: " + _first_line(exc)
                 continue
@@ -282,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in results.items():
         print(f"[{name}] {result.summary()}")
         if not args.quiet:
-            for kind, items in (("CRASH", result.crashes), ("MISMATCH", result.mismatches)):
+            for kind, items in (("CRASH", result.crashes), ("MISMATCH", result.mismatches),
+                                ("NOTE", result.notes)):
                 for case_name, error in sorted(items.items()):
                     print(f"  {kind} {case_name}: {error}")
         if not args.quiet and result.input_modified:
