@@ -541,34 +541,33 @@ def _import_graph(gp: onnx.GraphProto, outer: Mapping[str, gs.Tensor], opset, do
             _fill_from_info(t, vi, overwrite=False)
         outputs.append(t)
 
-    def tensor_in(name: str) -> gs.Tensor:
-        if not name:
-            return gs.Variable.empty()
-        t = scope.get(name)
-        if t is None:
-            t = local[name] = _new_variable(name)
-        return t
-
-    def tensor_out(name: str) -> gs.Tensor:
-        if not name:
-            return gs.Variable.empty()
-        t = local.get(name)
-        if t is None:
-            t = local[name] = _new_variable(name)
-        return t
-
+    # The hot loop of a big import: lookups inlined, protobuf fields read once.
+    new_variable, empty, lookup, local_get = _new_variable, gs.Variable.empty, scope.get, local.get
     nodes = []
     for proto in gp.node:
-        node_inputs = [tensor_in(name) for name in proto.input]
-        node_outputs = [tensor_out(name) for name in proto.output]
-        attrs, snap_attrs = _import_attributes(proto.attribute, scope, opset, domains, subgraphs)
+        in_names = tuple(proto.input)
+        out_names = tuple(proto.output)
+        node_inputs = []
+        for name in in_names:
+            t = lookup(name) if name else empty()
+            if t is None:
+                t = local[name] = new_variable(name)
+            node_inputs.append(t)
+        node_outputs = []
+        for name in out_names:
+            t = local_get(name) if name else empty()
+            if t is None:
+                t = local[name] = new_variable(name)
+            node_outputs.append(t)
+        if proto.attribute:
+            attrs, snap_attrs = _import_attributes(proto.attribute, scope, opset, domains, subgraphs)
+        else:
+            attrs, snap_attrs = {}, {}
         domain = proto.domain if proto.HasField("domain") else None
-        snapshot = None
-        if snap_attrs is not None:
-            snapshot = (proto.op_type, domain, proto.name, tuple(proto.input), tuple(proto.output), snap_attrs)
-        node = _new_node(proto.op_type, proto.name, attrs, node_inputs, node_outputs, domain,
-                         source=proto, snapshot=snapshot)
-        nodes.append(node)
+        op, name = proto.op_type, proto.name
+        snapshot = None if snap_attrs is None else (op, domain, name, in_names, out_names, snap_attrs)
+        nodes.append(_new_node(op, name, attrs, node_inputs, node_outputs, domain,
+                               source=proto, snapshot=snapshot))
 
     # Initializers nothing reads stay out of the IR (gs would drop them) but are kept.
     output_ids = {id(t) for t in outputs}
