@@ -234,7 +234,6 @@ class OnnxGraph(gs.Graph):
         return self.onnx_source.unused_initializers
 
 
-_PLAIN_TENSORS = (gs.Variable, OnnxVariable, gs.Constant)
 _PLAIN_NODES = (gs.Node, OnnxNode)
 
 
@@ -292,6 +291,7 @@ def _copy_graph(graph: gs.Graph, outer: Mapping[str, gs.Tensor], created: list) 
     nodes = []
     for node in graph.nodes:
         attrs = {}
+        snapshot = getattr(node, "snapshot", None)
         for key, value in node.attrs.items():
             if type(value) is OnnxGraph:
                 value = _copy_graph(value, scope, created)
@@ -299,6 +299,11 @@ def _copy_graph(graph: gs.Graph, outer: Mapping[str, gs.Tensor], created: list) 
             elif isinstance(value, gs.Graph):
                 value = value.copy(tensor_map=dict(scope))
                 created.append(value)
+            elif isinstance(value, gs.Constant):  # e.g. a Constant node's value
+                copied = _copy_tensor(value)
+                if snapshot is not None:
+                    snapshot = _with_tensor_snap(snapshot, key, value, copied)
+                value = copied
             elif isinstance(value, list):
                 value = list(value)
             attrs[key] = value
@@ -306,8 +311,7 @@ def _copy_graph(graph: gs.Graph, outer: Mapping[str, gs.Tensor], created: list) 
         outputs = [get(t) for t in node.outputs]
         if type(node) in _PLAIN_NODES:
             nodes.append(_new_node(node.op, node.name, attrs, inputs, outputs, node.domain,
-                                   source=getattr(node, "source", None),
-                                   snapshot=getattr(node, "snapshot", None)))
+                                   source=getattr(node, "source", None), snapshot=snapshot))
         else:  # a Node subclass we do not know: its own copy
             nodes.append(node.copy(inputs=inputs, outputs=outputs, tensor_map=dict(scope)))
 
@@ -328,6 +332,16 @@ def _copy_graph(graph: gs.Graph, outer: Mapping[str, gs.Tensor], created: list) 
     source = _source_of(graph)
     clone.onnx_source = source.copy() if source is not None else GraphSource()
     return clone
+
+
+def _with_tensor_snap(snapshot: tuple, key: str, old: gs.Constant, new: gs.Constant) -> tuple:
+    """The snapshot of a copied node, pointing at its copied TENSOR attribute."""
+    before = snapshot[5].get(key)
+    if not isinstance(before, _TensorSnap) or before.const is not old:
+        return snapshot
+    attrs = dict(snapshot[5])
+    attrs[key] = _TensorSnap(new, before.proto)
+    return snapshot[:5] + (attrs,)
 
 
 def _source_of(graph: gs.Graph) -> GraphSource | None:

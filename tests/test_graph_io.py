@@ -515,3 +515,14 @@ def test_copy_is_independent_including_numpy_weights():
     out = export_model(snapshot, model)
     assert [n.output[0] for n in out.graph.node] == [n.output[0] for n in model.graph.node]
     assert numpy_helper.to_array(out.graph.initializer[2]).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_copy_does_not_share_constant_node_values():
+    value = numpy_helper.from_array(np.ones((2, 3), np.float32))
+    model = make_model([helper.make_node("Constant", [], ["c"], value=value),
+                        helper.make_node("Add", ["x", "c"], ["y"])], [X], [Y])
+    graph = import_graph(model)
+    snapshot = graph.copy()
+    graph.nodes[0].attrs["value"].values[...] = 7.0  # a pass editing the live graph in place
+    assert snapshot.nodes[0].attrs["value"].values.tolist() == [[1.0] * 3] * 2
+    assert export_model(snapshot, model).SerializeToString() == model.SerializeToString()
