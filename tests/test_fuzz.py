@@ -33,7 +33,7 @@ from onnxopt.optimize import optimize
 from onnxopt.registry import all_passes, builtin_names
 from onnxopt.testing import run_pass
 
-EXAMPLES = int(os.environ.get("ONNXOPT_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("ONNXOPT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=not os.environ.get("ONNXOPT_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.too_slow])
