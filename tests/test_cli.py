@@ -275,3 +275,21 @@ def test_synthetic_external_data_model_round_trip(capsys, tmp_path):
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
     feeds, expected = verify.run(onnx.load(str(src)))
     assert not verify.compare_outputs(expected, verify.run(onnx.load(str(out)), feeds)[1])
+
+
+def test_model_over_the_protobuf_limit_is_written_with_external_data(capsys, tmp_path, monkeypatch):
+    """The over-2-GB path at test size: the limit is lowered instead of the model grown."""
+    import onnxopt.model
+    from onnxopt import verify
+
+    monkeypatch.setattr(onnxopt.model, "_ONE_MESSAGE_LIMIT", 50_000)
+    src = _synthetic().big_model(tmp_path / "in" / "big.onnx", gigabytes=0.0001, side=64)  # 7 x 16 kB
+    out = tmp_path / "out" / "big.onnx"
+    out.parent.mkdir()
+    rc, _, err = run(capsys, "optimize", str(src), "-o", str(out), "-q", "--pipeline", "lossless")
+    assert rc == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
+    raw = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
+    feeds, expected = verify.run(onnx.load(str(src)))
+    assert not verify.compare_outputs(expected, verify.run(onnx.load(str(out)), feeds)[1])
