@@ -46,8 +46,9 @@ class Model:
     # -- opsets ----------------------------------------------------------------------------
     @property
     def opset(self) -> int:
-        """Version of the default ONNX domain this model imports."""
-        return self.opset_of("")
+        """Version of the default ONNX domain this model imports (0 when it imports none,
+        as ai.onnx.ml-only models do)."""
+        return self.opset_of("") or 0
 
     def opset_of(self, domain: str) -> int | None:
         aliases = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)

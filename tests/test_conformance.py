@@ -65,9 +65,6 @@ def test_lossless_pipeline_keeps_every_onnxruntime_passing_case(cases, lossless_
     assert not result.crashes and not result.mismatches and not result.input_modified, _report(result)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: fuse-layernorm and fuse-gelu raise TypeError on the 8 ai.onnx.ml cases, whose "
-    "models import no default-domain opset (Model.opset is None); remove this mark once fixed"))
 def test_no_lossless_pass_raises_or_is_rolled_back_on_the_suite(lossless_result):
     # The manager's rollback keeps results right; a pass that needed it is still a bug.
     assert not lossless_result.notes, _report(lossless_result, kinds=("notes",))
