@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxopt: interrupted; no output written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`onnxopt passes | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError:
         print("onnxopt: error: out of memory", file=sys.stderr)
         return 1
