@@ -236,7 +236,26 @@ def fidelity(case, path, reference=None) -> float:
     ref = reference
     signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
     noise = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
+    case.setdefault("task", {})[path] = task_agreement(case["name"], ref, got)
     return 10 * np.log10(signal / max(noise, 1e-30))
+
+
+def task_agreement(name: str, ref: list, got: list) -> float:
+    """How much of the task's decision the quantized model keeps, against the float model:
+    det: IoU of the text masks (probability > 0.3, DBNet's threshold); cls: share of lines
+    with the same direction; rec: share of lines whose greedy CTC decoding is the same."""
+    if "det" in name:
+        inter = sum(int(np.sum((r > 0.3) & (g > 0.3))) for r, g in zip(ref, got))
+        union = sum(int(np.sum((r > 0.3) | (g > 0.3))) for r, g in zip(ref, got))
+        return inter / max(union, 1)
+    if "cls" in name:
+        return float(np.mean([r.argmax(-1)[0] == g.argmax(-1)[0] for r, g in zip(ref, got)]))
+
+    def decode(probs):
+        ids = probs[0].argmax(-1)
+        return [int(i) for k, i in enumerate(ids) if i != 0 and (k == 0 or i != ids[k - 1])]
+
+    return float(np.mean([decode(r) == decode(g) for r, g in zip(ref, got)]))
 
 
 def interleaved_latency(paths: list[str], feed: dict, threads: int, repeats: int) -> list[float]:
@@ -295,15 +314,20 @@ def bench_case(case: dict, args, tmp: Path) -> list[dict]:
     base_fid = fidelity(case, case["model"], ref) if case["metric"] == "accuracy" else float("inf")
     print(f"\n## {case['name']}  float32: {base_kb:.0f} KB, {case['lat1_ms']:.2f} / {case['lat2_ms']:.2f} ms "
           f"(1/2 threads), {case['metric']} {base_fid:.4f}; load average now {os.getloadavg()[0]:.1f}")
-    print(f"| method | tool | size (x float) | latency 1t ms | latency 2t ms | {case['metric']} | "
+    task = {"ppocr_v4_det": "mask IoU", "ppocr_mobile_v2_cls": "same label", "ppocr_v4_rec": "same text"}.get(
+        case["name"], "-")
+    print(f"| method | tool | size (x float) | latency 1t ms | latency 2t ms | {case['metric']} | {task} | "
           "quantize s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | {r['tool']} | failed: {r['error']} | | | | | |")
+            print(f"| {r['method']} | {r['tool']} | failed: {r['error']} | | | | | | |")
             continue
+        agreement = case.get("task", {}).get(r["path"])
+        r["task"] = agreement
         print(f"| {r['method']} | {r['tool']} | {r['size_kb'] / base_kb:.3f} | {r['lat1_ms']:.2f} | "
-              f"{r['lat2_ms']:.2f} | {r['fidelity']:.4f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+              f"{r['lat2_ms']:.2f} | {r['fidelity']:.4f} | {'-' if agreement is None else f'{agreement:.3f}'} | "
+              f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     for method in args.methods.split(","):
         ours = next((r for r in good if r["method"] == method and r["tool"] == "onnxopt"), None)
         for theirs in [] if ours is None else [r for r in good if r["method"] == method and r["tool"].startswith("ort")]:
@@ -312,6 +336,7 @@ def bench_case(case: dict, args, tmp: Path) -> list[dict]:
                   f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x, "
                   f"{case['metric']} {ours['fidelity']:.4f} vs {theirs['fidelity']:.4f}")
     sys.stdout.flush()
+    case.pop("task", None)
     return rows + [{"model": case["name"], "tool": "float32", "size_kb": base_kb, "fidelity": base_fid,
                     "lat1_ms": case["lat1_ms"], "lat2_ms": case["lat2_ms"]}]
 
@@ -356,12 +381,13 @@ def variants(args) -> None:
         paths = [case["model"]] + [r["path"] for r in rows]
         lat = {t: interleaved_latency(paths, feed, t, args.repeats) for t in (1, 2)}
         print(f"\n## {name}, {method}: activation/weight types on this CPU (load average {os.getloadavg()[0]:.1f})")
-        print("| variant | latency 1t ms (x float) | latency 2t ms (x float) | snr dB |")
-        print("|---|---|---|---|")
-        print(f"| float32 | {lat[1][0]:.2f} | {lat[2][0]:.2f} | inf |")
+        print("| variant | latency 1t ms (x float) | latency 2t ms (x float) | snr dB | task agreement |")
+        print("|---|---|---|---|---|")
+        print(f"| float32 | {lat[1][0]:.2f} | {lat[2][0]:.2f} | inf | 1 |")
         for i, r in enumerate(rows, 1):
             print(f"| {r['label']} | {lat[1][i]:.2f} ({lat[1][i] / lat[1][0]:.2f}x) | "
-                  f"{lat[2][i]:.2f} ({lat[2][i] / lat[2][0]:.2f}x) | {r['snr']:.2f} |")
+                  f"{lat[2][i]:.2f} ({lat[2][i] / lat[2][0]:.2f}x) | {r['snr']:.2f} | "
+                  f"{case['task'][r['path']]:.3f} |")
 
 
 def flat_memory(args) -> None:
