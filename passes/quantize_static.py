@@ -434,7 +434,7 @@ class QuantizeStaticPass(Pass):
                                               q.reshape(b.shape),
                                               scale.reshape(-1)[:1] if per_tensor else scale.reshape(-1),
                                               zp.reshape(-1)[:1] if per_tensor else zp.reshape(-1),
-                                              None if per_tensor else 0)
+                                              None if per_tensor else b.ndim - 1)  # (N,) or (1, N)
             node.inputs[index] = dq
             count += 1
         return count

@@ -288,3 +288,16 @@ def test_an_already_quantized_model_is_left_alone():
     again, result = quantize(out)
     assert not result.changed and result.stats["skipped"] == "the model is already quantized"
     assert op_histogram(again) == op_histogram(out)
+
+
+def test_gemm_bias_of_shape_1_by_n_is_quantized_along_its_last_axis():
+    r = np.random.default_rng(9)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [3, 2])], [tensor("y", [3, 4])],
+                       [init("w", r.standard_normal((2, 4)).astype(np.float32)),
+                        init("b", r.standard_normal((1, 4)).astype(np.float32))])
+    data = r.standard_normal((2, 3, 2)).astype(np.float32)
+    out, result = quantize(proto, data=data)
+    qb, sb, _, axis = dq_of(out, "Gemm", 2)
+    assert qb.shape == (1, 4) and sb.shape == (4,) and axis == 1 and result.stats["biases_quantized"] == 1
+    assert snr_db(run(proto, {"x": data[0]}), run(out, {"x": data[0]})) > 25
