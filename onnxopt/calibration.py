@@ -29,12 +29,19 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from . import kernels
 from .errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+HISTOGRAM_BINS = 4096  # signed bins; divisible by 4 (see onnxopt/kernels.py)
+
+
+def _kernels():
+    """onnxopt.kernels, imported on first use: minmax calibration never loads numba."""
+    from . import kernels
+
+    return kernels
 
 
 # -- statistics of one tensor ----------------------------------------------------------------
@@ -44,7 +51,7 @@ class TensorStatistics:
 
     name: str
     with_histogram: bool = True
-    bins: int = kernels.DEFAULT_BINS
+    bins: int = HISTOGRAM_BINS
     min: float = np.inf
     max: float = -np.inf
     count: int = 0
@@ -61,7 +68,7 @@ class TensorStatistics:
             return
         lo, hi, n = float(flat.min()), float(flat.max()), flat.size  # SIMD fast path
         if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf somewhere: skip them
-            lo, hi, n = kernels.finite_min_max(flat)
+            lo, hi, n = _kernels().finite_min_max(flat)
         if n == 0:
             return
         self.min, self.max, self.count = min(self.min, lo), max(self.max, hi), self.count + n
@@ -74,6 +81,7 @@ class TensorStatistics:
                 return
             self.hist = np.zeros(self.bins, dtype=np.float64)
             self.half_range = float(absmax) * (1 + 1e-6)
+        kernels = _kernels()
         while absmax >= self.half_range:
             self.hist = kernels.double_range(self.hist)
             self.half_range *= 2.0
@@ -103,6 +111,7 @@ class TensorStatistics:
         if not self.with_histogram:
             raise ValueError(f"{self.name}: method '{method}' needs histograms (collected with minmax only)")
         hist, half = self.histogram()
+        kernels = _kernels()
         if method == "percentile":
             plo, phi = kernels.percentile_range(hist, half, float(percentile))
             plo, phi = max(lo, plo), min(hi, phi)

@@ -17,7 +17,6 @@ import math
 import numpy as np
 from numba import njit
 
-DEFAULT_BINS = 4096  # signed bins; the |x| histogram used by entropy has half as many
 
 
 @njit(cache=True, nogil=True)
