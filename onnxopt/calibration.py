@@ -149,8 +149,9 @@ def input_specs(model) -> dict[str, InputSpec]:
                 continue
             tt = vi.type.tensor_type
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
-                if tt.HasField("shape") else None
+            # exporters write -1 for "any size": a free dim, like a missing one
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                          for d in tt.shape.dim) if tt.HasField("shape") else None
             specs[vi.name] = InputSpec(vi.name, np.dtype(dtype) if dtype is not None else None, shape)
         return specs
     specs = {}

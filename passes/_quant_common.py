@@ -344,3 +344,19 @@ def raise_opset(model, version: int) -> tuple[bool, str]:
     model.graph = import_graph(converted)
     model.graph.opset = version
     return True, f"opset {current} -> {version} (converted {', '.join(changed)})"
+
+
+def cpu_has_vnni() -> bool:
+    """True when this x86 CPU has a u8*s8 dot product without int16 saturation (VNNI),
+    or is not x86 (ARM's dot products do not saturate either)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+        return bool(features.get("avx512vnni") or features.get("avxvnni"))
+    except Exception:  # unknown: assume the older CPU, which is the safe choice
+        return False

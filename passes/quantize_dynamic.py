@@ -571,8 +571,6 @@ def _cpu_saturates(ctx) -> bool:
     providers = list(ctx.target.runtime.get("execution_providers", []))[:1]
     if providers != ["CPUExecutionProvider"]:
         return False
-    try:  # the same host check quantize-static uses
-        from onnxopt.passes.quantize_static import _cpu_has_vnni
-    except ImportError:
-        return False
-    return not _cpu_has_vnni()
+    from onnxopt.passes._quant_common import cpu_has_vnni
+
+    return not cpu_has_vnni()

@@ -69,22 +69,6 @@ def data_inputs(node: gs.Node) -> tuple[int, ...]:
     return DATA_INPUTS.get(node.op, tuple(range(len(node.inputs))))
 
 
-def _cpu_has_vnni() -> bool:
-    """True when this x86 CPU has a u8*s8 dot product without int16 saturation (VNNI),
-    or is not x86 (ARM's dot products do not saturate either)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        import llvmlite.binding as llvm
-
-        features = llvm.get_host_cpu_features()
-        return bool(features.get("avx512vnni") or features.get("avxvnni"))
-    except Exception:  # unknown: assume the older CPU, which is the safe choice
-        return False
-
-
 @dataclass
 class Plan:
     """What the pass will quantize, by tensor name (found on the graph after folding)."""
@@ -153,7 +137,7 @@ class QuantizeStaticPass(Pass):
         elif wt.reduce_range:
             reduce = True
         elif act.dtype == "uint8" and wt.dtype == "int8" and "CPUExecutionProvider" in \
-                ctx.target.runtime.get("execution_providers", [])[:1] and not _cpu_has_vnni():
+                ctx.target.runtime.get("execution_providers", [])[:1] and not qc.cpu_has_vnni():
             reduce, why = True, "auto: x86 CPU without VNNI (u8*s8 saturates int16)"
         else:
             reduce = False
