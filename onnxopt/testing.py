@@ -51,6 +51,19 @@ def assert_equivalent(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: dict[s
     assert not problems, "; ".join(map(str, problems))
 
 
+def assert_valid_and_equivalent(ref: onnx.ModelProto, cand: onnx.ModelProto,
+                                feeds: dict[str, np.ndarray] | None = None, **tolerance: float) -> None:
+    """``cand`` passes the full onnx checker and gives ``ref``'s outputs in onnxruntime."""
+    onnx.checker.check_model(cand, full_check=True)
+    assert_equivalent(ref, cand, feeds, **tolerance)
+
+
+def plain_bytes(proto: onnx.ModelProto) -> bytes:
+    """The bytes a model has after onnxopt's load and export with no pass run: what an
+    untouched model must still serialize to after a pass that did not fire."""
+    return _plain(proto).SerializeToString()
+
+
 def check_pass_contract(pass_cls: type, models: list[onnx.ModelProto], **options: Any) -> None:
     """The contract every pass keeps; raises AssertionError naming the broken rule."""
     for proto in models:

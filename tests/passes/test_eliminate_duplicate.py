@@ -5,19 +5,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.model import load
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
+from onnxopt.testing import assert_valid_and_equivalent as check, plain_bytes as plain
 
 from graphs import duplicate_nodes, init, make_model, tensor
 
 
-def plain(proto):
-    return load(proto).to_proto().SerializeToString()
-
-
-def check(proto, out, feeds=None):
-    onnx.checker.check_model(out, full_check=True)
-    assert_equivalent(proto, out, feeds)
 
 
 def test_merges_identical_weights_then_the_branches_that_use_them():

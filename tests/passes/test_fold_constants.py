@@ -5,25 +5,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.model import load
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
+from onnxopt.testing import assert_valid_and_equivalent as check, plain_bytes as plain
 
 from conftest import real_model
 from graphs import const_chain, init, make_model, shape_chain, tensor
 
 
-def plain(proto):
-    """The model as a pass that changed nothing returns it."""
-    return load(proto).to_proto().SerializeToString()
-
-
 def inits(proto):
     return {i.name: i for i in proto.graph.initializer}
-
-
-def check(proto, out, feeds=None):
-    onnx.checker.check_model(out, full_check=True)
-    assert_equivalent(proto, out, feeds)
 
 
 def test_folds_a_constant_chain_into_an_initializer():
