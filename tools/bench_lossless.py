@@ -292,15 +292,27 @@ def _secs(row: dict) -> str:
 
 
 def lossless_table(rows: list[dict]) -> str:
-    """One line per model and tool: nodes left, wall time (x load+save), work time, peak RSS."""
-    lines = ["| model | nodes | tool | nodes left | wall s (x load+save) | work s | peak RSS MB | outputs |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per model, one column per tool: nodes left; wall s (x load+save); peak RSS."""
+    tools = list(dict.fromkeys(r["tool"] for r in rows))
+    lines = ["| model | nodes | " + " | ".join(tools) + " |", "|---|---|" + "---|" * len(tools)]
+    by_model: dict[str, dict] = {}
     for r in rows:
-        work = f"{r['work']:.2f}" if r.get("work") is not None else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
-        lines.append(f"| {r['model'].removesuffix('.onnx')} | {r['nodes_in']} | {r['tool']} | "
-                     f"{r.get('nodes') if r.get('nodes') is not None else '-'} | {_secs(r)} | {work} | {rss} | "
-                     f"{r.get('check', '')} |")
+        by_model.setdefault(r["model"], {})[r["tool"]] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if r["status"] != "ok":
+            return r["status"].split(":")[0]
+        rss = f"; {r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else ""
+        check = r.get("check", "")
+        mark = "" if not check or check == "equal" else " (outputs: " + check[:40] + ")"
+        return f"{r['nodes']}; {_secs(r)}{rss}{mark}"
+
+    for name, by_tool in by_model.items():
+        first = next(iter(by_tool.values()))
+        lines.append(f"| {name.removesuffix('.onnx')} | {first['nodes_in']} | "
+                     + " | ".join(cell(by_tool.get(t)) for t in tools) + " |")
     return "\n".join(lines)
 
 
