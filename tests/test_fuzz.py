@@ -40,17 +40,13 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 SEEDS = st.integers(0, 2**32 - 1)
 SIZES = st.integers(1, 14)
 
-# (seed, n_ops) pairs that broke a pass or the pipeline, with what broke. An entry whose bug
-# is still open is marked xfail with the reason; drop the mark when the fix lands.
-_OPEN = "open bug: "
+# (seed, n_ops) pairs that broke a pass or the pipeline, with what broke; they run every time.
+# An entry whose bug is still open gets pytest.param(..., marks=pytest.mark.xfail(reason=...)).
 COUNTEREXAMPLES = [
     # Gemm with a [1, M] bias: quantize-static quantized the bias per channel along axis 0
-    # (one scale for each of M columns on an axis of size 1); onnxruntime refuses to run it.
-    pytest.param(107266, 10, marks=pytest.mark.xfail(
-        reason=_OPEN + "quantize-static: per-axis bias scale on a [1, M] Gemm bias", strict=False)),
-    # The same bug in its smallest form: one Gemm, x [3, 2], bias [1, 2].
-    pytest.param(51, 1, marks=pytest.mark.xfail(
-        reason=_OPEN + "quantize-static: per-axis bias scale on a [1, M] Gemm bias", strict=False)),
+    # (M scales for an axis of size 1); onnxruntime refused to run the model. Fixed.
+    (107266, 10),
+    (51, 1),  # the same bug in its smallest form: one Gemm, x [3, 2], bias [1, 2]
 ]
 
 
