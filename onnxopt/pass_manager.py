@@ -130,6 +130,8 @@ class PassManager:
         self.progress = progress
         self.records: list[PassRecord] = []
         self._reference: tuple[dict, dict] | None = None  # (feeds, outputs) of the last good state
+        self._snapshot: gs.Graph | None = None  # a copy of the graph as it was before the pass
+        self._snapshot_of: gs.Graph | None = None  # the live graph that copy was taken of
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
@@ -157,7 +159,10 @@ class PassManager:
         record = PassRecord(spec.name, dict(spec.options))
         record.nodes_before = count_nodes(model.graph)
         record.params_before = count_params(model.graph)
-        snapshot = model.graph.copy()
+        # A snapshot stays valid while passes report no change: copy only after a change.
+        if self._snapshot is None or self._snapshot_of is not model.graph:
+            self._snapshot, self._snapshot_of = model.graph.copy(), model.graph
+        snapshot = self._snapshot
         was_modified = model.modified
         digest_before = graph_digest(model) if self.verify else None
         if self.verify and cls.lossless and self._reference is None:
@@ -201,6 +206,7 @@ class PassManager:
                 raise VerificationError(f"pass '{spec.name}' broke the model: {problem}")
         elif changed:
             model.modified = True
+            self._snapshot = None
             record.status = "changed"
             ctx.invalidate(cls.preserves)
         else:
@@ -211,6 +217,7 @@ class PassManager:
 
     def _restore(self, model: Model, snapshot: gs.Graph, was_modified: bool, ctx: PassContext) -> None:
         model.graph = snapshot
+        self._snapshot = None  # the snapshot is the live graph now
         model.modified = was_modified
         ctx.invalidate()
 

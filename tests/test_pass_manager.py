@@ -156,3 +156,13 @@ def test_api_result_and_report():
     assert result.report["before"]["nodes"] == 4 and result.report["after"]["nodes"] < 4
     assert [p["name"] for p in result.report["passes"]][:1] == ["lift-constants"]
     assert result.report["pipeline"] == {p.key: p.value for p in result.model.metadata_props}["onnxopt.pipeline"]
+
+
+def test_rollbacks_stay_right_when_snapshots_are_reused():
+    # unchanged passes share one snapshot; each rollback must still restore the graph
+    model, records = run(["lift-constants", "test-raise", "eliminate-dead-code", "test-break", "test-raise"])
+    assert [r.status for r in records] == ["unchanged", "failed", "unchanged", "rolled-back", "failed"]
+    assert [n.op for n in model.graph.nodes] == ["MatMul", "Add"] and not model.modified
+    model, records = run(["lift-constants", "test-raise", "lift-constants"], const_chain())
+    assert [r.status for r in records] == ["changed", "failed", "unchanged"]
+    assert [n.op for n in model.graph.nodes] == ["Mul", "Add"]
