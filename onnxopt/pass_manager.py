@@ -94,20 +94,22 @@ def graph_digest(model: Model) -> str:
 
 
 def structural_problem(graph: gs.Graph) -> str | None:
-    """A cheap check after every change: no cycle, every input produced or constant."""
+    """A cheap check after every change: every input produced or constant, no cycle.
+
+    Linear in the graph's size: one walk checks that every node of the main graph reads
+    only what graph inputs, constants or earlier nodes provide. Only when a pass left
+    nodes out of order does graphsurgeon's (slower) toposort run, to reorder them or to
+    find a cycle.
+    """
     from .model import iter_graphs
 
-    try:
-        graph.toposort(recurse_subgraphs=False)
-    except Exception as exc:
-        return f"graph is no longer a DAG ({exc})"
-    available = {t.name for t in graph.inputs}
-    for sub in iter_graphs(graph):
-        if sub is not graph:
-            available.update(t.name for t in sub.inputs)
+    graphs = list(iter_graphs(graph))
+    available = set()
+    for sub in graphs:
+        available.update(t.name for t in sub.inputs)
         for node in sub.nodes:
             available.update(t.name for t in node.outputs)
-    for sub in iter_graphs(graph):
+    for sub in graphs:
         for node in sub.nodes:
             for t in node.inputs:
                 if t.name and not isinstance(t, gs.Constant) and t.name not in available:
@@ -115,7 +117,25 @@ def structural_problem(graph: gs.Graph) -> str | None:
     for out in graph.outputs:
         if not isinstance(out, gs.Constant) and out.name not in available:
             return f"graph output '{out.name}' is no longer produced"
+    if not _in_order(graph):
+        try:
+            graph.toposort(recurse_subgraphs=False)
+        except Exception as exc:
+            return f"graph is no longer a DAG ({exc})"
+        if not _in_order(graph):
+            return "graph is no longer a DAG (its nodes cannot be ordered)"
     return None
+
+
+def _in_order(graph: gs.Graph) -> bool:
+    """True when each node of ``graph`` reads only tensors ready before it."""
+    ready = {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and not isinstance(t, gs.Constant) and id(t) not in ready and t.inputs:
+                return False  # produced by a node of this graph that comes later (or a cycle)
+        ready.update(id(t) for t in node.outputs)
+    return True
 
 
 class PassManager:
@@ -132,6 +152,7 @@ class PassManager:
         self._reference: tuple[dict, dict] | None = None  # (feeds, outputs) of the last good state
         self._snapshot: gs.Graph | None = None  # a copy of the graph as it was before the pass
         self._snapshot_of: gs.Graph | None = None  # the live graph that copy was taken of
+        self._counts: tuple | None = None  # (graph, nodes, params) as last counted
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
@@ -157,8 +178,9 @@ class PassManager:
         cls = get_pass(spec.name)
         pass_ = cls(**spec.options)
         record = PassRecord(spec.name, dict(spec.options))
-        record.nodes_before = count_nodes(model.graph)
-        record.params_before = count_params(model.graph)
+        if self._counts is None or self._counts[0] is not model.graph:
+            self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
+        record.nodes_before, record.params_before = self._counts[1:]
         # A snapshot stays valid while passes report no change: copy only after a change.
         if self._snapshot is None or self._snapshot_of is not model.graph:
             self._snapshot, self._snapshot_of = model.graph.copy(), model.graph
@@ -211,8 +233,9 @@ class PassManager:
             ctx.invalidate(cls.preserves)
         else:
             record.status = "unchanged"
-        record.nodes_after = count_nodes(model.graph)
-        record.params_after = count_params(model.graph)
+        if record.status == "changed":  # counting walks every node: only after a change
+            self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
+        record.nodes_after, record.params_after = self._counts[1:]
         return record
 
     def _restore(self, model: Model, snapshot: gs.Graph, was_modified: bool, ctx: PassContext) -> None:
