@@ -197,6 +197,10 @@ def check_batch(batch: dict, specs: dict[str, InputSpec], where: str) -> dict[st
         problem = _shape_problem(spec, array.shape)
         if problem:
             raise CalibrationError(f"{where}: input '{name}' has {problem}")
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            nan = int(np.isnan(array).sum())
+            raise CalibrationError(f"{where}: input '{name}' has non-finite values ({nan} NaN, "
+                                   f"{int(np.isinf(array).sum())} Inf); the data must be finite")
         out[name] = array
     missing = [n for n in specs if n not in out]
     if missing:
