@@ -42,7 +42,7 @@ def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
     With ``cost``, adds MACs, FLOPs and peak activation memory (onnxopt.analysis.cost) under
     "cost"; ``input_shapes`` fixes input dims so that symbolic counts become numbers.
     """
-    proto = model.to_proto()
+    proto = model.template if not model.modified else model.to_proto()  # no copy of the weights
     ops: Counter = Counter()
 
     def walk(graph: onnx.GraphProto) -> int:
