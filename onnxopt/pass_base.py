@@ -110,9 +110,6 @@ class Pass:
                                     tuple(choices) if choices else None))
         return specs
 
-    def option_values(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.options)
-
 
 def unknown_option_message(pass_name: str, key: str, specs: dict) -> str:
     from .registry import nearest

@@ -52,10 +52,6 @@ class QuantScheme:
         return np.dtype(QUANT_DTYPES[self.dtype][0])
 
     @property
-    def onnx_dtype(self) -> int:
-        return QUANT_DTYPES[self.dtype][1]
-
-    @property
     def min_opset(self) -> int:
         return QUANT_DTYPES[self.dtype][2]
 
@@ -132,18 +128,6 @@ def quantize_values(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dt
     hi = info.max if qmax is None else qmax
     q = np.clip(np.rint(x.astype(np.float64) / scale.astype(np.float64)) + zp, lo, hi)
     return q.astype(QUANT_DTYPES[dtype][0])
-
-
-def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                      axis: int | None = None) -> np.ndarray:
-    """ONNX DequantizeLinear in numpy."""
-    scale = np.asarray(scale, dtype=np.float32)
-    zp = np.asarray(zero_point).astype(np.float32)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
 
 
 # -- weights -------------------------------------------------------------------------------

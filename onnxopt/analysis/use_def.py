@@ -23,11 +23,6 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 
 
-def only_consumer(tensor: gs.Tensor, node: gs.Node) -> bool:
-    """True when ``node`` is the one user of ``tensor`` (so the tensor may be rewritten)."""
-    return len(tensor.outputs) == 1 and tensor.outputs[0] is node
-
-
 def outer_scope_names(graph: gs.Graph) -> set[str]:
     """Names a subgraph uses but does not define (it reads them from an enclosing graph)."""
     defined = {t.name for t in graph.inputs}
