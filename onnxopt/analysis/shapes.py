@@ -7,6 +7,7 @@ written back into the graph: a pass that wants a shape reads it from here.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -28,21 +29,34 @@ class TensorInfo:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _np_dtype(elem_type: int) -> np.dtype | None:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _info(type_proto: onnx.TypeProto) -> TensorInfo | None:
     if not type_proto.HasField("tensor_type"):
         return None
     tt = type_proto.tensor_type
-    dtype = None
-    if tt.elem_type:
-        try:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        except (KeyError, TypeError):
-            dtype = None
+    dtype = _np_dtype(tt.elem_type) if tt.elem_type else None
     shape = None
     if tt.HasField("shape"):
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                       for d in tt.shape.dim)
     return TensorInfo(dtype, shape)
+
+
+def _longest_vector(graph: onnx.GraphProto) -> int:
+    """Length of the longest rank-1 tensor with a static length in ``graph``'s value_info."""
+    longest = 0
+    for value in graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].HasField("dim_value"):
+            longest = max(longest, dims[0].dim_value)
+    return longest
 
 
 # Initializers larger than this are handed to shape inference as typed graph inputs:
@@ -92,27 +106,22 @@ def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     from ..graph_io import export_model
 
     proto = export_model(model.graph, model.template)
-    shapes: dict[str, TensorInfo] = {}
-    _collect(proto.graph, shapes)  # declared types, kept where inference adds nothing
     light = _without_large_weights(proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
-    except Exception as exc:  # inference is best effort; passes fall back to what they know
+        # Data propagation materializes rank-1 values it tracks: a Range or Tile of 2**40
+        # elements would exhaust memory. Only propagate when no such vector exists.
+        longest = _longest_vector(inferred.graph)
+        if longest <= _MAX_PROPAGATED_LENGTH:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+            except Exception as exc:
+                logger.debug("shape inference with data propagation failed: %s", exc)
+        else:
+            logger.debug("shape inference without data propagation: a vector of %d elements", longest)
+    except Exception as exc:  # inference is best effort; passes fall back to declared types
         logger.debug("shape inference failed: %s", exc)
-        return shapes
-    _collect(inferred.graph, shapes)
-    # Data propagation materializes rank-1 values it tracks: a Range or Tile of 2**40
-    # elements would exhaust memory. Only propagate when no such vector exists.
-    longest = max((info.shape[0] for info in shapes.values()
-                   if info.shape is not None and len(info.shape) == 1 and isinstance(info.shape[0], int)),
-                  default=0)
-    if longest > _MAX_PROPAGATED_LENGTH:
-        logger.debug("shape inference without data propagation: a vector of %d elements", longest)
-        return shapes
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        logger.debug("shape inference with data propagation failed: %s", exc)
-        return shapes
-    _collect(inferred.graph, shapes)
+        inferred = light
+    shapes: dict[str, TensorInfo] = {}
+    _collect(inferred.graph, shapes)  # inference keeps the declared types it cannot improve
     return shapes
