@@ -95,9 +95,16 @@ class Model:
         return self._template
 
 
+# The default-domain ops that carry graph attributes; ops of other domains may too.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph``, then every subgraph inside it, depth first."""
     yield graph
     for node in graph.nodes:
+        if node.op not in _SUBGRAPH_OPS and node.domain in (None, "", "ai.onnx"):
+            continue  # no other standard op has a graph attribute: skip its attributes
         for value in node.attrs.values():
             if isinstance(value, gs.Graph):
                 yield from iter_graphs(value)
