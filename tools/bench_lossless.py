@@ -84,18 +84,9 @@ def child(tool: str, src: str, dst: str, pipeline: str) -> None:
 def count_nodes(path: str) -> int:
     import onnx
 
-    def walk(graph) -> int:
-        n = 0
-        for node in graph.node:
-            n += 1
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    n += walk(attr.g)
-                for g in attr.graphs:
-                    n += walk(g)
-        return n
+    from onnxopt.analysis.summary import proto_nodes
 
-    return walk(onnx.load(path, load_external_data=False).graph)
+    return sum(1 for _ in proto_nodes(onnx.load(path, load_external_data=False).graph))
 
 
 def run_tool(tool: str, src: Path, workdir: Path, pipeline: str, timeout: float) -> dict:

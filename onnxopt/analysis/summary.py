@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from typing import Iterator
+
 import onnx
 
 from ..model import Model, model_tensors
@@ -35,6 +37,17 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
         return len(tensor.raw_data)
 
 
+def proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the subgraphs inside it, depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from proto_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from proto_nodes(sub)
+
+
 def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
               cost: bool = True) -> dict:
     """A JSON-ready summary of ``model`` (the proto as it would be written).
@@ -45,19 +58,9 @@ def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
     proto = model.template if not model.modified else model.to_proto()  # no copy of the weights
     ops: Counter = Counter()
 
-    def walk(graph: onnx.GraphProto) -> int:
-        count = 0
-        for node in graph.node:
-            ops[(node.domain + "." if node.domain not in ("", "ai.onnx") else "") + node.op_type] += 1
-            count += 1
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    count += walk(attr.g)
-                for g in attr.graphs:
-                    count += walk(g)
-        return count
-
-    nodes = walk(proto.graph)
+    for node in proto_nodes(proto.graph):
+        ops[(node.domain + "." if node.domain not in ("", "ai.onnx") else "") + node.op_type] += 1
+    nodes = sum(ops.values())
     params = weight_bytes = 0
     for tensor in model_tensors(proto):
         n = 1

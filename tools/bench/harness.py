@@ -117,15 +117,9 @@ def produce(tool: str, model, workdir: Path, timeout: float) -> dict:
 
 
 def count_nodes(graph) -> int:
-    n = 0
-    for node in graph.node:
-        n += 1
-        for a in node.attribute:
-            if a.HasField("g"):
-                n += count_nodes(a.g)
-            for g in a.graphs:
-                n += count_nodes(g)
-    return n
+    from onnxopt.analysis.summary import proto_nodes
+
+    return sum(1 for _ in proto_nodes(graph))
 
 
 def outputs_of(path: str, feeds: dict, threads: int = 2) -> dict:
