@@ -56,27 +56,11 @@ def child(tool: str, src: str, dst: str, pipeline: str) -> None:
         if rc:
             sys.exit(rc)
         Path(dst).write_text("inspected\n")  # the parent checks that the child got to the end
-    elif tool == "graphsurgeon":
-        import onnx_graphsurgeon as gs
-
-        graph = gs.import_onnx(onnx.load(src))
-        graph.cleanup().toposort()
-        onnx.save(gs.export_onnx(graph), dst)
-    elif tool == "onnxsim":
-        import onnxsim
-
-        model, _ = onnxsim.simplify(onnx.load(src), check_n=0)
-        onnx.save(model, dst)
-    elif tool == "onnxslim":
-        import onnxslim
-
-        onnx.save(onnxslim.slim(onnx.load(src)), dst)
-    elif tool == "onnxoptimizer":
-        import onnxoptimizer
-
-        onnx.save(onnxoptimizer.optimize(onnx.load(src)), dst)
     else:
-        raise SystemExit(f"unknown tool {tool}")
+        sys.path.insert(0, str(REPO / "tools" / "bench"))
+        from peers import write_peer
+
+        write_peer(tool, src, dst)
     print(json.dumps({"work": time.perf_counter() - start}))
 
 

@@ -57,32 +57,10 @@ def child(tool: str, src: str, dst: str, calibration: str | None) -> int:
 
         args = ["optimize", src, "-o", dst, "--pipeline", tool.split(":", 1)[1], "-q"]
         return main(args + (["--calibration", calibration] if calibration else []))
-    elif tool == "onnxsim":
-        import onnxsim
-
-        model, _ = onnxsim.simplify(onnx.load(src), check_n=0)
-        onnx.save(model, dst)
-    elif tool == "onnxoptimizer":
-        import onnxoptimizer
-
-        onnx.save(onnxoptimizer.optimize(onnx.load(src)), dst)
-    elif tool == "onnxslim":
-        import onnxslim
-
-        onnx.save(onnxslim.slim(onnx.load(src)), dst)
-    elif tool == "ort-basic":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = dst
-        ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    elif tool == "ort-dynamic":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
     else:
-        raise SystemExit(f"unknown tool {tool}")
+        from peers import write_peer
+
+        write_peer(tool, src, dst)
     return 0
 
 
