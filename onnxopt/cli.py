@@ -15,8 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
-from .errors import OnnxoptError, OutputError, UsageError
+from onnxopt import __version__
+from onnxopt.errors import OnnxoptError, OutputError, UsageError
 
 logger = logging.getLogger("onnxopt")
 
@@ -37,7 +37,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_fidelity_options(p: argparse.ArgumentParser, gate: str) -> None:
     p.add_argument("--metric", default="cosine", metavar="cosine|snr|top1|mse|module:function",
                    help="fidelity metric for the gate (default cosine); module:function is called "
-                        "with (reference outputs, candidate outputs), see onnxopt/metrics.py")
+                        "with (reference outputs, candidate outputs), see onnxopt/measure/metrics.py")
     p.add_argument(gate, type=float, metavar="X", dest="max_drop",
                    help="quality gate: exit 3 when the metric's drop exceeds X (cosine: 1-cosine; "
                         "top1: 1-agreement; snr: 10^(-SNR/10); mse: the mse; user metric: its drop)")
@@ -137,12 +137,12 @@ def _check_output(input_path: str, output: str) -> None:
 
 
 def cmd_optimize(args) -> int:
-    from .model import save
-    from .optimize import optimize
+    from onnxopt.ir.model import save
+    from onnxopt.optimize import optimize
 
-    from .errors import QualityGateError
-    from .metrics import load_metric
-    from .report import add_measurements, render, require_matplotlib
+    from onnxopt.errors import QualityGateError
+    from onnxopt.measure.metrics import load_metric
+    from onnxopt.measure.report import add_measurements, render, require_matplotlib
 
     _check_output(args.input, args.output)
     if args.report:
@@ -191,7 +191,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _summary_table(report: dict) -> str:
-    from .report import fidelity_line, summary_rows
+    from onnxopt.measure.report import fidelity_line, summary_rows
 
     rows = [("", "before", "after", "ratio")] + summary_rows(report)
     lines = [f"{r[0]:<15}{r[1]!s:>14}{r[2]!s:>14}{r[3]!s:>9}" for r in rows]
@@ -210,10 +210,10 @@ def _summary_table(report: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .analysis.summary import summarize
-    from .model import load
+    from onnxopt.analysis.summary import summarize
+    from onnxopt.ir.model import load
 
-    from .analysis.cost import parse_input_shapes
+    from onnxopt.analysis.cost import parse_input_shapes
 
     info = summarize(load(args.model), parse_input_shapes(args.input_shape))
     if args.json:
@@ -233,7 +233,7 @@ def cmd_inspect(args) -> int:
 
 def _cost_lines(cost: dict) -> str:
     """The cost model's figures for `inspect` (onnxopt.analysis.cost)."""
-    from .analysis.cost import human
+    from onnxopt.analysis.cost import human
 
     mem = cost["activation_memory"]
     lines = [f"MACs {human(cost['macs'])}, FLOPs {human(cost['flops'])}"
@@ -251,7 +251,7 @@ def _cost_lines(cost: dict) -> str:
 
 
 def cmd_passes(args) -> int:
-    from .registry import all_passes
+    from onnxopt.pipeline.registry import all_passes
 
     passes = all_passes()
     if args.json:
@@ -272,7 +272,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from .target import _plugin_targets, builtin_target_names, load_target
+    from onnxopt.target import _plugin_targets, builtin_target_names, load_target
 
     names = [args.name] if args.name else builtin_target_names() + sorted(_plugin_targets())
     targets = [load_target(n) for n in names]
@@ -287,10 +287,10 @@ def cmd_targets(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .analysis.cost import parse_input_shapes
-    from .compare import compare, format_comparison
-    from .errors import QualityGateError
-    from .metrics import load_metric
+    from onnxopt.analysis.cost import parse_input_shapes
+    from onnxopt.measure.compare import compare, format_comparison
+    from onnxopt.errors import QualityGateError
+    from onnxopt.measure.metrics import load_metric
 
     for path in (args.reference, args.candidate):
         if not Path(path).is_file():

@@ -12,12 +12,12 @@ from typing import Any
 
 import onnx
 
-from . import __version__
-from .context import PassContext
-from .model import Model, add_provenance, load, save
-from .pass_manager import PassManager, PassRecord, count_nodes, count_params
-from .pipeline import PassSpec, format_pipeline, resolve
-from .target import Target, load_target
+from onnxopt import __version__
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import Model, add_provenance, load, save
+from onnxopt.pipeline.manager import PassManager, PassRecord, count_nodes, count_params
+from onnxopt.pipeline.text import PassSpec, format_pipeline, resolve
+from onnxopt.target import Target, load_target
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
     text = pipeline if pipeline is not None else "default"
     specs = resolve(text, target.pipelines, target.passes)
     if not has_calibration:
-        from .registry import get_pass
+        from onnxopt.pipeline.registry import get_pass
 
         needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
         if needing:
@@ -52,7 +52,7 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
                 notes.append(f"no calibration data: skipped {', '.join(needing)} "
                              "(static quantization needs --calibration)")
             else:
-                from .errors import CalibrationError
+                from onnxopt.errors import CalibrationError
 
                 raise CalibrationError(f"pass(es) {', '.join(needing)} need calibration data "
                                        "(--calibration DATA or calibration=…)")
@@ -74,7 +74,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     m = load(model)
     calib = None
     if calibration is not None:
-        from .calibration import open_calibration
+        from onnxopt.data.calibration import open_calibration
 
         calib = open_calibration(calibration, m)
     ctx = PassContext(target=target, calibration=calib, seed=seed)

@@ -22,7 +22,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .errors import TargetError
+from onnxopt.errors import TargetError
 
 SCHEMA_VERSION = 1
 
@@ -152,7 +152,7 @@ def _type_name(spec: Any) -> str:
 
 
 def _validate(value: Any, spec: Any, where: str, file: str) -> None:
-    from .registry import nearest
+    from onnxopt.pipeline.registry import nearest
 
     if spec is ANY_OPTION:
         return
@@ -238,7 +238,7 @@ def _find(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> t
             return str(path), path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise TargetError(f"{path}: cannot read target file ({exc})") from None
-    from .registry import nearest
+    from onnxopt.pipeline.registry import nearest
 
     names = builtin_target_names() + sorted(plugins)
     hint = nearest(text_name, names)
@@ -286,8 +286,8 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
 
 def _check_passes(data: dict, label: str) -> None:
     """Check [passes.NAME] tables and pipeline texts against the registry."""
-    from .errors import PipelineError
-    from .pipeline import resolve
+    from onnxopt.errors import PipelineError
+    from onnxopt.pipeline.text import resolve
 
     for name, options in data["passes"].items():
         try:
@@ -302,6 +302,6 @@ def _check_passes(data: dict, label: str) -> None:
 
 
 def _spec(name: str, options: dict):
-    from .pipeline import PassSpec
+    from onnxopt.pipeline.text import PassSpec
 
     return PassSpec(name, dict(options))

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import verify
-from .context import PassContext
-from .model import load
-from .pass_base import PassResult
-from .registry import get_pass
-from .target import load_target
+from onnxopt.measure import verify
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import load
+from onnxopt.pipeline.pass_api import PassResult
+from onnxopt.pipeline.registry import get_pass
+from onnxopt.target import load_target
 
 
 def run_pass(pass_or_name: Any, model: onnx.ModelProto | str, target: str = "cpu", ctx: PassContext | None = None,

@@ -309,7 +309,7 @@ def raise_opset(model, version: int) -> tuple[bool, str]:
     axes move from attributes to inputs, …); when it fails the opset is left alone.
     Returns (raised, how).
     """
-    from onnxopt.graph_io import export_model, import_graph
+    from onnxopt.ir.graph_io import export_model, import_graph
 
     current = model.opset
     if current >= version:

@@ -23,8 +23,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.pass_base import Pass, PassResult
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult
+from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class LiftConstantsPass(Pass):
 
 
 def _size(graph: gs.Graph) -> tuple[int, int]:
-    from onnxopt.model import iter_graphs
+    from onnxopt.ir.model import iter_graphs
 
     nodes = tensors = 0
     for g in iter_graphs(graph):

@@ -32,10 +32,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import outer_scope_names
 from onnxopt.errors import PipelineError
-from onnxopt.model import iter_graphs
+from onnxopt.ir.model import iter_graphs
 from onnxopt.passes._quant_common import Names
-from onnxopt.pass_base import Pass, PassResult, option
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
+from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

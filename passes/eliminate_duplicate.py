@@ -28,11 +28,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.pass_base import Pass, PassResult
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult
+from onnxopt.pipeline.registry import register_pass
 
-from .eliminate_identity import rewire
-from .fold_constants import NONDETERMINISTIC, detach_nodes, topological_order
+from onnxopt.passes.eliminate_identity import rewire
+from onnxopt.passes.fold_constants import NONDETERMINISTIC, detach_nodes, topological_order
 
 logger = logging.getLogger(__name__)
 

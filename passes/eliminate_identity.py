@@ -34,10 +34,10 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.pass_base import Pass, PassResult
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult
+from onnxopt.pipeline.registry import register_pass
 
-from .fold_constants import (constant_node_value, detach_nodes, exact_array, is_default_domain,
+from onnxopt.passes.fold_constants import (constant_node_value, detach_nodes, exact_array, is_default_domain,
                              topological_order)
 
 logger = logging.getLogger(__name__)

@@ -58,9 +58,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.graph_io import export_model, import_graph
-from onnxopt.pass_base import Pass, PassResult, option
-from onnxopt.registry import register_pass
+from onnxopt.ir.graph_io import export_model, import_graph
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
+from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _drop_shapes(ctx) -> None:
 
 
 def _loads(proto: onnx.ModelProto) -> bool:
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     try:
         verify.session(proto)
@@ -732,7 +732,7 @@ class _Folder:
         return proto, feeds
 
     def run_ort(self, nodes: list[gs.Node]) -> dict | None:
-        from onnxopt import verify
+        from onnxopt.measure import verify
 
         try:
             proto, feeds = self.batch_model(nodes)

@@ -51,8 +51,8 @@ import logging
 import numpy as np
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.registry import register_pass
-from onnxopt.rewrite import (RewritePass, RewriteRule, constant_value, is_present, new_constant,
+from onnxopt.pipeline.registry import register_pass
+from onnxopt.ir.rewrite import (RewritePass, RewriteRule, constant_value, is_present, new_constant,
                              producer_op, single_use, take_outputs, unused)
 
 logger = logging.getLogger(__name__)

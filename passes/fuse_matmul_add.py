@@ -26,8 +26,8 @@ import logging
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.registry import register_pass
-from onnxopt.rewrite import (RewritePass, RewriteRule, constant_value, fresh_name, is_present,
+from onnxopt.pipeline.registry import register_pass
+from onnxopt.ir.rewrite import (RewritePass, RewriteRule, constant_value, fresh_name, is_present,
                              single_use, take_outputs)
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ fuse-gelu
     but tie the model to onnxruntime, which is what a target with ``contrib_ops = true``
     declares. When asked for, raising is tried first as the explicit choice.
 
-Both passes are rule sets on onnxopt.rewrite (match the structure, check legality with a
+Both passes are rule sets on onnxopt.ir.rewrite (match the structure, check legality with a
 reason counted in the stats, rewrite) and run in every graph, If/Loop/Scan bodies included.
 Constants may be initializers or Constant nodes; run ``lift-constants`` first so that the
 folded scale/bias and the dead constants are cleaned up in one place.
@@ -59,9 +59,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.pass_base import Pass, PassResult, option
-from onnxopt.registry import register_pass
-from onnxopt.rewrite import (RewriteRule, RuleSet, constant_value, fresh_name, new_constant,
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
+from onnxopt.pipeline.registry import register_pass
+from onnxopt.ir.rewrite import (RewriteRule, RuleSet, constant_value, fresh_name, new_constant,
                              take_outputs)
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.registry import register_pass
-from onnxopt.rewrite import (RewritePass, RewriteRule, constant_value, fresh_name, is_present, new_constant,
+from onnxopt.pipeline.registry import register_pass
+from onnxopt.ir.rewrite import (RewritePass, RewriteRule, constant_value, fresh_name, is_present, new_constant,
                              producer_op, single_use, take_outputs)
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import logging
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
-from onnxopt.registry import register_pass
-from onnxopt.rewrite import RewritePass, RewriteRule, fresh_name, producer_op, take_outputs
+from onnxopt.pipeline.registry import register_pass
+from onnxopt.ir.rewrite import RewritePass, RewriteRule, fresh_name, producer_op, take_outputs
 
 logger = logging.getLogger(__name__)
 

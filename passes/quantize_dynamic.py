@@ -50,9 +50,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_graph_output, is_op
-from onnxopt.pass_base import Pass, PassResult, option
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.passes._quant_common import Names
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def _indexed_rows(t: gs.Tensor) -> int | None:
 
 
 def _calibration_batches(calib, limit: int) -> list[dict[str, np.ndarray]]:
-    """Up to ``limit`` batches of a calibration source (onnxopt.calibration.Calibration, a
+    """Up to ``limit`` batches of a calibration source (onnxopt.data.calibration.Calibration, a
     list of feed dicts, or an object with ``get_next()``)."""
     source = getattr(calib, "source", calib)
     out: list[dict[str, np.ndarray]] = []
@@ -458,7 +458,7 @@ class QuantizeDynamicPass(Pass):
 
     def _smoothing(self, model, ctx, plan) -> dict[str, np.ndarray]:
         """Per activation tensor: the factor s of every channel (1 for all but the outliers)."""
-        from onnxopt import verify
+        from onnxopt.measure import verify
 
         groups = _smoothable(plan, model.graph)
         feeds = sample_feeds(model, ctx)
@@ -497,8 +497,8 @@ class QuantizeDynamicPass(Pass):
 
     # Sensitivity: quantize one layer at a time on a copy, compare outputs with float.
     def _drop_sensitive(self, model, ctx, plan, contrib: bool, scales: dict, reduce: bool):
-        from onnxopt import verify
-        from onnxopt.model import load
+        from onnxopt.measure import verify
+        from onnxopt.ir.model import load
 
         feeds = sample_feeds(model, ctx)
         layers = [(g, n, k) for g, n, k in plan if k in ("matmul", "gemm", "conv") and g is model.graph]

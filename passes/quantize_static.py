@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.calibration import METHODS, StatsRequest
+from onnxopt.data.calibration import METHODS, StatsRequest
 from onnxopt.errors import CalibrationError
-from onnxopt.pass_base import Pass, PassResult, option
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
+from onnxopt.pipeline.registry import register_pass
 
-from . import _quant_common as qc
+from onnxopt.passes import _quant_common as qc
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.analysis.use_def import is_graph_output, is_op
 from onnxopt.passes._quant_common import Names, raise_opset
 from onnxopt.errors import PipelineError
-from onnxopt.pass_base import Pass, PassResult, option
-from onnxopt.registry import register_pass
+from onnxopt.pipeline.pass_api import Pass, PassResult, option
+from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

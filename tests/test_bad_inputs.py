@@ -10,7 +10,6 @@ in a subprocess: the traceback-free check and SIGINT during a long run.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import resource
 import signal
@@ -300,9 +299,7 @@ def huge_fold(op: str) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("op", ["ConstantOfShape", "Expand", "Tile"])
 def test_folding_huge_constant_is_bounded(tmp_path, capsys, op):
-    from onnxopt.registry import all_passes
-
-    pipeline = "lossless" + (",fold-constants" if "fold-constants" in all_passes() else "")
+    pipeline = "lossless,fold-constants"
     path, out = write(tmp_path, f"{op}.onnx", huge_fold(op)), tmp_path / "out.onnx"
     # ru_maxrss (the process's peak) sees onnxruntime's allocations too, which tracemalloc
     # does not; an unbounded fold of this model raises it by 400 MB or more.
@@ -361,10 +358,6 @@ def test_report_folder_missing_writes_nothing(tmp_path, capsys):
 
 
 # -- calibration data ---------------------------------------------------------------------------------
-needs_calibration = pytest.mark.skipif(importlib.util.find_spec("onnxopt.calibration") is None,
-                                       reason="onnxopt/calibration.py (calibration reader) has not landed yet")
-
-
 # A pipeline that reads the values, not just the names and shapes, of the data.
 CALIBRATED = "lossless,quantize-static"
 
@@ -390,7 +383,6 @@ BAD_CALIBRATION = {
 }
 
 
-@needs_calibration
 @pytest.mark.parametrize("case", sorted(BAD_CALIBRATION))
 def test_bad_calibration_data(tmp_path, capsys, case):
     arrays, needles = BAD_CALIBRATION[case]
@@ -401,7 +393,6 @@ def test_bad_calibration_data(tmp_path, capsys, case):
                     watch=[path, data], output=out)
 
 
-@needs_calibration
 def test_good_calibration_data_is_accepted(tmp_path, capsys):
     # The control for the cases above: the same model and layout, valid values.
     path, out = write(tmp_path, "m.onnx", conv_model()), tmp_path / "out.onnx"

@@ -12,14 +12,14 @@ import pytest
 from onnx import helper
 
 import onnxopt
-from onnxopt.calibration import (Calibration, StatsRequest, TensorStatistics, gather_requests,
+from onnxopt.data.calibration import (Calibration, StatsRequest, TensorStatistics, gather_requests,
                                  open_calibration)
-from onnxopt.context import PassContext
+from onnxopt.pipeline.context import PassContext
 from onnxopt.errors import CalibrationError
-from onnxopt.model import load
-from onnxopt.pass_base import Pass, PassResult
-from onnxopt.pipeline import PassSpec
-from onnxopt.registry import register_pass
+from onnxopt.ir.model import load
+from onnxopt.pipeline.pass_api import Pass, PassResult
+from onnxopt.pipeline.text import PassSpec
+from onnxopt.pipeline.registry import register_pass
 from onnxopt.target import load_target
 from tests.graphs import make_model, tensor
 
@@ -149,7 +149,7 @@ class CalibrationProbePass(Pass):
 @pytest.fixture
 def probe_pass():
     """Register the probe pass for one test only (other tests run every registered pass)."""
-    from onnxopt import registry
+    from onnxopt.pipeline import registry
 
     register_pass("test-calibration-probe")(CalibrationProbePass)
     yield CalibrationProbePass

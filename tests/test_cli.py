@@ -15,9 +15,9 @@ import pytest
 
 import graphs
 from onnxopt import Pass, PassResult
-from onnxopt import registry
+from onnxopt.pipeline import registry
 from onnxopt.cli import main
-from onnxopt.pipeline import format_pipeline, parse
+from onnxopt.pipeline.text import format_pipeline, parse
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -243,7 +243,7 @@ def _synthetic():
 
 
 def test_synthetic_chain_inspect_and_lossless(capsys, tmp_path):
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     synth = _synthetic()
     src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
@@ -259,7 +259,7 @@ def test_synthetic_chain_inspect_and_lossless(capsys, tmp_path):
 
 
 def test_synthetic_external_data_model_round_trip(capsys, tmp_path):
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     synth = _synthetic()
     src = synth.big_model(tmp_path / "in" / "big.onnx", gigabytes=0.0001, side=64)  # 7 layers of 16 kB
@@ -279,10 +279,10 @@ def test_synthetic_external_data_model_round_trip(capsys, tmp_path):
 
 def test_model_over_the_protobuf_limit_is_written_with_external_data(capsys, tmp_path, monkeypatch):
     """The over-2-GB path at test size: the limit is lowered instead of the model grown."""
-    import onnxopt.model
-    from onnxopt import verify
+    import onnxopt.ir.model
+    from onnxopt.measure import verify
 
-    monkeypatch.setattr(onnxopt.model, "_ONE_MESSAGE_LIMIT", 50_000)
+    monkeypatch.setattr(onnxopt.ir.model, "_ONE_MESSAGE_LIMIT", 50_000)
     src = _synthetic().big_model(tmp_path / "in" / "big.onnx", gigabytes=0.0001, side=64)  # 7 x 16 kB
     out = tmp_path / "out" / "big.onnx"
     out.parent.mkdir()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from onnxopt import metrics as M
+from onnxopt.measure import metrics as M
 from onnxopt.cli import main
-from onnxopt.compare import compare, interleaved_latency, read_batches, _session
+from onnxopt.measure.compare import compare, interleaved_latency, read_batches, _session
 from onnxopt.errors import UsageError
 from tests.graphs import init, make_model, tensor
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from onnxopt.registry import all_passes, builtin_names
+from onnxopt.pipeline.registry import all_passes, builtin_names
 from onnxopt.testing import check_pass_contract
 
 import graphs

@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import real_model
 from graphs import init, make_model, tensor
-from onnxopt import verify
+from onnxopt.measure import verify
 from onnxopt.optimize import optimize
-from onnxopt.registry import all_passes, builtin_names
+from onnxopt.pipeline.registry import all_passes, builtin_names
 from onnxopt.testing import run_pass
 
 R = np.random.default_rng(11)

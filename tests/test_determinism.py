@@ -19,7 +19,7 @@ import pytest
 
 import graphs
 from onnxopt.cli import main
-from onnxopt.registry import all_passes, builtin_names
+from onnxopt.pipeline.registry import all_passes, builtin_names
 
 
 def _optimize_bytes(tmp_path: Path, model: onnx.ModelProto | Path, name: str, *extra: str) -> bytes:
@@ -57,10 +57,6 @@ def test_fuzz_graphs_twice_in_one_process(tmp_path):
 
 
 def test_quantization_with_the_same_data_is_deterministic(tmp_path):
-    pytest.importorskip("onnxopt.calibration", reason="onnxopt/calibration.py has not landed yet")
-    passes = all_passes()
-    if "quantize-static" not in passes:
-        pytest.skip("quantize-static is not registered yet")
     model = graphs.conv_bn_relu()
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(3).standard_normal((8, 1, 3, 8, 8)).astype(np.float32))

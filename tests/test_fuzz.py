@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import verify
+from onnxopt.measure import verify
 from onnxopt.optimize import optimize
-from onnxopt.registry import all_passes, builtin_names
+from onnxopt.pipeline.registry import all_passes, builtin_names
 from onnxopt.testing import run_pass
 
 EXAMPLES = int(os.environ.get("ONNXOPT_FUZZ_EXAMPLES", "40"))

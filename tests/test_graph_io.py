@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.graph_io import OnnxGraph, export_model, import_graph
-from onnxopt.model import iter_graphs
+from onnxopt.ir.graph_io import OnnxGraph, export_model, import_graph
+from onnxopt.ir.model import iter_graphs
 
 OPSET = 21
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxopt import kernels
-from onnxopt.calibration import TensorStatistics
+from onnxopt.data import kernels
+from onnxopt.data.calibration import TensorStatistics
 
 BINS = 4096
 

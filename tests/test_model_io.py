@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 import onnxopt
 from onnxopt.cli import main
 from onnxopt.errors import ExternalDataError, ModelError, OutputError
-from onnxopt.model import load, save
+from onnxopt.ir.model import load, save
 
 from graphs import const_chain, dead_branch, make_model, tensor
 

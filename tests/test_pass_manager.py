@@ -9,11 +9,11 @@ import pytest
 import onnxopt
 from onnxopt import Pass, PassResult, option, register_pass
 from onnxopt.cli import main
-from onnxopt.context import PassContext, register_analysis
+from onnxopt.pipeline.context import PassContext, register_analysis
 from onnxopt.errors import PassFailedError, VerificationError
-from onnxopt.model import load
-from onnxopt.pass_manager import PassManager
-from onnxopt.pipeline import PassSpec
+from onnxopt.ir.model import load
+from onnxopt.pipeline.manager import PassManager
+from onnxopt.pipeline.text import PassSpec
 from onnxopt.target import load_target
 
 from graphs import const_chain, matmul_add

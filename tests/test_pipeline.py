@@ -3,7 +3,7 @@
 import pytest
 
 from onnxopt.errors import PipelineError
-from onnxopt.pipeline import PassSpec, format_pipeline, parse, resolve
+from onnxopt.pipeline.text import PassSpec, format_pipeline, parse, resolve
 
 
 def test_parse_names_and_options():

@@ -11,7 +11,7 @@ import pytest
 
 from onnxopt.cli import main
 from onnxopt.errors import UsageError
-from onnxopt.report import require_matplotlib, summary_rows
+from onnxopt.measure.report import require_matplotlib, summary_rows
 
 def run(args, capsys):
     code = main(args)

@@ -1,4 +1,4 @@
-"""The rewrite-rule engine (onnxopt/rewrite.py) on toy rules: Relu(Relu(x)) -> Relu(x)."""
+"""The rewrite-rule engine (onnxopt/ir/rewrite.py) on toy rules: Relu(Relu(x)) -> Relu(x)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from onnx import TensorProto, helper
 
 import onnx_graphsurgeon as gs
 from onnxopt.analysis.use_def import is_op
-from onnxopt.context import PassContext
-from onnxopt.model import load
-from onnxopt.rewrite import (RewritePass, RewriteRule, RuleSet, fresh_name, producer_op,
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import load
+from onnxopt.ir.rewrite import (RewritePass, RewriteRule, RuleSet, fresh_name, producer_op,
                              single_use, take_outputs)
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram

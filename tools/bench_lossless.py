@@ -130,7 +130,7 @@ def check_equal(src: Path, dst: str) -> str:
     import numpy as np
     import onnx
 
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     ref_model, cand_model = onnx.load(str(src)), onnx.load(dst)
     feeds = None

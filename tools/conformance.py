@@ -171,7 +171,7 @@ PEERS = ("gs-roundtrip", "gs-cleanup", "gs-fold")
 
 
 def graph_io_roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxopt.graph_io import export_model, import_graph
+    from onnxopt.ir.graph_io import export_model, import_graph
 
     return export_model(import_graph(model), model)
 

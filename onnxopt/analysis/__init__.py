@@ -1,3 +1,3 @@
 """Analyses: facts about a model computed on demand and cached in the PassContext."""
 
-from . import shapes, use_def  # noqa: F401  (register the analyses)
+from onnxopt.analysis import shapes, use_def  # noqa: F401  (register the analyses)

@@ -192,7 +192,7 @@ def _dims(type_proto: onnx.TypeProto) -> ValueShape | None:
 
 def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
     """``name:1,3,224,224`` (or ``name=1x3x224x224``) -> {name: [1, 3, 224, 224]}."""
-    from ..errors import UsageError
+    from onnxopt.errors import UsageError
 
     out = {}
     for spec in specs:
@@ -210,7 +210,7 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
 
 def with_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """A copy of ``proto`` whose graph inputs have the given fixed shapes."""
-    from ..errors import UsageError
+    from onnxopt.errors import UsageError
 
     if not input_shapes:
         return proto
@@ -656,7 +656,7 @@ def observed_shapes(proto: onnx.ModelProto, feeds: dict) -> dict[str, onnx.Value
     Every node output becomes a graph output for one run (ORT_DISABLE_ALL). Tensors inside
     If/Loop bodies cannot be observed this way; their consumers stay as inference left them.
     """
-    from ..verify import CannotRun, session
+    from onnxopt.measure.verify import CannotRun, session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
@@ -735,7 +735,7 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
         symbols=symbols, attention_patterns=patterns,
         by_category={k: v for k, v in sorted(by_category.items(), key=lambda kv: kv[0]) if v != Poly(0)})
     if memory:
-        from .memory import activation_memory
+        from onnxopt.analysis.memory import activation_memory
 
         report.memory = activation_memory(inferred.graph, shapes, report.weight_bytes)
     return report

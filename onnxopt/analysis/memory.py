@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .cost import Count, Poly, ValueShape, dtype_bits, numel, to_json, value_shapes
+from onnxopt.analysis.cost import Count, Poly, ValueShape, dtype_bits, numel, to_json, value_shapes
 
 # When dims are symbolic the worst step is chosen with every symbol set to this value.
 SYMBOL_PROBE = 64

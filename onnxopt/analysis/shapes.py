@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..context import register_analysis
+from onnxopt.pipeline.context import register_analysis
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _collect(graph: onnx.GraphProto, out: dict) -> None:
 @register_analysis("shapes")
 def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor of the model, subgraphs included."""
-    from ..graph_io import export_model
+    from onnxopt.ir.graph_io import export_model
 
     proto = export_model(model.graph, model.template)
     light = _without_large_weights(proto)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import onnx
 
-from ..model import Model, model_tensors
+from onnxopt.ir.model import Model, model_tensors
 
 _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 
@@ -83,7 +83,7 @@ def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
         "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
     if cost:
-        from .cost import model_cost
+        from onnxopt.analysis.cost import model_cost
 
         out["cost"] = model_cost(proto, input_shapes).to_json(per_node=True)
     return out

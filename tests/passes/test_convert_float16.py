@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import if_subgraph, init, make_model, matmul_add, rng, tensor
-from onnxopt import verify
+from onnxopt.measure import verify
 from onnxopt.errors import PipelineError
 from onnxopt.testing import op_histogram, run_pass
 

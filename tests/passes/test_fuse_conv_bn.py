@@ -10,10 +10,10 @@ from graphs import conv_bn_relu, init, make_model, tensor
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxopt.context import PassContext
-from onnxopt.model import load
-from onnxopt.pass_manager import graph_digest
-from onnxopt.registry import get_pass
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import load
+from onnxopt.pipeline.manager import graph_digest
+from onnxopt.pipeline.registry import get_pass
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 

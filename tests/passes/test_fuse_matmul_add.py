@@ -9,10 +9,10 @@ from conftest import real_model
 from graphs import init, make_model, matmul_add, tensor
 from onnx import helper
 
-from onnxopt.context import PassContext
-from onnxopt.model import load
-from onnxopt.pass_manager import graph_digest
-from onnxopt.registry import get_pass
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import load
+from onnxopt.pipeline.manager import graph_digest
+from onnxopt.pipeline.registry import get_pass
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 

@@ -7,7 +7,7 @@ from conftest import real_model
 from graphs import gelu_erf, gelu_tanh, init, layernorm_decomposed, make_model, tensor
 from onnx import TensorProto, helper
 
-from onnxopt.model import load
+from onnxopt.ir.model import load
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 
 from onnxopt.passes.fuse_normalization import opset_raise_blockers

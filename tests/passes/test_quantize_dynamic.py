@@ -8,10 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphs import init, make_model, matmul_add, rng, tensor
-from onnxopt import verify
-from onnxopt.context import PassContext
+from onnxopt.measure import verify
+from onnxopt.pipeline.context import PassContext
 from onnxopt.errors import PipelineError
-from onnxopt.model import load
+from onnxopt.ir.model import load
 from onnxopt.passes.quantize_dynamic import sample_feeds, symmetric_int8
 from onnxopt.target import load_target
 from onnxopt.testing import op_histogram, run_pass

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxopt import verify
-from onnxopt.calibration import open_calibration
-from onnxopt.context import PassContext
-from onnxopt.model import load
+from onnxopt.measure import verify
+from onnxopt.data.calibration import open_calibration
+from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.model import load
 from onnxopt.target import load_target
 from onnxopt.testing import op_histogram, run_pass
 from tests.graphs import init, make_model, tensor

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import init, make_model, rng, tensor
-from onnxopt import verify
+from onnxopt.measure import verify
 from onnxopt.errors import PipelineError
-from onnxopt.model import load
+from onnxopt.ir.model import load
 from onnxopt.passes.quantize_weights import pack_low_first, quantize_blocks, unpack_low_first
 from onnxopt.testing import op_histogram, run_pass
 

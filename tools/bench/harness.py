@@ -10,7 +10,7 @@ then measured here against the original in the same run:
 - nodes (subgraphs included), file size, params, MACs and peak activation memory from the
   cost model (onnxopt.analysis.cost) at the inputs the model is measured on;
 - latency with 1 and 2 threads: the variant and the original interleaved in one process
-  after a warm-up (onnxopt.compare), median of each and the ratio;
+  after a warm-up (onnxopt.measure.compare), median of each and the ratio;
 - fidelity against the original's outputs: the worst output's SNR (dB) and cosine;
 - the model's task metric where tools/bench/models.py has one (digits: test accuracy;
   MiniLM: mean cosine of sentence embeddings to the original's).
@@ -101,7 +101,7 @@ def count_nodes(graph) -> int:
 
 
 def outputs_of(path: str, feeds: dict, threads: int = 2) -> dict:
-    from onnxopt.compare import _run, _session
+    from onnxopt.measure.compare import _run, _session
 
     return _run(_session(path, threads), feeds)
 
@@ -111,7 +111,7 @@ def measure(model, row: dict, feeds: dict, feeds_path: Path, ref_outputs: dict |
     import onnx
 
     from onnxopt.analysis.cost import model_cost
-    from onnxopt.compare import compare
+    from onnxopt.measure.compare import compare
 
     proto = onnx.load(row["path"])
     shapes = {k: list(np.shape(v)) for k, v in feeds.items()}

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .target import Target
+from onnxopt.target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def register_analysis(name: str) -> Callable:
 @dataclass
 class PassContext:
     target: Target
-    calibration: Any = None  # a calibration source (onnxopt.calibration) or None
+    calibration: Any = None  # a calibration source (onnxopt.data.calibration) or None
     seed: int = 0
     # Free-form results that passes hand to the report (for example fidelity notes).
     notes: list[str] = field(default_factory=list)

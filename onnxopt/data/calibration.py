@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from .errors import CalibrationError
+from onnxopt.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ HISTOGRAM_BINS = 4096  # signed bins; divisible by 4 (see onnxopt/kernels.py)
 
 
 def _kernels():
-    """onnxopt.kernels, imported on first use: minmax calibration never loads numba."""
-    from . import kernels
+    """onnxopt.data.kernels, imported on first use: minmax calibration never loads numba."""
+    from onnxopt.data import kernels
 
     return kernels
 
@@ -184,7 +184,7 @@ def check_batch(batch: dict, specs: dict[str, InputSpec], where: str) -> dict[st
     out = {}
     for name, value in batch.items():
         if name not in specs:
-            from .registry import nearest
+            from onnxopt.pipeline.registry import nearest
 
             hint = nearest(name, list(specs))
             raise CalibrationError(f"{where}: '{name}' is not an input of the model"
@@ -393,7 +393,7 @@ class Calibration:
         return {name: self.stats[name] for name in tensors if name in self.stats}
 
     def _collect(self, model, todo: dict[str, bool]) -> None:
-        from .graph_io import export_model
+        from onnxopt.ir.graph_io import export_model
 
         proto = model if isinstance(model, onnx.ModelProto) else export_model(model.graph, model.template)
         available = _main_graph_values(proto)
@@ -488,7 +488,7 @@ def gather_requests(specs: list, index: int, model, ctx, progress: bool = False)
     """Pass manager hook, called before pass ``specs[index]`` runs: when it starts a run of
     consecutive calibrating passes, register the statistics requests of all of them, so the
     first one's ``statistics()`` call collects everything in one streamed run."""
-    from .registry import get_pass
+    from onnxopt.pipeline.registry import get_pass
 
     if ctx.calibration is None or not get_pass(specs[index].name).needs_calibration:
         return

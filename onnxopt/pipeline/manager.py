@@ -19,12 +19,12 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import verify
-from .context import PassContext
-from .errors import OnnxoptError, PassFailedError, VerificationError
-from .model import Model
-from .pipeline import PassSpec
-from .registry import get_pass
+from onnxopt.measure import verify
+from onnxopt.pipeline.context import PassContext
+from onnxopt.errors import OnnxoptError, PassFailedError, VerificationError
+from onnxopt.ir.model import Model
+from onnxopt.pipeline.text import PassSpec
+from onnxopt.pipeline.registry import get_pass
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PassRecord:
 
 def count_nodes(graph: gs.Graph) -> int:
     """Nodes of the graph and of every subgraph inside it."""
-    from .model import iter_graphs
+    from onnxopt.ir.model import iter_graphs
 
     return sum(len(g.nodes) for g in iter_graphs(graph))
 
@@ -59,7 +59,7 @@ def count_nodes(graph: gs.Graph) -> int:
 def count_params(graph: gs.Graph) -> int:
     """Elements of every constant tensor (initializers and Constant-node values)."""
     seen, total = set(), 0
-    from .model import iter_graphs
+    from onnxopt.ir.model import iter_graphs
 
     for g in iter_graphs(graph):
         for node in g.nodes:
@@ -87,7 +87,7 @@ def _volume(shape) -> int:
 
 def graph_digest(model: Model) -> str:
     """A hash of the model as it would be written (used to catch dishonest `changed`)."""
-    from .graph_io import export_model
+    from onnxopt.ir.graph_io import export_model
 
     proto = export_model(model.graph, model.template)
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
@@ -101,7 +101,7 @@ def structural_problem(graph: gs.Graph) -> str | None:
     nodes out of order does graphsurgeon's (slower) toposort run, to reorder them or to
     find a cycle.
     """
-    from .model import iter_graphs
+    from onnxopt.ir.model import iter_graphs
 
     graphs = list(iter_graphs(graph))
     available = set()
@@ -166,7 +166,7 @@ class PassManager:
         for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
             if ctx.calibration is not None:  # one streamed run for consecutive calibrating passes
-                from .calibration import gather_requests
+                from onnxopt.data.calibration import gather_requests
 
                 gather_requests(self.specs, index, model, ctx, self.progress)
             self.records.append(self._run_one(spec, model, ctx))
@@ -279,6 +279,6 @@ class PassManager:
 
 
 def _export(model: Model) -> onnx.ModelProto:
-    from .graph_io import export_model
+    from onnxopt.ir.graph_io import export_model
 
     return export_model(model.graph, model.template)

@@ -67,8 +67,8 @@ from typing import Any, ClassVar, Iterable, Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis.use_def import is_op
-from .pass_base import Pass, PassResult
+from onnxopt.analysis.use_def import is_op
+from onnxopt.pipeline.pass_api import Pass, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name not yet used in the model, derived from ``base``."""
     table = _NAMES.get(id(graph))
     if table is None:  # called outside a rule set: this graph and its subgraphs
-        from .model import iter_graphs
+        from onnxopt.ir.model import iter_graphs
 
         table = _NameTable(list(iter_graphs(graph)))
     return table.fresh(base)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PipelineError
+from onnxopt.errors import PipelineError
 
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -167,8 +167,8 @@ def resolve(text_or_specs: str | list[PassSpec], pipelines: dict[str, str] | Non
     ``[passes.NAME]`` tables) < the pipeline text. The returned specs hold every option
     whose effective value differs from the pass's own default, with its declared type.
     """
-    from .pass_base import coerce_option, unknown_option_message
-    from .registry import get_pass
+    from onnxopt.pipeline.pass_api import coerce_option, unknown_option_message
+    from onnxopt.pipeline.registry import get_pass
 
     pipelines = pipelines or {}
     pass_defaults = pass_defaults or {}

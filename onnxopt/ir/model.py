@@ -26,8 +26,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 
-from . import graph_io
-from .errors import ExternalDataError, ModelError, OutputError
+from onnxopt.ir import graph_io
+from onnxopt.errors import ExternalDataError, ModelError, OutputError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
-from .errors import PipelineError, UsageError
+from onnxopt.errors import PipelineError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _load_plugins(only: str | None = None) -> None:
                 raise UsageError(f"pass plugin '{ep.name}' ({ep.value}) failed to load: {exc}") from None
             warnings.warn(f"onnxopt: pass plugin '{ep.name}' ({ep.value}) failed to load: {exc}")
             continue
-        from .pass_base import Pass
+        from onnxopt.pipeline.pass_api import Pass
 
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             message = f"pass plugin '{ep.name}' ({ep.value}) is not a Pass subclass"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UsageError
+from onnxopt.errors import UsageError
 
 
 # -- per-output statistics -------------------------------------------------------------------

@@ -25,19 +25,19 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from . import metrics as M
-from .errors import ModelError, UsageError
+from onnxopt.measure import metrics as M
+from onnxopt.errors import ModelError, UsageError
 
 logger = logging.getLogger(__name__)
 
 
 # -- inputs ------------------------------------------------------------------------------------
 def read_batches(data, proto: onnx.ModelProto, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-    """Batches of model inputs from DATA (DESIGN.md section 5), via onnxopt.calibration.
+    """Batches of model inputs from DATA (DESIGN.md section 5), via onnxopt.data.calibration.
 
     Arrays in the files that are not model inputs (labels, say) are allowed and left out.
     """
-    from .calibration import InputSpec, NpzSource, ReaderSource, _npz_shapes, input_specs
+    from onnxopt.data.calibration import InputSpec, NpzSource, ReaderSource, _npz_shapes, input_specs
 
     # A dim stored as -1 (exporters write it for "any") is free, not a fixed size.
     specs = {n: InputSpec(n, s.dtype, None if s.shape is None else
@@ -61,8 +61,8 @@ def read_batches(data, proto: onnx.ModelProto, max_batches: int | None = None) -
 
 
 def _sample_batch(proto: onnx.ModelProto, input_shapes: dict | None, seed: int) -> dict[str, np.ndarray]:
-    from .analysis.cost import with_input_shapes
-    from .verify import CannotRun, sample_inputs, session
+    from onnxopt.analysis.cost import with_input_shapes
+    from onnxopt.measure.verify import CannotRun, sample_inputs, session
 
     try:
         return sample_inputs(session(with_input_shapes(proto, input_shapes or {})), seed)
@@ -175,11 +175,11 @@ def session_peak_memory(model_path: str | os.PathLike, feeds: dict[str, np.ndarr
 
 # -- the comparison ----------------------------------------------------------------------------
 def _as_proto_and_path(model, tmp: Path, label: str) -> tuple[onnx.ModelProto, Path]:
-    from .model import load
+    from onnxopt.ir.model import load
 
     if isinstance(model, onnx.ModelProto):
         path = tmp / f"{label}.onnx"
-        from .model import save
+        from onnxopt.ir.model import save
 
         save(model, path)
         return model, path
@@ -267,7 +267,7 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
 
 def format_comparison(result: dict) -> str:
     """The human-readable table `onnxopt compare` prints."""
-    from .analysis.cost import human
+    from onnxopt.analysis.cost import human
 
     lines = [f"data: {result['data']} ({result['batches']} batch(es)); threads {result['threads']}"]
     lines.append(f"{'output':<28}{'cosine':>10}{'SNR dB':>9}{'max abs':>11}{'mean abs':>11}{'top1':>7}")

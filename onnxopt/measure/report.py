@@ -2,7 +2,7 @@
 
 `optimize` gives the pipeline and each pass's time and changes; this module adds what the
 cost model says of both models (size, params, MACs, activation memory), what
-`onnxopt.compare` measured (latency, fidelity per output, the gate), and writes it all as
+`onnxopt.measure.compare` measured (latency, fidelity per output, the gate), and writes it all as
 JSON or as one self-contained HTML page whose plots (matplotlib, the `report` extra) are
 embedded as PNG.
 """
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import onnx
 
-from .analysis.cost import human, model_cost
-from .errors import UsageError
+from onnxopt.analysis.cost import human, model_cost
+from onnxopt.errors import UsageError
 
 # Ops whose weights are "layers" in the per-layer plots.
 _LAYER_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "DequantizeLinear",
@@ -73,10 +73,10 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
                      latency: bool = True, progress: bool = False) -> dict:
     """Add cost, fidelity and latency of ``original`` vs ``optimized`` to an optimize report.
 
-    Returns the comparison (``onnxopt.compare``), whose ``gate`` the caller enforces.
+    Returns the comparison (``onnxopt.measure.compare``), whose ``gate`` the caller enforces.
     """
-    from .compare import compare
-    from .model import load
+    from onnxopt.measure.compare import compare
+    from onnxopt.ir.model import load
 
     comparison = compare(original, optimized, data=data, metric=metric, max_drop=max_drop,
                          latency=latency, memory=latency, progress=progress)
@@ -98,7 +98,7 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
 
 def _first_batch(proto: onnx.ModelProto, data) -> dict | None:
     """The batch compare ran first (DATA's first, or the same seeded random inputs)."""
-    from .compare import _sample_batch, read_batches
+    from onnxopt.measure.compare import _sample_batch, read_batches
 
     try:
         return read_batches(data, proto, max_batches=1)[0] if data is not None else _sample_batch(proto, None, 0)

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import PipelineError
+from onnxopt.errors import PipelineError
 
 
 def option(default: Any, help: str, choices: typing.Sequence[Any] | None = None) -> Any:
@@ -112,7 +112,7 @@ class Pass:
 
 
 def unknown_option_message(pass_name: str, key: str, specs: dict) -> str:
-    from .registry import nearest
+    from onnxopt.pipeline.registry import nearest
 
     hint = nearest(key, list(specs))
     valid = ", ".join(sorted(specs)) or "none"
@@ -144,7 +144,7 @@ def coerce_option(pass_name: str, spec: OptionSpec, value: Any) -> Any:
 
 def _check_choice(where: str, spec: OptionSpec, value: Any) -> None:
     if value not in spec.choices:
-        from .registry import nearest
+        from onnxopt.pipeline.registry import nearest
 
         hint = nearest(str(value), [str(c) for c in spec.choices])
         raise PipelineError(f"{where} takes one of {', '.join(map(str, spec.choices))}, not '{value}'"

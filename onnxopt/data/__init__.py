@@ -1,0 +1,2 @@
+"""Data that passes learn from: calibration readers, sample inputs, activation capture and
+streamed, mergeable statistics (with their numba kernels)."""

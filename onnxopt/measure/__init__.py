@@ -1,0 +1,2 @@
+"""Measuring models: running them in onnxruntime, comparing two models, fidelity metrics and
+the report."""
