@@ -159,9 +159,14 @@ def cmd_optimize(args) -> int:
     if args.report or args.data or args.max_drop is not None:
         # Fidelity (and, for a report, latency and memory) of the result against IN, before
         # anything is written: a failed gate leaves no output behind.
+        from onnxopt.runtime import resolve_providers
+
+        providers, note = resolve_providers(list(result.target.runtime.execution_providers))
+        if note and note not in report["notes"]:
+            report["notes"].append(note)
         comparison = add_measurements(report, args.input, result.model, data=args.data, metric=metric,
                                       max_drop=args.max_drop, latency=bool(args.report),
-                                      progress=progress)
+                                      progress=progress, providers=providers)
     gate = comparison.get("gate") if comparison else None
     if gate and not gate["passed"]:
         if not args.quiet:

@@ -14,8 +14,9 @@ import onnx
 
 from onnxopt import __version__
 from onnxopt.pipeline.context import PassContext
-from onnxopt.ir.model import Model, add_provenance, load, save
-from onnxopt.pipeline.manager import PassManager, PassRecord, count_nodes, count_params
+from onnxopt.ir.model import Model, Reference, add_provenance, load, save
+from onnxopt.ir.graphs import count_nodes, count_params
+from onnxopt.pipeline.manager import PassManager, PassRecord
 from onnxopt.pipeline.text import PassSpec, format_pipeline, resolve
 from onnxopt.target import Target, load_target
 
@@ -29,6 +30,7 @@ class OptimizeResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     records: list[PassRecord] = field(default_factory=list)
+    target: Target | None = None
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model atomically (external data when asked or over 2 GB)."""
@@ -72,12 +74,13 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     started = time.perf_counter()
     target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
     m = load(model)
+    reference = Reference(m)
     calib = None
     if calibration is not None:
-        from onnxopt.data.calibration import open_calibration
+        from onnxopt.data.statistics import open_calibration
 
-        calib = open_calibration(calibration, m)
-    ctx = PassContext(target=target, calibration=calib, seed=seed)
+        calib = open_calibration(calibration, m, reference, threads=target.runtime.intra_op_threads)
+    ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed)
     ctx.notes.extend(notes)
     for note in notes:
         logger.warning(note)
@@ -93,7 +96,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     proto = m.to_proto()
     pipeline_text = format_pipeline(specs)
     add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
-                   source_sha256=m.source_sha256)
+                   source_sha256=m.source_sha256, **ctx.metadata)
     report = {
         "onnxopt_version": __version__,
         "target": target.name,
@@ -104,6 +107,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "after": {"nodes": count_nodes(m.graph), "params": count_params(m.graph)},
         "passes": [r.to_json() for r in records],
         "notes": list(ctx.notes),
+        "chosen": dict(ctx.metadata),  # what "auto" settings found on this machine and chose
+        "providers": ctx.resolved_providers,
         "seconds": time.perf_counter() - started,
     }
-    return OptimizeResult(model=proto, report=report, records=records)
+    return OptimizeResult(model=proto, report=report, records=records, target=target)

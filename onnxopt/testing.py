@@ -5,6 +5,11 @@
 ``check_pass_contract(MyPass, [model, …])`` is what a plugin author runs: the pass keeps
 every model valid, a lossless pass keeps outputs equal in onnxruntime, a second run
 reports no change, and an unchanged model stays byte-identical.
+
+``run_pass`` checks honesty on every call: a digest of the model is taken before and after
+the pass (``onnxopt.ir.digest``, as the pass manager does), and a pass that changed the
+model while reporting no change fails with an AssertionError. So a test asserting that a
+pass must not fire (``not result.changed``) also proves that the model was left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import onnx
 
 from onnxopt.measure import verify
 from onnxopt.pipeline.context import PassContext
+from onnxopt.ir.digest import model_digest
 from onnxopt.ir.model import load
 from onnxopt.pipeline.pass_api import PassResult
 from onnxopt.pipeline.registry import get_pass
@@ -24,14 +30,25 @@ from onnxopt.target import load_target
 
 def run_pass(pass_or_name: Any, model: onnx.ModelProto | str, target: str = "cpu", ctx: PassContext | None = None,
              **options: Any) -> tuple[onnx.ModelProto, PassResult]:
-    """Run one pass directly (no manager, no rollback); returns (new proto, result)."""
+    """Run one pass directly (no manager, no rollback); returns (new proto, result).
+
+    Raises AssertionError when the pass reports no change but changed the model.
+    """
+    m, result = _run(pass_or_name, model, target, ctx, options)
+    return m.to_proto(), result
+
+
+def _run(pass_or_name: Any, model, target: str, ctx: PassContext | None, options: dict):
     cls = get_pass(pass_or_name) if isinstance(pass_or_name, str) else pass_or_name
     m = load(model)
     ctx = ctx or PassContext(target=load_target(target))
+    before = model_digest(m)
     result = cls(**options).run(m, ctx)
-    if result.changed:
+    if not result.changed:
+        assert model_digest(m) == before, f"{cls.name}: reported no change but changed the model"
+    else:
         m.modified = True
-    return m.to_proto(), result
+    return m, result
 
 
 def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
@@ -67,7 +84,8 @@ def plain_bytes(proto: onnx.ModelProto) -> bytes:
 def check_pass_contract(pass_cls: type, models: list[onnx.ModelProto], **options: Any) -> None:
     """The contract every pass keeps; raises AssertionError naming the broken rule."""
     for proto in models:
-        out, result = run_pass(pass_cls, proto, **options)
+        m, result = _run(pass_cls, proto, "cpu", None, options)
+        out = m.export()  # the graph as the pass left it, whatever it reported
         onnx.checker.check_model(out)
         if not result.changed:
             assert out.SerializeToString() == _plain(proto).SerializeToString(), \

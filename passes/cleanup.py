@@ -17,37 +17,17 @@ eliminate-dead-code
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
+from onnxopt.ir.constants import constant_node_payload
+from onnxopt.ir.graphs import iter_graphs
+from onnxopt.ir.surgery import replace_input
 from onnxopt.pipeline.pass_api import Pass, PassResult
 from onnxopt.pipeline.registry import register_pass
 
 logger = logging.getLogger(__name__)
-
-
-def _constant_value(node: gs.Node):
-    """The value of a Constant node as something gs.Constant accepts, or None."""
-    attrs = node.attrs
-    if len(attrs) != 1:
-        return None, None
-    (key, value), = attrs.items()
-    if key == "value" and isinstance(value, gs.Constant):
-        if value.export_dtype is not None and str(value.export_dtype) in ("string",):
-            return None, None
-        return value._values, value.export_dtype
-    if key == "value_float":
-        return np.array(value, dtype=np.float32), None
-    if key == "value_floats":
-        return np.array(value, dtype=np.float32).reshape(-1), None
-    if key == "value_int":
-        return np.array(value, dtype=np.int64), None
-    if key == "value_ints":
-        return np.array(value, dtype=np.int64).reshape(-1), None
-    return None, None
 
 
 @register_pass("lift-constants")
@@ -67,16 +47,12 @@ class LiftConstantsPass(Pass):
                 out = node.outputs[0]
                 if id(out) in output_ids:
                     continue
-                values, export_dtype = _constant_value(node)
+                values, export_dtype = constant_node_payload(node)
                 if values is None:
-                    continue
-                if isinstance(values, np.ndarray) and values.dtype.kind in "OUS":
                     continue
                 const = gs.Constant(out.name, values, export_dtype=export_dtype)
                 for consumer in list(out.outputs):
-                    for i, t in enumerate(consumer.inputs):
-                        if t is out:
-                            consumer.inputs[i] = const
+                    replace_input(consumer, out, const)
                 node.outputs.clear()
                 removed.add(id(node))
                 lifted += 1
@@ -86,8 +62,6 @@ class LiftConstantsPass(Pass):
 
 
 def _size(graph: gs.Graph) -> tuple[int, int]:
-    from onnxopt.ir.model import iter_graphs
-
     nodes = tensors = 0
     for g in iter_graphs(graph):
         nodes += len(g.nodes)

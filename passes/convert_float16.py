@@ -32,8 +32,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import outer_scope_names
 from onnxopt.errors import PipelineError
-from onnxopt.ir.model import iter_graphs
-from onnxopt.passes._quant_common import Names
+from onnxopt.ir.graphs import iter_graphs
+from onnxopt.ir.names import NameTable
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 
@@ -217,7 +217,7 @@ class ConvertFloat16Pass(Pass):
 
         # 3. Rewire: constants converted (copied when both types are read), one Cast per
         #    tensor and direction.
-        names = Names(graph)
+        names = NameTable.of(graph)
         casts: dict[tuple[int, str], gs.Variable] = {}
         const_copies: dict[int, gs.Constant] = {}
         new_nodes: list[gs.Node] = []

@@ -31,8 +31,8 @@ from onnx import numpy_helper
 from onnxopt.pipeline.pass_api import Pass, PassResult
 from onnxopt.pipeline.registry import register_pass
 
-from onnxopt.passes.eliminate_identity import rewire
-from onnxopt.passes.fold_constants import NONDETERMINISTIC, detach_nodes, topological_order
+from onnxopt.ir.ops import NONDETERMINISTIC
+from onnxopt.ir.surgery import detach_nodes, rewire, topological_order
 
 logger = logging.getLogger(__name__)
 

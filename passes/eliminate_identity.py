@@ -34,11 +34,10 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.ir.constants import constant_value, is_default_domain
+from onnxopt.ir.surgery import detach_nodes, rewire, topological_order
 from onnxopt.pipeline.pass_api import Pass, PassResult
 from onnxopt.pipeline.registry import register_pass
-
-from onnxopt.passes.fold_constants import (constant_node_value, detach_nodes, exact_array, is_default_domain,
-                             topological_order)
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +87,6 @@ class EliminateIdentityPass(Pass):
         if kept_for_output:
             stats["kept_graph_output"] = kept_for_output
         return PassResult(changed=stats["removed"] > 0, stats=stats)
-
-
-def rewire(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Every reader of ``old`` (in this graph or a body) reads ``new`` instead."""
-    users = list(old.outputs)
-    list.clear(old.outputs)
-    for user in users:
-        for i, t in enumerate(user.inputs):
-            if t is old:
-                list.__setitem__(user.inputs, i, new)
-                list.append(new.outputs, user)
 
 
 def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set, gone: set) -> bool:
@@ -198,11 +186,7 @@ class _Rules:
 
     # -- facts about tensors -------------------------------------------------------------
     def value(self, t: gs.Tensor) -> np.ndarray | None:
-        if isinstance(t, gs.Constant):
-            return exact_array(t)
-        if t.inputs and t.inputs[0].op == "Constant" and is_default_domain(t.inputs[0]):
-            return constant_node_value(t.inputs[0])
-        return None
+        return constant_value(t)
 
     def ints(self, t: gs.Tensor) -> list[int] | None:
         if not t.name:

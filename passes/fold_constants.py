@@ -58,7 +58,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.ir.graph_io import export_model, import_graph
+from onnxopt.ir.constants import EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, is_default_domain
+from onnxopt.ir.graph_io import import_graph
+from onnxopt.ir.ops import BOOL_RESULT, ELEMENTWISE, NONDETERMINISTIC
+from onnxopt.ir.surgery import detach_nodes, topological_order
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 
@@ -66,9 +69,6 @@ logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
 
-NONDETERMINISTIC = frozenset({
-    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-})
 NEVER_FOLD = NONDETERMINISTIC | frozenset({
     "If", "Loop", "Scan", "Constant", "DequantizeLinear",
     "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
@@ -78,29 +78,6 @@ NEVER_FOLD = NONDETERMINISTIC | frozenset({
 
 # Ops whose value may come from static shapes instead of evaluation.
 SHAPE_OPS = ("Shape", "Size", "Gather", "Slice", "Cast", "Concat")
-
-# TensorProto element types whose values numpy holds exactly (what we can fold).
-_EXACT_TYPES = {
-    onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT32: np.uint32,
-    onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-}
-_EXACT_DTYPES = frozenset(np.dtype(t) for t in _EXACT_TYPES.values())
-
-# Ops whose output shape is the numpy broadcast of their inputs' shapes.
-ELEMENTWISE = frozenset({
-    "Abs", "Acos", "Acosh", "Add", "And", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "BitwiseAnd",
-    "BitwiseNot", "BitwiseOr", "BitwiseXor", "Cast", "Ceil", "Celu", "Clip", "Cos", "Cosh", "Div", "Elu",
-    "Equal", "Erf", "Exp", "Floor", "Gelu", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish",
-    "Identity", "IsInf", "IsNaN", "LeakyRelu", "Less", "LessOrEqual", "Log", "Max", "Mean", "Min", "Mish",
-    "Mod", "Mul", "Neg", "Not", "Or", "Pow", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid",
-    "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu",
-    "Where", "Xor",
-})
-_BOOL_RESULT = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsInf", "IsNaN",
-                          "And", "Or", "Xor", "Not"})
 
 
 def _nbytes(spec: tuple) -> int:
@@ -118,59 +95,6 @@ _SMALL_VALUE = 4096
 _INFER_DATA_LIMIT = 64 * 1024
 
 
-def exact_array(tensor: gs.Constant) -> np.ndarray | None:
-    """The value of a constant as a numpy array, or None when numpy cannot hold it exactly.
-
-    Never touches ``tensor.values`` (that would cache a converted copy on the tensor and
-    change how it is exported).
-    """
-    values = tensor._values
-    if isinstance(values, gs.ir.tensor.LazyValues):
-        proto = values.tensor
-        if proto.data_type not in _EXACT_TYPES or proto.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        return numpy_helper.to_array(proto)
-    if isinstance(values, np.ndarray):
-        if values.dtype not in _EXACT_DTYPES:
-            return None
-        export = tensor.export_dtype
-        if export is not None and not _same_dtype(export, values.dtype):
-            return None
-        return values
-    return None  # sparse
-
-
-def _same_dtype(export_dtype, dtype: np.dtype) -> bool:
-    if isinstance(export_dtype, int):
-        return _EXACT_TYPES.get(export_dtype) is not None and np.dtype(_EXACT_TYPES[export_dtype]) == dtype
-    try:
-        return np.dtype(export_dtype) == dtype
-    except TypeError:
-        return False
-
-
-def constant_node_value(node: gs.Node) -> np.ndarray | None:
-    """The value of a Constant node, when numpy holds it exactly."""
-    if len(node.attrs) != 1:
-        return None
-    (key, value), = node.attrs.items()
-    if key == "value" and isinstance(value, gs.Constant):
-        return exact_array(value)
-    if key == "value_float":
-        return np.array(value, dtype=np.float32)
-    if key == "value_floats":
-        return np.array(value, dtype=np.float32).reshape(-1)
-    if key == "value_int":
-        return np.array(value, dtype=np.int64)
-    if key == "value_ints":
-        return np.array(value, dtype=np.int64).reshape(-1)
-    return None
-
-
-def is_default_domain(node: gs.Node) -> bool:
-    return node.domain in (None, "", "ai.onnx")
-
-
 def shape_slice(dims: tuple, start: int | None, end: int | None) -> tuple:
     """``dims[start:end]`` with the clamping rules of the Shape operator."""
     rank = len(dims)
@@ -182,57 +106,6 @@ def shape_slice(dims: tuple, start: int | None, end: int | None) -> tuple:
         return min(max(v, 0), rank)
 
     return tuple(dims[clamp(start, 0):clamp(end, rank)])
-
-
-def topological_order(graph: gs.Graph) -> list[gs.Node]:
-    """The graph's nodes producers first, without reordering ``graph.nodes``.
-
-    Exported graphs are almost always sorted already; then the given order is returned.
-    """
-    nodes = graph.nodes
-    index = {id(n): i for i, n in enumerate(nodes)}
-    deps = [{index[id(t.inputs[0])] for t in n.inputs if t.inputs and id(t.inputs[0]) in index} - {i}
-            for i, n in enumerate(nodes)]
-    if all(j < i for i, d in enumerate(deps) for j in d):
-        return list(nodes)
-    indegree = [len(d) for d in deps]
-    users: list[list[int]] = [[] for _ in nodes]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    ready = [i for i in range(len(nodes)) if indegree[i] == 0][::-1]
-    order = []
-    while ready:
-        i = ready.pop()
-        order.append(i)
-        for k in users[i]:
-            indegree[k] -= 1
-            if indegree[k] == 0:
-                ready.append(k)
-    if len(order) != len(nodes):  # a cycle (invalid model): keep the given order
-        return list(nodes)
-    return [nodes[i] for i in order]
-
-
-def detach_nodes(nodes) -> None:
-    """Unlink ``nodes`` from every tensor they read or write, in time linear in the links.
-
-    (graphsurgeon's list methods remove one link with a linear scan calling Node.__eq__,
-    which is quadratic for a constant read by thousands of removed nodes.)
-    """
-    gone = {id(n) for n in nodes}
-    tensors = {}
-    for node in nodes:
-        for t in list(node.inputs) + list(node.outputs):
-            tensors[id(t)] = t
-        list.clear(node.inputs)
-        list.clear(node.outputs)
-    for t in tensors.values():
-        for links in (t.inputs, t.outputs):
-            kept = [n for n in links if id(n) not in gone]
-            if len(kept) != len(links):
-                list.clear(links)
-                list.extend(links, kept)
 
 
 def graph_output_ids(model) -> set[int]:
@@ -263,16 +136,16 @@ class FoldConstantsPass(Pass):
         # own AffineGrid function feeds Range 1-element tensors where scalars are due). So a
         # model with If nodes must still load after folding; if it no longer does, fold
         # again leaving If conditions (and what computes them) alone, else give up.
-        before = export_model(model.graph, model.template)
+        before = model.export()
         changed, stats = self.fold(model, ctx, inline_ifs=True)
-        if not changed or _loads(export_model(model.graph, model.template)) or not _loads(before):
+        if not changed or _loads(model.export()) or not _loads(before):
             return PassResult(changed=changed, stats=dict(sorted(stats.items())))
         logger.info("folding If conditions breaks loading in onnxruntime: folding without them")
         model.graph = import_graph(before)
         _drop_shapes(ctx)
         changed, stats = self.fold(model, ctx, inline_ifs=False)
         stats["if_conditions_kept"] = 1
-        if changed and not _loads(export_model(model.graph, model.template)):
+        if changed and not _loads(model.export()):
             model.graph = import_graph(before)
             _drop_shapes(ctx)
             changed, stats = False, {"folded_nodes": 0, "gave_up_model_does_not_load": 1}
@@ -334,7 +207,7 @@ class _Folder:
         self.shapes = shapes
         self.max_bytes = max_bytes
         self.stats = stats
-        self.opset_import = list(model.template.opset_import)
+        self.opset_import = model.opset_protos()
         self.ir_version = model.template.ir_version
         self.known: dict[int, np.ndarray] = {}  # id(tensor) -> value
         self.planned: dict[int, tuple] = {}  # id(tensor) -> (shape, dtype), evaluated in this batch
@@ -534,7 +407,7 @@ class _Folder:
             return shape_slice(dims, node.attrs.get("start"), node.attrs.get("end")), np.dtype(np.int64)
         if op == "Cast" and node.attrs.get("to") in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
             part = self.partial(node.inputs[0])
-            return None if part is None else (part[0], np.dtype(_EXACT_TYPES[node.attrs["to"]]))
+            return None if part is None else (part[0], np.dtype(EXACT_TYPES[node.attrs["to"]]))
         if op == "Concat" and node.attrs.get("axis") in (0, -1):
             parts = [self.partial(i) for i in node.inputs]
             if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
@@ -606,9 +479,9 @@ class _Folder:
         except ValueError:
             return None
         if node.op == "Cast":
-            np_type = _EXACT_TYPES.get(node.attrs.get("to"))
+            np_type = EXACT_TYPES.get(node.attrs.get("to"))
             dtype = np.dtype(np_type) if np_type else None
-        elif node.op in _BOOL_RESULT:
+        elif node.op in BOOL_RESULT:
             dtype = np.dtype(np.bool_)
         elif node.op == "Where":
             dtype = inputs[1][1] if len(inputs) > 1 else None
@@ -621,7 +494,7 @@ class _Folder:
         if info is None or not info.is_static or info.dtype is None:
             return None
         dtype = np.dtype(info.dtype)
-        return (tuple(info.shape), dtype) if dtype in _EXACT_DTYPES else None
+        return (tuple(info.shape), dtype) if dtype in EXACT_DTYPES else None
 
     def inferred_specs(self, node: gs.Node) -> list[tuple] | None:
         """onnx shape inference of this one node, fed the (small) constant inputs' values."""
@@ -652,7 +525,7 @@ class _Folder:
             if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
                 return None
             dims = tp.tensor_type.shape.dim
-            np_type = _EXACT_TYPES.get(tp.tensor_type.elem_type)
+            np_type = EXACT_TYPES.get(tp.tensor_type.elem_type)
             if np_type is None or not all(d.HasField("dim_value") for d in dims):
                 return None
             specs.append((tuple(d.dim_value for d in dims), np.dtype(np_type)))
@@ -690,7 +563,7 @@ class _Folder:
     def accept(self, node: gs.Node, results: dict, folded: dict) -> bool:
         """Record the node's values when they are plain tensors within the size bound."""
         values = [results.get(o.name) for o in node.outputs if o.name]
-        if any(not isinstance(v, np.ndarray) or v.dtype not in _EXACT_DTYPES for v in values):
+        if any(not isinstance(v, np.ndarray) or v.dtype not in EXACT_DTYPES for v in values):
             self.stats["skipped_not_evaluable"] += 1
             return False
         if any(v.nbytes > self.max_bytes for v in values):  # the predicted size was wrong

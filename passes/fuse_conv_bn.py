@@ -50,10 +50,12 @@ import logging
 
 import numpy as np
 
-from onnxopt.analysis.use_def import is_op
+from onnxopt.analysis.use_def import is_op, is_present, producer_op, single_use, unused
+from onnxopt.ir.constants import constant_value
+from onnxopt.ir.names import new_constant
+from onnxopt.ir.rewrite import RewritePass, RewriteRule
+from onnxopt.ir.surgery import take_outputs
 from onnxopt.pipeline.registry import register_pass
-from onnxopt.ir.rewrite import (RewritePass, RewriteRule, constant_value, is_present, new_constant,
-                             producer_op, single_use, take_outputs, unused)
 
 logger = logging.getLogger(__name__)
 

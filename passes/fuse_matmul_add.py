@@ -25,10 +25,12 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.analysis.use_def import is_op
+from onnxopt.analysis.use_def import is_op, is_present, single_use
+from onnxopt.ir.constants import constant_value
+from onnxopt.ir.names import fresh_name
+from onnxopt.ir.rewrite import RewritePass, RewriteRule
+from onnxopt.ir.surgery import take_outputs
 from onnxopt.pipeline.registry import register_pass
-from onnxopt.ir.rewrite import (RewritePass, RewriteRule, constant_value, fresh_name, is_present,
-                             single_use, take_outputs)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ class FuseMatMulAdd(RewriteRule):
         return {"matmul": found[0], "add": node, "bias": found[1]}
 
     def check(self, match, model, ctx):
-        mm, add, graph = match["matmul"], match["add"], match["graph"]
+        mm, graph = match["matmul"], match["graph"]
         if model.opset < 7:
             return "opset below 7 (Gemm C does not broadcast)"
         if not single_use(mm.outputs[0], graph):

@@ -30,7 +30,7 @@ fuse-gelu
     keep the old meaning. So, in this order:
       1. opset >= 20: the standard Gelu.
       2. ``raise_opset=true`` (off by default) and every node of every graph keeps its
-         meaning at opset 20 (``opset_raise_blockers``): raise to 20, standard Gelu.
+         meaning at opset 20 (``onnxopt.ir.opsets``): raise to 20, standard Gelu.
       3. ``allow_contrib`` (default: the target's ``runtime.contrib_ops``): onnxruntime's
          com.microsoft Gelu (erf form) and FastGelu (tanh form, same formula), importing
          the com.microsoft domain; float32 and float16 only (the types their onnxruntime
@@ -50,19 +50,20 @@ folded scale/bias and the dead constants are cleaned up in one place.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import is_op
+from onnxopt.ir.constants import constant_tensor, constant_value
+from onnxopt.ir.opsets import raise_blockers, raise_opset
+from onnxopt.ir.names import fresh_name, new_constant
+from onnxopt.ir.rewrite import RewriteRule, RuleSet
+from onnxopt.ir.surgery import take_outputs
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
-from onnxopt.ir.rewrite import (RewriteRule, RuleSet, constant_value, fresh_name, new_constant,
-                             take_outputs)
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +84,9 @@ def _producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
     return node if node is not None and is_op(node, *ops) else None
 
 
-def _constant_tensor(tensor: gs.Tensor) -> gs.Constant | None:
-    """The gs.Constant behind an initializer or a Constant node (values not loaded)."""
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is not None and is_op(node, "Constant") and isinstance(node.attrs.get("value"), gs.Constant):
-        return node.attrs["value"]
-    return None
-
-
 def _scalar(tensor: gs.Tensor, kinds: str = "f") -> np.ndarray | None:
     """A one-element constant (any rank) of a dtype kind in ``kinds``, else None."""
-    const = _constant_tensor(tensor)
+    const = constant_tensor(tensor)
     if const is None or int(np.prod(const.shape)) != 1:  # size from the shape: no weight is loaded
         return None
     value = constant_value(tensor)
@@ -128,7 +119,7 @@ def _const_and_other(node: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
     if len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    a_const, b_const = _constant_tensor(a) is not None, _constant_tensor(b) is not None
+    a_const, b_const = constant_tensor(a) is not None, constant_tensor(b) is not None
     if a_const == b_const:
         return None
     return (a, b) if a_const else (b, a)
@@ -588,102 +579,6 @@ class GeluTanh(_GeluRule):
         return None
 
 
-# -- raising the default opset -------------------------------------------------------------
-_REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-               "ReduceMin", "ReduceProd", "ReduceSumSquare")
-
-
-def _reduce_axes_attr(node: gs.Node) -> str | None:
-    return "axes attribute became an input in opset 18" if "axes" in node.attrs else None
-
-
-def _split_without_sizes(node: gs.Node) -> str | None:
-    given = len(node.inputs) > 1 and node.inputs[1].name
-    return None if given else "needs 'split' or 'num_outputs' from opset 18"
-
-
-def _always(reason: str):
-    return lambda node: reason
-
-
-def _grid_sample_mode(node: gs.Node) -> str | None:
-    mode = node.attrs.get("mode")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    return f"mode '{mode}' was renamed in opset 20" if mode in ("bilinear", "bicubic") else None
-
-
-# Every (op, version) of the default domain introduced in opsets 18..20 for an op that
-# existed before, with what it means for a node written for the older version: None when
-# the new version only added types, or inputs/attributes whose defaults keep the old
-# meaning; else a function(node) -> reason the node would change (None when it would not).
-_REVISIONS_18_TO_20: dict[tuple[str, int], Any] = {
-    **{(op, 18): _reduce_axes_attr for op in _REDUCE_OPS},
-    ("ReduceMax", 20): None, ("ReduceMin", 20): None,  # bool added
-    ("Split", 18): _split_without_sizes,
-    ("DFT", 20): _always("axis moved from attribute to input (default changed) in opset 20"),
-    ("GridSample", 20): _grid_sample_mode,
-    ("LpPool", 18): None, ("OptionalGetElement", 18): None, ("OptionalHasElement", 18): None,
-    ("Pad", 18): None, ("Pad", 19): None, ("Resize", 18): None, ("Resize", 19): None,
-    ("ScatterElements", 18): None, ("ScatterND", 18): None, ("AveragePool", 19): None,
-    ("Cast", 19): None, ("CastLike", 19): None, ("Constant", 19): None,
-    ("DequantizeLinear", 19): None, ("QuantizeLinear", 19): None, ("Equal", 19): None,
-    ("Identity", 19): None, ("If", 19): None, ("Loop", 19): None, ("Scan", 19): None,
-    ("Reshape", 19): None, ("Shape", 19): None, ("Size", 19): None,
-    ("ConstantOfShape", 20): None, ("IsInf", 20): None, ("IsNaN", 20): None,
-}
-_REVIEWED_FROM, _REVIEWED_TO = 17, 20
-
-
-def opset_raise_blockers(model, version: int) -> Counter:
-    """Why raising the default opset to ``version`` would change the model ({} = safe).
-
-    Only the revisions of opsets 18..20 are reviewed, so a raise from below 17 or above
-    20 is refused as a whole rather than guessed.
-    """
-    current = model.opset
-    blockers: Counter = Counter()
-    if current >= version:
-        return blockers
-    if current < _REVIEWED_FROM or version > _REVIEWED_TO:
-        reviewed = f"{_REVIEWED_FROM} -> {_REVIEWED_TO}"
-        blockers[f"raising {current} -> {version} is not reviewed (only {reviewed})"] += 1
-        return blockers
-    if model.template.functions:
-        blockers["model has local functions (their opset imports would disagree)"] += 1
-    for graph in model.graphs():
-        for node in graph.nodes:
-            if node.domain not in (None, "", "ai.onnx"):
-                continue
-            try:
-                old = onnx.defs.get_schema(node.op, current).since_version
-                new = onnx.defs.get_schema(node.op, version).since_version
-            except onnx.defs.SchemaError:
-                blockers[f"{node.op}: unknown op"] += 1
-                continue
-            if old == new:
-                continue
-            for since in range(old + 1, new + 1):
-                if not _has_version(node.op, since):
-                    continue
-                key = (node.op, since)
-                if key not in _REVISIONS_18_TO_20:
-                    blockers[f"{node.op}-{since}: revision not reviewed"] += 1
-                    break
-                rule = _REVISIONS_18_TO_20[key]
-                reason = rule(node) if rule is not None else None
-                if reason:
-                    blockers[f"{node.op}: {reason}"] += 1
-                    break
-    return blockers
-
-
-def _has_version(op: str, since: int) -> bool:
-    try:
-        return onnx.defs.get_schema(op, since).since_version == since
-    except onnx.defs.SchemaError:
-        return False
-
-
 @register_pass("fuse-gelu")
 class FuseGeluPass(Pass):
     """Fuse the erf and tanh GELU subgraphs into Gelu (opset 20) or onnxruntime's contrib op."""
@@ -706,7 +601,7 @@ class FuseGeluPass(Pass):
         domain, raise_to = "", None
         refusal = None
         if opset < GELU_OPSET:
-            blockers = opset_raise_blockers(model, GELU_OPSET) if self.options.raise_opset else None
+            blockers = raise_blockers(model, GELU_OPSET) if self.options.raise_opset else None
             if blockers is not None and not blockers:
                 raise_to = GELU_OPSET
             elif allow_contrib:
@@ -732,7 +627,8 @@ class FuseGeluPass(Pass):
                 # reports why in its stats)
                 raise_to = None
             else:
-                model.require_opset("", raise_to)
+                raised, how = raise_opset(model, raise_to, convert=False)
+                assert raised, how  # no blockers were found above
                 stats["opset_raised"] = f"{opset} -> {raise_to}"
                 logger.info("raised the default opset %d -> %d for Gelu", opset, raise_to)
         result = RuleSet(rules).apply(model, ctx)

@@ -21,9 +21,11 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.analysis.use_def import is_op
+from onnxopt.analysis.use_def import is_op, producer_op
+from onnxopt.ir.names import fresh_name
+from onnxopt.ir.rewrite import RewritePass, RewriteRule
+from onnxopt.ir.surgery import take_outputs
 from onnxopt.pipeline.registry import register_pass
-from onnxopt.ir.rewrite import RewritePass, RewriteRule, fresh_name, producer_op, take_outputs
 
 logger = logging.getLogger(__name__)
 

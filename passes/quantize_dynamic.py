@@ -49,41 +49,37 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.analysis.use_def import is_graph_output, is_op
+from onnxopt import runtime
+from onnxopt.data.samples import sample_batches
+from onnxopt.data.statistics import Calibration, ChannelMoments
+from onnxopt.errors import OnnxoptError, PipelineError
+from onnxopt.ir.constants import constant_value
+from onnxopt.ir.names import NameTable, new_constant
+from onnxopt.ir.weights import bias_add_after, dense_layer
+from onnxopt.measure.metrics import min_row_cosine
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
-from onnxopt.passes._quant_common import Names
 from onnxopt.pipeline.registry import register_pass
+from onnxopt.quantization.scheme import (REDUCE_RANGE_CHOICES, REDUCE_RANGE_HELP, QuantScheme, quantize_weight,
+                                         reduce_range_choice, target_schemes)
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 
 
-# -- weight quantization (numpy) -------------------------------------------------------------
 def symmetric_int8(w: np.ndarray, axis: int | None, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weight, float32 scale): scale = max|w| / qmax along every slice of ``axis``.
-
-    ``axis`` None gives one scale; otherwise one scale per index of that axis. ``qmax`` is
-    127, or 63 with ``reduce_range`` (7-bit weights avoid the int16 overflow of u8*s8 dot
-    products on x86 CPUs without VNNI).
-    """
-    qmax = 63.0 if reduce_range else 127.0
-    w = np.asarray(w, dtype=np.float32)
-    if axis is None:
-        amax = np.array(np.abs(w).max() if w.size else 0.0, dtype=np.float32)
-    else:
-        other = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-        amax = np.abs(w).max(axis=other) if w.size else np.zeros(w.shape[axis], np.float32)
-    scale = (amax / qmax).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    """(int8 weight, float32 scale): symmetric, one scale per index of ``axis`` (or one)."""
+    scheme = QuantScheme("int8", True, "per_channel" if axis is not None else "per_tensor", reduce_range)
+    q, scale, _, _ = quantize_weight(w, scheme, axis)
     return q, scale
 
 
 # -- candidates ------------------------------------------------------------------------------
+def _volume(t: gs.Constant) -> int:
+    """Elements of a constant, from its shape (no value is loaded)."""
+    return int(np.prod(t.shape, dtype=np.int64))
+
+
 def _float_const(t) -> bool:
     return isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32
 
@@ -96,31 +92,21 @@ def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str 
     """Which rewrite applies to ``node`` ('matmul', 'gemm', 'conv', 'gather'), or None."""
     if node.domain not in (None, "", "ai.onnx") or not node.outputs:
         return None
-    if node.op == "MatMul" and "MatMul" in op_types and len(node.inputs) == 2:
-        a, b = node.inputs
-        if isinstance(a, gs.Variable) and _float_const(b) and len(b.shape) == 2 and b.values.size >= min_elements:
-            return "matmul"
-    if node.op == "Gemm" and "Gemm" in op_types and len(node.inputs) >= 2:
-        a, b = node.inputs[:2]
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        attrs = node.attrs
-        if (isinstance(a, gs.Variable) and _float_const(b) and len(b.shape) == 2
-                and b.values.size >= min_elements and attrs.get("transA", 0) == 0
-                and attrs.get("alpha", 1.0) == 1.0
-                and (c is None or (c.name == "") or (_float_const(c) and attrs.get("beta", 1.0) == 1.0
-                                                   and c.values.ndim <= 1))):
-            return "gemm"
+    if node.op in ("MatMul", "Gemm") and node.op in op_types:
+        layer = dense_layer(node)
+        if layer is not None and layer.size >= min_elements:
+            return node.op.lower()
     if node.op == "Conv" and "Conv" in op_types and len(node.inputs) >= 2:
         x, w = node.inputs[:2]
         b = node.inputs[2] if len(node.inputs) > 2 else None
-        if (isinstance(x, gs.Variable) and _float_const(w) and w.values.size >= min_elements
+        if (isinstance(x, gs.Variable) and _float_const(w) and _volume(w) >= min_elements
                 and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
                 and (b is None or b.name == "" or _float_const(b))):
             return "conv"
     if node.op == "Gather" and "Gather" in op_types and len(node.inputs) == 2:
         data, idx = node.inputs
         if (_float_const(data) and len(data.shape) == 2 and node.attrs.get("axis", 0) == 0
-                and isinstance(idx, gs.Variable) and data.values.size >= min_elements):
+                and isinstance(idx, gs.Variable) and _volume(data) >= min_elements):
             return "gather"
     return None
 
@@ -135,7 +121,7 @@ class _Rewriter:
         self.dql: dict[str, tuple] = {}  # activation name -> (q, scale, zero point) outputs
         self.new_nodes: list[gs.Node] = []
         self.removed: set[int] = set()
-        self.names = Names(graph)
+        self.names = NameTable.of(graph)
 
     def _var(self, name: str, dtype) -> gs.Variable:
         return gs.Variable(self.names(name), dtype=dtype)
@@ -152,19 +138,6 @@ class _Rewriter:
                                           inputs=[x], outputs=[q, s, z]))
             self.dql[x.name] = (q, s, z)
         return self.dql[x.name]
-
-    def _bias_add(self, node: gs.Node) -> tuple[gs.Node, gs.Constant] | None:
-        """The Add of a constant 1-D bias that alone consumes ``node``'s output."""
-        out = node.outputs[0]
-        if len(out.outputs) != 1 or is_graph_output(self.graph, out):
-            return None
-        add = out.outputs[0]
-        if not is_op(add, "Add") or len(add.inputs) != 2:
-            return None
-        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-        if _float_const(other) and other.values.ndim == 1 and other.values.shape[0] == node.inputs[1].shape[-1]:
-            return add, other
-        return None
 
     def matmul(self, node: gs.Node, base: str, weight: np.ndarray, bias: gs.Constant | None,
                out: gs.Variable) -> None:
@@ -199,8 +172,8 @@ class _Rewriter:
             ]
 
     def rewrite_matmul(self, node: gs.Node) -> None:
-        weight = node.inputs[1].values
-        fused = self._bias_add(node) if self.contrib else None
+        weight = constant_value(node.inputs[1])
+        fused = bias_add_after(node, self.graph) if self.contrib else None
         if fused is not None:
             add, bias = fused
             out = add.outputs[0]
@@ -214,12 +187,11 @@ class _Rewriter:
         self.matmul(node, base, weight, bias, out)
 
     def rewrite_gemm(self, node: gs.Node) -> None:
-        weight = node.inputs[1].values
-        if node.attrs.get("transB", 0):
-            weight = weight.T
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        if bias is not None and (bias.values.ndim == 0 or bias.values.shape[0] != weight.shape[1]):
-            bias = self._const(f"{_node_key(node)}_bias", np.broadcast_to(bias.values, (weight.shape[1],)).copy())
+        layer = dense_layer(node)
+        weight = layer.weight_kn()
+        bias = layer.bias
+        if bias is not None and tuple(bias.shape) != (layer.n,):
+            bias = self._const(f"{_node_key(node)}_bias", layer.bias_n())
         out = node.outputs[0]
         base = _node_key(node)
         node.outputs = []
@@ -230,11 +202,12 @@ class _Rewriter:
         x, w = node.inputs[:2]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         base = _node_key(node)
-        q, scale = symmetric_int8(w.values, 0 if self.per_channel else None, self.reduce_range)
+        weight = constant_value(w)
+        q, scale = symmetric_int8(weight, 0 if self.per_channel else None, self.reduce_range)
         wq = self._const(f"{base}_weight_quantized", q)
         # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
         wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
-        ws = self._const(f"{base}_weight_scale", scale.reshape([-1] + [1] * (w.values.ndim - 2))
+        ws = self._const(f"{base}_weight_scale", scale.reshape([-1] + [1] * (weight.ndim - 2))
                          if scale.ndim else scale)
         out = node.outputs[0]
         node.outputs = []
@@ -252,14 +225,14 @@ class _Rewriter:
             gs.Node("Mul", f"{base}_output_scale_mul", inputs=[acc_f, both], outputs=[scaled]),
         ]
         if bias is not None:
-            b = self._const(f"{base}_bias_reshaped", bias.values.reshape(-1, *([1] * (w.values.ndim - 2))))
+            b = self._const(f"{base}_bias_reshaped", constant_value(bias).reshape(-1, *([1] * (weight.ndim - 2))))
             self.new_nodes.append(gs.Node("Add", f"{base}_bias_add", inputs=[scaled, b], outputs=[out]))
 
     def rewrite_gather(self, node: gs.Node) -> None:
         data, idx = node.inputs
         base = _node_key(node)
         # dequantized in float after the lookup: no int16 saturation, all 8 bits
-        q, scale = symmetric_int8(data.values, 0 if self.per_channel else None)
+        q, scale = symmetric_int8(constant_value(data), 0 if self.per_channel else None)
         out = node.outputs[0]
         node.outputs = []
         self.removed.add(id(node))
@@ -286,87 +259,6 @@ class _Rewriter:
         self.graph.toposort()
 
 
-# -- sample data and sensitivity ---------------------------------------------------------------
-def sample_feeds(model, ctx, batches: int = 4) -> list[dict[str, np.ndarray]]:
-    """Inputs to judge quantization error on: calibration batches, else made from input specs."""
-    calib = getattr(ctx, "calibration", None)
-    if calib is not None:
-        feeds = _calibration_batches(calib, batches)
-        if feeds:
-            return feeds
-    graph = model.graph
-    rng = np.random.default_rng(getattr(ctx, "seed", 0))
-    out = {}
-    lengths = None  # token sequences: per row, how many leading positions are real tokens
-    for inp in graph.inputs:
-        shape = [d if isinstance(d, (int, np.integer)) and d >= 0 else (16 if i == 0 else 64)
-                 for i, d in enumerate(inp.shape or [])]
-        dtype = np.dtype(inp.dtype) if inp.dtype is not None else np.dtype(np.float32)
-        if dtype.kind == "f":
-            out[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            rows = _indexed_rows(inp)
-            if len(shape) == 2 and lengths is None:
-                lengths = rng.integers(max(1, shape[1] // 4), shape[1] + 1, size=shape[0])
-            # Like a tokenizer's batch: random ids (or ones) right-padded with zeros.
-            values = rng.integers(0, rows, size=shape) if rows else np.ones(shape)
-            if len(shape) == 2:
-                values = np.where(np.arange(shape[1])[None, :] < lengths[:, None], values, 0)
-            out[inp.name] = values.astype(dtype)
-        elif dtype.kind == "b":
-            out[inp.name] = np.ones(shape, dtype=bool)
-        else:
-            return []
-    return [out]
-
-
-def _indexed_rows(t: gs.Tensor) -> int | None:
-    """Row count of the smallest constant table that ``t`` indexes through Gather (axis 0)."""
-    rows = []
-    for node in t.outputs:
-        if is_op(node, "Gather") and len(node.inputs) == 2 and node.inputs[1] is t \
-                and isinstance(node.inputs[0], gs.Constant) and node.attrs.get("axis", 0) == 0:
-            rows.append(node.inputs[0].shape[0])
-    return min(rows) if rows else None
-
-
-def _calibration_batches(calib, limit: int) -> list[dict[str, np.ndarray]]:
-    """Up to ``limit`` batches of a calibration source (onnxopt.data.calibration.Calibration, a
-    list of feed dicts, or an object with ``get_next()``)."""
-    source = getattr(calib, "source", calib)
-    out: list[dict[str, np.ndarray]] = []
-    if hasattr(source, "get_next"):
-        while len(out) < limit:
-            batch = source.get_next()
-            if batch is None:
-                break
-            out.append(dict(batch))
-        return out
-    try:
-        for batch in source:
-            out.append(dict(batch))
-            if len(out) >= limit:
-                break
-    except TypeError:
-        return []
-    return out
-
-
-def output_cosine(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """Smallest cosine between float and candidate outputs over samples (rows of axis 0)."""
-    worst = 1.0
-    for a, b in zip(ref, got):
-        if a.dtype.kind != "f" or a.size == 0:
-            continue
-        a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(1, -1).astype(np.float64)
-        b2 = b.reshape(a2.shape).astype(np.float64)
-        num = (a2 * b2).sum(1)
-        den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-        cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
-        worst = min(worst, float(cos.min()))
-    return worst
-
-
 @register_pass("quantize-dynamic")
 class QuantizeDynamicPass(Pass):
     """Quantize MatMul/Gemm weights to int8 and their activations at run time (no calibration)."""
@@ -378,9 +270,7 @@ class QuantizeDynamicPass(Pass):
         op_types: list[str] = option(["MatMul", "Gemm", "Gather"],
                                      "ops to quantize: MatMul, Gemm, Conv, Gather (embedding tables)")
         per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
-        reduce_range: str = option("auto", "7-bit weights: on, off, or auto (on for the CPU provider on an "
-                                           "x86 CPU without VNNI, where u8*s8 dot products saturate int16)",
-                                   choices=["auto", "on", "off"])
+        reduce_range: str = option("target", REDUCE_RANGE_HELP, choices=REDUCE_RANGE_CHOICES)
         format: str = option("standard", "standard (DynamicQuantizeLinear shared by an activation's "
                                          "consumers, MatMulInteger) or contrib (DynamicQuantizeMatMul, "
                                          "needs runtime.contrib_ops)",
@@ -402,15 +292,11 @@ class QuantizeDynamicPass(Pass):
         op_types = set(o.op_types)
         unknown = op_types - {"MatMul", "Gemm", "Conv", "Gather"}
         if unknown:
-            from onnxopt.errors import PipelineError
-
             raise PipelineError(f"quantize-dynamic: cannot quantize {', '.join(sorted(unknown))} "
                                 "(op_types takes MatMul, Gemm, Conv, Gather)")
-        reduce = o.reduce_range == "on" or (o.reduce_range == "auto" and _cpu_saturates(ctx))
+        reduce, _ = reduce_range_choice(o.reduce_range, target_schemes(ctx.target)[1], True, ctx)
         contrib = o.format == "contrib"
         if contrib and not ctx.target.runtime.contrib_ops:
-            from onnxopt.errors import PipelineError
-
             raise PipelineError(f"quantize-dynamic: format=contrib needs a target with runtime.contrib_ops "
                                 f"(target '{ctx.target.name}' has none); use format=standard")
         keep = set(o.keep_float)
@@ -457,34 +343,27 @@ class QuantizeDynamicPass(Pass):
         return {"quantized": sum(counts.values()), **counts}
 
     def _smoothing(self, model, ctx, plan) -> dict[str, np.ndarray]:
-        """Per activation tensor: the factor s of every channel (1 for all but the outliers)."""
-        from onnxopt.measure import verify
-
+        """Per activation tensor: the factor s of every channel (1 for all but the outliers),
+        from the channels' largest magnitudes over the calibration data, else over sample
+        inputs made from the input specs."""
         groups = _smoothable(plan, model.graph)
-        feeds = sample_feeds(model, ctx)
-        if not groups or not feeds:
+        if not groups:
             return {}
-        proto = model.to_proto()
-        have = {o.name for o in proto.graph.output}
-        for name in groups:
-            if name not in have and name not in feeds[0]:  # graph inputs: read from the feeds
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        calib = ctx.calibration
+        if calib is None:
+            feeds, _ = sample_batches(model, ctx)
+            if not feeds:
+                return {}
+            calib = Calibration(source=feeds, providers=ctx.providers, threads=ctx.threads)
         try:
-            sess = verify.session(proto, optimize=True)
-            wanted = [o.name for o in sess.get_outputs()]
-            runs = [sess.run(wanted, f) for f in feeds]
-        except Exception as exc:  # noqa: BLE001 - no statistics, no smoothing
+            moments = calib.reduce(model, [ChannelMoments(name, axis=-1) for name in groups])
+        except OnnxoptError as exc:  # the model does not run on the samples: no smoothing
             logger.warning("quantize-dynamic: cannot run the model on sample data (%s); no smoothing", exc)
             return {}
-        amax: dict[str, np.ndarray] = {}
-        for f, values in zip(feeds, runs):
-            for name, value in list(zip(wanted, values)) + list(f.items()):
-                if name in groups:
-                    m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
-                    amax[name] = np.maximum(amax[name], m) if name in amax else m
+        amax = {m.taps[0].name: m.abs_max for m in moments if m.count}
         o = self.options
         scales = {}
-        for name, nodes in groups.items():
+        for name in groups:
             if name not in amax:
                 continue
             a = np.maximum(amax[name], 1e-6)
@@ -497,14 +376,16 @@ class QuantizeDynamicPass(Pass):
 
     # Sensitivity: quantize one layer at a time on a copy, compare outputs with float.
     def _drop_sensitive(self, model, ctx, plan, contrib: bool, scales: dict, reduce: bool):
-        from onnxopt.measure import verify
         from onnxopt.ir.model import load
 
-        feeds = sample_feeds(model, ctx)
+        feeds, _ = sample_batches(model, ctx)
         layers = [(g, n, k) for g, n, k in plan if k in ("matmul", "gemm", "conv") and g is model.graph]
         if not feeds or not layers:
             return plan, [], None
-        base_proto = model.to_proto()
+        base_proto = model.export()
+
+        def session(proto):
+            return runtime.session(proto, ctx.providers, ctx.threads, level="all")
 
         def quantized_outputs(selected_keys: set[str]) -> list[list[np.ndarray]]:
             trial = load(base_proto)
@@ -515,14 +396,14 @@ class QuantizeDynamicPass(Pass):
                 trial.require_opset(MS_DOMAIN, 1)
             self._apply(trial, trial_plan, contrib, scales, reduce)
             trial.modified = True
-            sess = verify.session(trial.to_proto(), optimize=True)
+            sess = session(trial.to_proto())
             return [sess.run(None, f) for f in feeds]
 
-        ref_sess = verify.session(base_proto, optimize=True)
+        ref_sess = session(base_proto)
         ref = [ref_sess.run(None, f) for f in feeds]
 
         def cosine(outs) -> float:
-            return min(output_cosine(r, q) for r, q in zip(ref, outs))
+            return min(min_row_cosine(r, q) for r, q in zip(ref, outs))
 
         all_keys = {_node_key(n) for _, n, _ in plan}
         scores = {}
@@ -551,7 +432,7 @@ def _smoothable(plan, graph) -> dict[str, list[gs.Node]]:
 
 def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
     """x @ W == (x / s) @ (s W): one Mul per activation, weights rescaled by row."""
-    names = Names(graph)
+    names = NameTable.of(graph)
     for name, nodes in _smoothable(plan, graph).items():
         s = scales.get(name)
         if s is None:
@@ -563,14 +444,4 @@ def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
         for node in nodes:
             w = node.inputs[1]
             node.inputs[0] = xs
-            node.inputs[1] = gs.Constant(names(f"{w.name}_smoothed"), (w.values * s[:, None]).astype(np.float32))
-
-
-def _cpu_saturates(ctx) -> bool:
-    """True when the target runs on onnxruntime's CPU provider on an x86 CPU without VNNI."""
-    providers = list(ctx.target.runtime.get("execution_providers", []))[:1]
-    if providers != ["CPUExecutionProvider"]:
-        return False
-    from onnxopt.passes._quant_common import cpu_has_vnni
-
-    return not cpu_has_vnni()
+            node.inputs[1] = new_constant(names, f"{w.name}_smoothed", (constant_value(w) * s[:, None]).astype(np.float32))

@@ -41,12 +41,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.data.calibration import METHODS, StatsRequest
+from onnxopt.data.statistics import METHODS, TensorRange
 from onnxopt.errors import CalibrationError
+from onnxopt.ir.constants import constant_value
+from onnxopt.ir.names import NameTable
+from onnxopt.ir.opsets import raise_opset
+from onnxopt.ir.surgery import topological_order
+from onnxopt.ir.weights import WEIGHT_OPS, output_channel_axis
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
-
-from onnxopt.passes import _quant_common as qc
+from onnxopt.quantization import qdq
+from onnxopt.quantization import scheme as qs
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,6 @@ DATA_INPUTS = {
     "GlobalAveragePool": (0,), "GlobalMaxPool": (0,), "Transpose": (0,), "Flatten": (0,),
     "DepthToSpace": (0,), "SpaceToDepth": (0,), "LpNormalization": (0,), "CumSum": (0,),
 }
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
@@ -111,41 +115,24 @@ class QuantizeStaticPass(Pass):
         symmetric_activations: str = option("target", "symmetric activation ranges",
                                             choices=("target", "true", "false"))
         per_channel: bool = option(True, "per-channel weight scales (false: per-tensor)")
-        reduce_range: str = option("auto", "7-bit weights; auto = on for uint8 x int8 on x86 without VNNI "
-                                   "(int16 saturation), else the target's scheme", choices=("auto", "on", "off"))
+        reduce_range: str = option("target", qs.REDUCE_RANGE_HELP, choices=qs.REDUCE_RANGE_CHOICES)
         fold_activations: bool = option(True, "fold Relu/Clip(0,c) into the preceding quantized output")
         op_types: list[str] = option([], "op types to quantize (empty = the target's quantized_ops)")
         exclude_nodes: list[str] = option([], "node names never quantized")
 
     # -- schemes ---------------------------------------------------------------------------
-    def _schemes(self, ctx) -> tuple[qc.QuantScheme, qc.QuantScheme, str]:
-        q = ctx.target.quantization
-        schemes = q.get("schemes", {}) or {}
-        act = qc.scheme_from_table(schemes.get(q.get("activations", "")),
-                                   qc.QuantScheme("uint8", False, "per_tensor"))
-        wt = qc.scheme_from_table(schemes.get(q.get("weights", "")),
-                                  qc.QuantScheme("int8", True, "per_channel"))
+    def _schemes(self, ctx) -> tuple[qs.QuantScheme, qs.QuantScheme, str]:
+        act, wt = qs.target_schemes(ctx.target)
         o = self.options
-        act = qc.QuantScheme(o.activation_dtype if o.activation_dtype != "target" else act.dtype,
+        act = qs.QuantScheme(o.activation_dtype if o.activation_dtype != "target" else act.dtype,
                              act.symmetric if o.symmetric_activations == "target" else o.symmetric_activations == "true",
                              "per_tensor", False)
-        why = "target"
-        if o.reduce_range == "on":
-            reduce, why = True, "option"
-        elif o.reduce_range == "off":
-            reduce, why = False, "option"
-        elif wt.reduce_range:
-            reduce = True
-        elif act.dtype == "uint8" and wt.dtype == "int8" and "CPUExecutionProvider" in \
-                ctx.target.runtime.get("execution_providers", [])[:1] and not qc.cpu_has_vnni():
-            reduce, why = True, "auto: x86 CPU without VNNI (u8*s8 saturates int16)"
-        else:
-            reduce = False
-        wt = qc.QuantScheme(wt.dtype, wt.symmetric, wt.granularity if o.per_channel else "per_tensor", reduce)
+        reduce, why = qs.reduce_range_choice(o.reduce_range, wt, act.dtype == "uint8" and wt.dtype == "int8", ctx)
+        wt = qs.QuantScheme(wt.dtype, wt.symmetric, wt.granularity if o.per_channel else "per_tensor", reduce)
         return act, wt, why
 
     # -- planning --------------------------------------------------------------------------
-    def _fold_activations(self, graph: gs.Graph, act: qc.QuantScheme, ctx, quantized: set, shapes: dict,
+    def _fold_activations(self, graph: gs.Graph, act: qs.QuantScheme, ctx, quantized: set, shapes: dict,
                           stats: dict | None = None) -> int:
         """Remove Relu/Clip(0, c) after a quantized op whose output will be quantized (with
         ``stats``: only where the Relu's output has calibration statistics to take over)."""
@@ -166,7 +153,7 @@ class QuantizeStaticPass(Pass):
             if producer.op not in quantized or producer.domain not in (None, "", "ai.onnx") or \
                     (producer.name and producer.name in self.options.exclude_nodes):
                 continue
-            if not qc.is_float_tensor(x, shapes) or (stats is not None and not (
+            if not qdq.is_float_tensor(x, shapes) or (stats is not None and not (
                     node.outputs[0].name in stats and stats[node.outputs[0].name].count)):
                 continue
             if node.op == "Clip" and not _clip_from_zero(node):
@@ -180,7 +167,7 @@ class QuantizeStaticPass(Pass):
             folded += 1
         return folded
 
-    def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qc.QuantScheme) -> Plan:
+    def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qs.QuantScheme) -> Plan:
         q = ctx.target.quantization
         o = self.options
         quantized = set(o.op_types or q.get("quantized_ops", []))
@@ -192,8 +179,8 @@ class QuantizeStaticPass(Pass):
         plan = Plan()
 
         def is_activation(t: gs.Tensor) -> bool:
-            return not isinstance(t, gs.Constant) and qc.constant_value(t) is None and t.name != "" \
-                and qc.is_float_tensor(t, shapes)
+            return not isinstance(t, gs.Constant) and constant_value(t) is None and t.name != "" \
+                and qdq.is_float_tensor(t, shapes)
 
         def add(t: gs.Tensor, consumer: gs.Node | None, rewire_all: bool) -> None:
             plan.activations[t.name] = t
@@ -203,7 +190,7 @@ class QuantizeStaticPass(Pass):
                 if all(c is not consumer for c in plan.consumers[t.name]):
                     plan.consumers[t.name].append(consumer)
 
-        order = _topological(graph)
+        order = topological_order(graph)
         skip = {name for name in o.exclude_nodes if name}
         for node in order:
             if node.name in skip or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
@@ -256,11 +243,11 @@ class QuantizeStaticPass(Pass):
             if i >= len(node.inputs) or not isinstance(node.inputs[i], gs.Constant):
                 continue
             t = node.inputs[i]
-            if not qc.is_float_tensor(t):
+            if not qdq.is_float_tensor(t):
                 continue
             if node.op in WEIGHT_OPS and i == 1:
                 rank = len(t.shape)
-                plan.weights.append((node, i, qc.weight_channel_axis(node, i, rank)))
+                plan.weights.append((node, i, output_channel_axis(node, i, rank)))
             elif node.op in ("Conv", "ConvTranspose") and i == 2:
                 plan.biases.append((node, i))
             elif node.op == "Gemm" and i == 2 and _gemm_bias_ok(node):
@@ -276,14 +263,15 @@ class QuantizeStaticPass(Pass):
         return ops
 
     # -- the calibration hook ----------------------------------------------------------------
-    def calibration_requests(self, model, ctx) -> list[StatsRequest]:
+    def calibration_requests(self, model, ctx) -> list[TensorRange]:
         """The tensors this pass will ask statistics for (planned on a copy of the graph)."""
         act, _, _ = self._schemes(ctx)
         graph = model.graph.copy()
         shapes = ctx.analysis("shapes", model)
         self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes)
         plan = self._plan(graph, ctx, shapes, act)
-        return [StatsRequest(tuple(plan.activations), self.options.calibration != "minmax")]
+        histogram = self.options.calibration != "minmax"
+        return [TensorRange(name, histogram) for name in plan.activations]
 
     # -- run -------------------------------------------------------------------------------
     def run(self, model, ctx) -> PassResult:
@@ -292,14 +280,7 @@ class QuantizeStaticPass(Pass):
         if any(n.op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or n.op.startswith("QLinear")
                for n in model.graph.nodes):
             return PassResult(changed=False, stats={"skipped": "the model is already quantized"})
-        saved_opsets = [(imp.domain, imp.version) for imp in model.template.opset_import]
-        try:
-            return self._quantize(model, ctx)
-        except Exception:
-            # the manager restores the graph; the opset import lives on the template
-            for imp, (_, version) in zip(model.template.opset_import, saved_opsets):
-                imp.version = version
-            raise
+        return self._quantize(model, ctx)
 
     def _quantize(self, model, ctx) -> PassResult:
         act, wt, reduce_why = self._schemes(ctx)
@@ -307,15 +288,15 @@ class QuantizeStaticPass(Pass):
                        "weights": f"{wt.dtype} {wt.granularity.replace('-', '_')}" + (" reduce_range" if wt.reduce_range else "")}
         if wt.reduce_range:
             stats["reduce_range"] = reduce_why
-        needed = max(act.min_opset, qc.PER_CHANNEL_OPSET if wt.per_channel else 10)
+        needed = max(act.min_opset, qs.PER_CHANNEL_OPSET if wt.per_channel else 10)
         if model.opset < needed:
-            ok, how = qc.raise_opset(model, needed)
+            ok, how = raise_opset(model, needed)
             stats["opset"] = how
             if not ok and act.min_opset > model.opset:
                 raise CalibrationError(f"{act.dtype} activations need opset {act.min_opset} and the model's "
                                        f"opset {model.opset} cannot be raised: {how}")
             if not ok:
-                wt = qc.QuantScheme(wt.dtype, wt.symmetric, "per_tensor", wt.reduce_range)
+                wt = qs.QuantScheme(wt.dtype, wt.symmetric, "per_tensor", wt.reduce_range)
                 note = (f"quantize-static: per-channel weights need opset 13; model stays at opset "
                         f"{model.opset} ({how}); used per-tensor weights")
                 ctx.notes.append(note)
@@ -326,13 +307,13 @@ class QuantizeStaticPass(Pass):
         method = self.options.calibration
         # Statistics first, on the graph as it is (folding removes the Relu outputs whose
         # ranges the folded tensors take); cached when the manager gathered them already.
-        (request,) = self.calibration_requests(model, ctx)
-        tensor_stats = ctx.calibration.statistics(model, list(request.tensors), histogram=request.histogram)
+        requests = self.calibration_requests(model, ctx)
+        tensor_stats = {r.name: r for r in ctx.calibration.reduce(model, requests) if r.count}
         graph = model.graph
         shapes = ctx.analysis("shapes", model)
         folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes, tensor_stats)
         plan = self._plan(graph, ctx, shapes, act)
-        qmin, qmax = qc.qrange(act.dtype, act.symmetric)
+        qmin, qmax = qs.qrange(act.dtype, act.symmetric)
         ranges: dict[str, tuple[float, float]] = {}
         for name in plan.activations:
             if name in tensor_stats and tensor_stats[name].count:
@@ -343,14 +324,14 @@ class QuantizeStaticPass(Pass):
             root = plan.find(name)
             glo, ghi = group_range.get(root, (lo, hi))
             group_range[root] = (min(glo, lo), max(ghi, hi))
-        names = qc.Names(graph)
+        names = NameTable.of(graph)
         scales: dict[int, np.ndarray] = {}
         inserted = 0
         for name, tensor in plan.activations.items():
             if name not in ranges:
                 continue
             lo, hi = group_range[plan.find(name)]
-            scale, zp = qc.scale_zero_point(lo, hi, act)
+            scale, zp = qs.scale_zero_point(lo, hi, act)
             dq = self._insert(graph, names, tensor, scale, zp, plan)
             if dq is not None:
                 scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
@@ -368,7 +349,7 @@ class QuantizeStaticPass(Pass):
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(changed=changed, stats=stats)
 
-    def _insert(self, graph: gs.Graph, names: qc.Names, tensor: gs.Tensor, scale, zp, plan: Plan):
+    def _insert(self, graph: gs.Graph, names: NameTable, tensor: gs.Tensor, scale, zp, plan: Plan):
         is_output = any(t is tensor for t in graph.outputs)
         if plan.rewire_all.get(tensor.name):
             consumers = list(tensor.outputs)
@@ -376,7 +357,7 @@ class QuantizeStaticPass(Pass):
             consumers = [c for c in plan.consumers.get(tensor.name, []) if any(t is tensor for t in c.inputs)]
         if not consumers and not (is_output and plan.rewire_all.get(tensor.name)):
             return None
-        dq = qc.insert_qdq(graph, names, tensor, scale, zp, consumers)
+        dq = qdq.insert_qdq(graph, names, tensor, scale, zp, consumers)
         if is_output and plan.rewire_all.get(tensor.name):
             # the graph output keeps its name and becomes the dequantized value (the int8
             # kernel of its producer then needs no float epilogue)
@@ -387,15 +368,15 @@ class QuantizeStaticPass(Pass):
             graph.outputs = [dq if t is tensor else t for t in graph.outputs]
         return dq
 
-    def _quantize_weights(self, graph, names, plan: Plan, wt: qc.QuantScheme) -> dict:
+    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme) -> dict:
         done: dict = {}
         cache: dict = {}
         for node, index, axis in plan.weights:
             const = node.inputs[index]
             key = (id(const), axis)
             if key not in cache:
-                q, scale, zp, used = qc.quantize_weight(const.values, wt, axis)
-                dq = qc.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
+                q, scale, zp, used = qs.quantize_weight(constant_value(const), wt, axis)
+                dq = qdq.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
                 cache[key] = (dq, scale)
             dq, scale = cache[key]
             node.inputs[index] = dq
@@ -408,13 +389,13 @@ class QuantizeStaticPass(Pass):
             x_scale = scales.get(id(node.inputs[0]))
             if x_scale is None or id(node) not in weights:
                 continue
-            b = np.asarray(node.inputs[index].values, np.float32)
+            b = np.asarray(constant_value(node.inputs[index]), np.float32)
             w_scale = np.asarray(weights[id(node)], np.float32).reshape(-1)
             if w_scale.size not in (1, b.reshape(-1).size):
                 continue
-            q, scale, zp = qc.quantize_bias(b.reshape(-1), float(x_scale), w_scale)
+            q, scale, zp = qs.quantize_bias(b.reshape(-1), float(x_scale), w_scale)
             per_tensor = bool(np.all(scale == scale.reshape(-1)[0]))  # also valid below opset 13
-            dq = qc.make_dequantized_constant(graph, names, node.inputs[index].name or "bias",
+            dq = qdq.make_dequantized_constant(graph, names, node.inputs[index].name or "bias",
                                               q.reshape(b.shape),
                                               scale.reshape(-1)[:1] if per_tensor else scale.reshape(-1),
                                               zp.reshape(-1)[:1] if per_tensor else zp.reshape(-1),
@@ -423,19 +404,19 @@ class QuantizeStaticPass(Pass):
             count += 1
         return count
 
-    def _quantize_constants(self, graph, names, plan: Plan, act: qc.QuantScheme) -> int:
+    def _quantize_constants(self, graph, names, plan: Plan, act: qs.QuantScheme) -> int:
         count = 0
         done: dict = {}  # equal constants (hard-swish's 3 and 6, …) share one quantized copy
         for node, index in plan.constants:
             const = node.inputs[index]
             if not isinstance(const, gs.Constant):
                 continue
-            values = np.asarray(const.values, np.float32)
+            values = np.asarray(constant_value(const), np.float32)
             key = (values.shape, values.tobytes())
             if key not in done:
-                scheme = qc.QuantScheme(act.dtype, act.symmetric, "per_tensor", False)
-                q, scale, zp, _ = qc.quantize_weight(values, scheme, None)
-                done[key] = qc.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
+                scheme = qs.QuantScheme(act.dtype, act.symmetric, "per_tensor", False)
+                q, scale, zp, _ = qs.quantize_weight(values, scheme, None)
+                done[key] = qdq.make_dequantized_constant(graph, names, const.name or "c", q, scale, zp, None)
             node.inputs[index] = done[key]
             count += 1
         return count
@@ -446,7 +427,9 @@ def _clip_from_zero(node: gs.Node) -> bool:
     if "min" in node.attrs:
         return float(node.attrs["min"]) == 0.0
     if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        value = np.asarray(node.inputs[1].values)
+        value = constant_value(node.inputs[1])
+        if value is None:
+            return False
         return value.size == 1 and float(value.reshape(-1)[0]) == 0.0
     return False
 
@@ -458,29 +441,3 @@ def _gemm_bias_ok(node: gs.Node) -> bool:
     c = node.inputs[2]
     shape = tuple(c.shape)
     return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
-
-
-def _topological(graph: gs.Graph) -> list[gs.Node]:
-    """Nodes in topological order, without reordering the graph itself."""
-    produced_by = {}
-    for node in graph.nodes:
-        for t in node.outputs:
-            produced_by[id(t)] = node
-    indegree = {id(n): 0 for n in graph.nodes}
-    users: dict[int, list] = {id(n): [] for n in graph.nodes}
-    for node in graph.nodes:
-        for t in node.inputs:
-            p = produced_by.get(id(t))
-            if p is not None:
-                indegree[id(node)] += 1
-                users[id(p)].append(node)
-    ready = [n for n in graph.nodes if indegree[id(n)] == 0]
-    order = []
-    while ready:
-        node = ready.pop(0)
-        order.append(node)
-        for user in users[id(node)]:
-            indegree[id(user)] -= 1
-            if indegree[id(user)] == 0:
-                ready.append(user)
-    return order if len(order) == len(graph.nodes) else list(graph.nodes)

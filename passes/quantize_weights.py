@@ -27,11 +27,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.analysis.use_def import is_graph_output, is_op
-from onnxopt.passes._quant_common import Names, raise_opset
+from onnxopt.ir.constants import constant_value
+from onnxopt.ir.names import NameTable
+from onnxopt.ir.opsets import raise_opset
+from onnxopt.ir.weights import bias_add_after, dense_layer
 from onnxopt.errors import PipelineError
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
@@ -143,31 +144,12 @@ def unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 # -- candidates ------------------------------------------------------------------------------
-def _float_const(t) -> bool:
-    return isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32
-
-
 def _weight_of(node: gs.Node, min_elements: int):
-    """(weight [K, N] as numpy, bias constant or None) when ``node`` can be rewritten."""
-    if node.domain not in (None, "", "ai.onnx") or len(node.inputs) < 2:
+    """(weight [K, N] as numpy, bias [N] or None) when ``node`` can be rewritten."""
+    layer = dense_layer(node)
+    if layer is None or layer.size < min_elements:
         return None
-    a, b = node.inputs[:2]
-    if not (isinstance(a, gs.Variable) and _float_const(b) and len(b.shape) == 2 and b.values.size >= min_elements):
-        return None
-    if node.op == "MatMul" and len(node.inputs) == 2:
-        return b.values, None
-    if node.op == "Gemm":
-        attrs = node.attrs
-        c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
-            return None
-        if c is not None and not (_float_const(c) and attrs.get("beta", 1.0) == 1.0 and c.values.ndim <= 1):
-            return None
-        w = b.values.T if attrs.get("transB", 0) else b.values
-        if c is not None:
-            c = np.broadcast_to(c.values, (w.shape[1],)).astype(np.float32)
-        return w, c
-    return None
+    return layer.weight_kn(), layer.bias_n()
 
 
 def _node_key(node: gs.Node) -> str:
@@ -224,9 +206,8 @@ class QuantizeWeightsPass(Pass):
             model.require_opset("", BLOCKED_DQ_OPSET)
         before = after = 0
         by_graph: dict[int, tuple] = {}
-        names: dict[int, Names] = {}
+        self._names = NameTable.of(model.graph)  # one table: new names are unique in every scope
         for graph, node, (w, bias) in plan:
-            self._names = names.setdefault(id(graph), Names(graph))
             q = quantize_blocks(w, o.bits, o.block_size, o.symmetric, o.method)
             before += w.size * 4
             new_nodes, size = (self._contrib(graph, node, q, bias) if contrib else self._standard(node, q))
@@ -264,9 +245,10 @@ class QuantizeWeightsPass(Pass):
         base = _node_key(node)
         out = node.outputs[0]
         if bias is None and node.op == "MatMul":
-            add = _only_bias_add(graph, out, q.codes.shape[0])
+            add = bias_add_after(node, graph)
             if add is not None:
                 add_node, bias = add
+                bias = constant_value(bias)
                 out = add_node.outputs[0]
                 add_node.outputs = []
                 add_node.inputs = []
@@ -317,15 +299,3 @@ class QuantizeWeightsPass(Pass):
             node.attrs = {k: v for k, v in node.attrs.items() if k != "transB"}
         node.inputs[1] = w
         return [dq], size
-
-
-def _only_bias_add(graph, out, n: int):
-    if len(out.outputs) != 1 or is_graph_output(graph, out):
-        return None
-    add = out.outputs[0]
-    if not is_op(add, "Add") or len(add.inputs) != 2:
-        return None
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    if _float_const(other) and other.values.ndim == 1 and other.values.shape[0] == n:
-        return add, other.values
-    return None

@@ -1,23 +1,14 @@
-"""Shared fixtures: the real models of ../shared/models (skipped when absent) and tmp dirs."""
+"""Shared fixtures. Helpers are modules of the ``tests`` package (tests/graphs.py builds tiny
+models, tests/real_models.py finds the real ones): import them as ``tests.graphs``, so
+``pytest`` and ``python -m pytest`` load each once, under one name."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-MODELS = Path(os.environ.get("ONNXOPT_MODELS", REPO / ".models"))
-EXAMPLES = REPO / "examples"
-
-
-def real_model(name: str) -> Path:
-    """Path of a real model from ../shared/models, or skip the test saying how to get it."""
-    path = MODELS / name
-    if not path.exists():
-        pytest.skip(f"{name} not in {MODELS} (run ../shared/models/get_models.sh .models)")
-    return path
+from tests.real_models import EXAMPLES
 
 
 @pytest.fixture

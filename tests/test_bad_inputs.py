@@ -23,7 +23,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import init, make_model, tensor
+from tests.graphs import init, make_model, tensor
 from onnxopt.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Calibration data readers, their errors, and streamed statistics."""
+"""Calibration data readers and their errors, and how passes gather statistics requests."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from onnx import helper
 
 import onnxopt
-from onnxopt.data.calibration import (Calibration, StatsRequest, TensorStatistics, gather_requests,
-                                 open_calibration)
+from onnxopt.data.statistics import Calibration, TensorRange, gather_requests, open_calibration
 from onnxopt.pipeline.context import PassContext
 from onnxopt.errors import CalibrationError
 from onnxopt.ir.model import load
@@ -68,7 +67,7 @@ def test_reader_with_get_next_and_rewind():
     cal = open_calibration(Reader(), model)
     first = cal.statistics(model, ["r"], histogram=False)
     assert first["r"].count == 3 * 2 * 4
-    cal.stats.clear()  # force a second pass over the reader: it rewinds
+    cal.cache.clear()  # force a second pass over the reader: it rewinds
     assert cal.statistics(model, ["r"], histogram=False)["r"].count == 24
 
 
@@ -132,13 +131,14 @@ class CalibrationProbePass(Pass):
 
     lossless = False
     needs_calibration = True
+    preserves = frozenset({"statistics"})  # it changes nothing
 
     @dataclass
     class Options:
         tensor: str = "r"
 
     def calibration_requests(self, model, ctx):
-        return [StatsRequest((self.options.tensor,), histogram=False)]
+        return [TensorRange(self.options.tensor, histogram=False)]
 
     def run(self, model, ctx) -> PassResult:
         stats = ctx.calibration.statistics(model, [self.options.tensor], histogram=False)
@@ -165,7 +165,7 @@ def test_consecutive_calibrating_passes_share_one_run(tmp_path, probe_pass):
     ctx = PassContext(target=load_target("cpu"), calibration=open_calibration(str(tmp_path / "c.npz"), model))
     specs = [PassSpec("test-calibration-probe", {"tensor": "r"}), PassSpec("test-calibration-probe", {"tensor": "y"})]
     gather_requests(specs, 0, model, ctx)
-    assert set(ctx.calibration.pending) == {"r", "y"}
+    assert {r.name for r in ctx.calibration.pending} == {"r", "y"}
     CalibrationProbePass(tensor="r").run(model, ctx)
     CalibrationProbePass(tensor="y").run(model, ctx)
     assert ctx.calibration.runs == 1
@@ -179,7 +179,7 @@ def test_default_pipeline_without_data_skips_static_quantization():
 
 def test_memory_of_statistics_does_not_grow_with_samples():
     # the state kept per tensor is a fixed-size histogram whatever the number of batches
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     r = np.random.default_rng(0)
     stats.add(r.standard_normal(1000).astype(np.float32))
     size = stats.hist.nbytes

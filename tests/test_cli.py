@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-import graphs
+from tests import graphs
 from onnxopt import Pass, PassResult
 from onnxopt.pipeline import registry
 from onnxopt.cli import main
@@ -279,10 +279,10 @@ def test_synthetic_external_data_model_round_trip(capsys, tmp_path):
 
 def test_model_over_the_protobuf_limit_is_written_with_external_data(capsys, tmp_path, monkeypatch):
     """The over-2-GB path at test size: the limit is lowered instead of the model grown."""
-    import onnxopt.ir.model
+    import onnxopt.ir.storage
     from onnxopt.measure import verify
 
-    monkeypatch.setattr(onnxopt.ir.model, "_ONE_MESSAGE_LIMIT", 50_000)
+    monkeypatch.setattr(onnxopt.ir.storage, "_ONE_MESSAGE_LIMIT", 50_000)
     src = _synthetic().big_model(tmp_path / "in" / "big.onnx", gigabytes=0.0001, side=64)  # 7 x 16 kB
     out = tmp_path / "out" / "big.onnx"
     out.parent.mkdir()

@@ -5,7 +5,7 @@ import pytest
 from onnxopt.pipeline.registry import all_passes, builtin_names
 from onnxopt.testing import check_pass_contract
 
-import graphs
+from tests import graphs
 
 
 def lossless_builtins():

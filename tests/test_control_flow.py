@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from conftest import real_model
-from graphs import init, make_model, tensor
+from tests.real_models import real_model
+from tests.graphs import init, make_model, tensor
 from onnxopt.measure import verify
 from onnxopt.optimize import optimize
 from onnxopt.pipeline.registry import all_passes, builtin_names

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.analysis.cost import Poly, model_cost, node_cost, parse_input_shapes, weight_infos
+from onnxopt.analysis.cost import Poly, model_cost, parse_input_shapes, weight_infos
 from onnxopt.analysis.memory import activation_memory
 from onnxopt.errors import UsageError
 from tests.graphs import init, make_model, tensor

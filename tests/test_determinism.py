@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-import graphs
+from tests import graphs
 from onnxopt.cli import main
 from onnxopt.pipeline.registry import all_passes, builtin_names
 
@@ -47,7 +47,7 @@ def test_same_run_twice_in_one_process(tmp_path, builder, pipeline):
 
 
 def test_fuzz_graphs_twice_in_one_process(tmp_path):
-    from test_fuzz import random_model
+    from tests.test_fuzz import random_model
 
     text = _every_lossless_pass()
     for seed in range(3):
@@ -72,7 +72,7 @@ def _run_in_fresh_process(src: Path, out: Path, hash_seed: str, pipeline: str) -
 
 
 def test_across_processes_with_different_hash_seeds(tmp_path):
-    from test_fuzz import random_model
+    from tests.test_fuzz import random_model
 
     src = tmp_path / "in.onnx"
     src.write_bytes(random_model(7, 14).SerializeToString())

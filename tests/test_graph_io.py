@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.ir.graph_io import OnnxGraph, export_model, import_graph
-from onnxopt.ir.model import iter_graphs
+from onnxopt.ir.graphs import iter_graphs
 
 OPSET = 21
 
@@ -493,16 +493,19 @@ def test_function_added_by_a_pass_is_exported_next_to_the_templates():
     np.testing.assert_array_equal(run(out, {"x": x})[0], 2 * np.maximum(x, 0))
 
 
-def test_copy_is_independent_including_numpy_weights():
-    """The pass manager snapshots with graph.copy(): editing the copy must not leak back."""
+def test_copy_is_independent_and_shares_weight_arrays():
+    """The pass manager snapshots with graph.copy(): editing the live graph must not leak
+    into the snapshot. Weight arrays are shared (passes replace values, never edit an array
+    in place), so a snapshot costs no weight bytes."""
     model = subgraph_model()
     graph = import_graph(model)
     w = next(t for t in graph.tensors().values() if t.name == "zero")
     w.values = np.array([1.0, 2.0, 3.0], np.float32)  # a pass decoded / replaced a weight
     snapshot = graph.copy()
     assert snapshot.onnx_source is not graph.onnx_source
-    w.values[0] = 100.0  # ... then edits it in place
     snapshot_zero = next(t for t in snapshot.tensors().values() if t.name == "zero")
+    assert snapshot_zero is not w and snapshot_zero.values is w.values  # shared, not copied
+    w.values = np.array([100.0, 2.0, 3.0], np.float32)  # ... then replaces it again
     assert snapshot_zero.values[0] == 1.0
     for g in iter_graphs(graph):  # rename everything in the original
         for node in g.nodes:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnxopt.data import kernels
-from onnxopt.data.calibration import TensorStatistics
+from onnxopt.data.statistics import TensorRange
 
 BINS = 4096
 
@@ -34,7 +34,7 @@ def test_histogram_add_matches_numpy():
 
 
 def test_streamed_histogram_equals_histogram_of_all_data():
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     data = batches()
     for b in data:
         stats.add(b)
@@ -57,7 +57,7 @@ def test_double_range_keeps_counts_and_zero_edge():
 
 @pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
 def test_percentile_matches_numpy(p):
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     data = batches(1)
     for b in data:
         stats.add(b)
@@ -126,14 +126,14 @@ def test_entropy_matches_slow_reference():
 
 def test_entropy_does_not_clip_a_distribution_away_from_zero():
     # values in [0.13, 0.86]: without the guard KL picks a threshold below every value
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     stats.add(np.random.default_rng(6).uniform(0.13, 0.86, 20000).astype(np.float32))
     lo, hi = stats.range("entropy")
     assert hi > 0.85
 
 
 def test_entropy_range_from_statistics_clips_outliers():
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     r = np.random.default_rng(4)
     stats.add(np.concatenate([r.laplace(size=100000), [60.0, -55.0]]).astype(np.float32))
     lo, hi = stats.range("entropy")
@@ -151,7 +151,7 @@ def exact_mse(x, lo, hi, qmin, qmax):
 def test_mse_range_is_near_the_brute_force_optimum():
     r = np.random.default_rng(5)
     x = np.concatenate([np.abs(r.standard_normal(40000)), [25.0]]).astype(np.float64)
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     stats.add(x.astype(np.float32))
     lo, hi = stats.range("mse", qmin=0, qmax=255, symmetric=False)
     candidates = [exact_mse(x, a * x.min(), a * x.max(), 0, 255) for a in np.arange(1, 101) / 100]
@@ -160,7 +160,7 @@ def test_mse_range_is_near_the_brute_force_optimum():
 
 
 def test_zero_tensor_has_zero_range():
-    stats = TensorStatistics("t")
+    stats = TensorRange("t")
     stats.add(np.zeros(10, np.float32))
     assert stats.range("percentile") == (0.0, 0.0)
     stats.add(np.array([1.0, 2.0], np.float32))  # first nonzero batch starts the histogram

@@ -13,7 +13,7 @@ from onnxopt.cli import main
 from onnxopt.errors import ExternalDataError, ModelError, OutputError
 from onnxopt.ir.model import load, save
 
-from graphs import const_chain, dead_branch, make_model, tensor
+from tests.graphs import const_chain, dead_branch, make_model, tensor
 
 
 def test_load_proto_does_not_modify_callers_proto():

@@ -16,7 +16,7 @@ from onnxopt.pipeline.manager import PassManager
 from onnxopt.pipeline.text import PassSpec
 from onnxopt.target import load_target
 
-from graphs import const_chain, matmul_add
+from tests.graphs import const_chain, matmul_add
 
 
 @register_pass("test-raise")

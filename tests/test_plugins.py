@@ -9,7 +9,7 @@ import textwrap
 import onnx
 import pytest
 
-from graphs import dead_branch
+from tests.graphs import dead_branch
 
 PLUGIN_PYPROJECT = """
 [build-system]

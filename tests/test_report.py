@@ -24,7 +24,7 @@ def paths(tmp_path, digits_model):
     """The digits CNN, an output path and the first 16 test images (few, to keep tests fast)."""
     import numpy as np
 
-    from tests.conftest import EXAMPLES
+    from tests.real_models import EXAMPLES
 
     with np.load(EXAMPLES / "digits_test.npz") as full:
         data = tmp_path / "test16.npz"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import make_model, tensor
+from tests.graphs import make_model, tensor
 from onnx import TensorProto, helper
 
 import onnx_graphsurgeon as gs
-from onnxopt.analysis.use_def import is_op
+from onnxopt.analysis.use_def import is_op, producer_op, single_use
+from onnxopt.ir.names import fresh_name
+from onnxopt.ir.rewrite import RewritePass, RewriteRule, RuleSet
+from onnxopt.ir.surgery import take_outputs
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import load
-from onnxopt.ir.rewrite import (RewritePass, RewriteRule, RuleSet, fresh_name, producer_op,
-                             single_use, take_outputs)
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram
 

@@ -103,9 +103,7 @@ def _collect(graph: onnx.GraphProto, out: dict) -> None:
 @register_analysis("shapes")
 def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor of the model, subgraphs included."""
-    from onnxopt.ir.graph_io import export_model
-
-    proto = export_model(model.graph, model.template)
+    proto = model.export()
     light = _without_large_weights(proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)

@@ -8,7 +8,8 @@ from typing import Iterator
 
 import onnx
 
-from onnxopt.ir.model import Model, model_tensors
+from onnxopt.ir.model import Model
+from onnxopt.ir.storage import model_tensors
 
 _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 

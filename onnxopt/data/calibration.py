@@ -1,28 +1,21 @@
-"""Calibration data and streamed activation statistics.
+"""Calibration data: batches of model inputs, read and checked against the model.
 
 Data (DESIGN.md section 5): an ``.npz`` file or a folder of them, arrays keyed by graph
 input name; an array with the input's own rank is one batch, one more leading axis is a
 stack of batches (axis 0 = batch index). In Python, any object with ``get_next()`` (like
 onnxruntime's ``CalibrationDataReader``) returning a dict per batch and None at the end.
-Wrong names, dtypes or shapes raise CalibrationError (exit 2) naming the input.
+Wrong names, dtypes or shapes raise CalibrationError (exit 2) naming the input. Stacks
+are read one batch at a time, so a big stack never sits in memory whole.
 
-Statistics: a pass asks ``ctx.calibration.statistics(model, names, histogram)`` for the
-tensors it needs. Tensors are exposed as extra outputs of an exported copy of the model,
-each batch is run once in onnxruntime and every output is reduced at once into a
-running min/max and (when asked) a running histogram (onnxopt/kernels.py), so memory
-does not grow with the number of samples. Passes that declare
-``calibration_requests(model, ctx)`` have their requests gathered by the pass manager
-(``gather_requests``) before the first of a run of consecutive calibrating passes, so one
-streamed run serves them all; results are cached by tensor name.
+What passes learn from these batches is in ``onnxopt.data.statistics``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,104 +25,6 @@ import onnx
 from onnxopt.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("minmax", "percentile", "entropy", "mse")
-HISTOGRAM_BINS = 4096  # signed bins; divisible by 4 (see onnxopt/kernels.py)
-
-
-def _kernels():
-    """onnxopt.data.kernels, imported on first use: minmax calibration never loads numba."""
-    from onnxopt.data import kernels
-
-    return kernels
-
-
-# -- statistics of one tensor ----------------------------------------------------------------
-@dataclass
-class TensorStatistics:
-    """Running min/max and (optionally) a signed histogram of one tensor's values."""
-
-    name: str
-    with_histogram: bool = True
-    bins: int = HISTOGRAM_BINS
-    min: float = np.inf
-    max: float = -np.inf
-    count: int = 0
-    half_range: float = 0.0  # histogram covers [-half_range, half_range); 0 = not started
-    hist: np.ndarray | None = None
-    pending_zeros: int = 0  # values seen while every value so far was 0 (no range yet)
-
-    def add(self, values: np.ndarray) -> None:
-        """Reduce one batch of values into the running statistics."""
-        flat = np.ascontiguousarray(values).reshape(-1)
-        if flat.dtype != np.float32:
-            flat = flat.astype(np.float32)
-        if flat.size == 0:
-            return
-        lo, hi, n = float(flat.min()), float(flat.max()), flat.size  # SIMD fast path
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf somewhere: skip them
-            lo, hi, n = _kernels().finite_min_max(flat)
-        if n == 0:
-            return
-        self.min, self.max, self.count = min(self.min, lo), max(self.max, hi), self.count + n
-        if not self.with_histogram:
-            return
-        absmax = max(-lo, hi)
-        if self.hist is None:
-            if absmax == 0:
-                self.pending_zeros += n
-                return
-            self.hist = np.zeros(self.bins, dtype=np.float64)
-            self.half_range = float(absmax) * (1 + 1e-6)
-        kernels = _kernels()
-        while absmax >= self.half_range:
-            self.hist = kernels.double_range(self.hist)
-            self.half_range *= 2.0
-        kernels.histogram_add(self.hist, flat, self.half_range)
-
-    def histogram(self) -> tuple[np.ndarray, float]:
-        """(counts, half_range), with any all-zero batches seen before the first nonzero
-        one counted in the bin that starts at zero."""
-        if self.hist is None:
-            hist = np.zeros(self.bins, dtype=np.float64)
-            hist[self.bins // 2] = self.pending_zeros
-            return hist, 1.0
-        hist = self.hist
-        if self.pending_zeros:
-            hist = hist.copy()
-            hist[self.bins // 2] += self.pending_zeros
-        return hist, self.half_range
-
-    def range(self, method: str = "minmax", percentile: float = 99.999, qmin: int = 0, qmax: int = 255,
-              symmetric: bool = False, levels: int = 128, max_clipped: float = 1e-3) -> tuple[float, float]:
-        """The clipping range (lo, hi) that ``method`` chooses for these values."""
-        if self.count == 0:
-            return 0.0, 0.0
-        lo, hi = float(self.min), float(self.max)
-        if method == "minmax":
-            return lo, hi
-        if not self.with_histogram:
-            raise ValueError(f"{self.name}: method '{method}' needs histograms (collected with minmax only)")
-        hist, half = self.histogram()
-        kernels = _kernels()
-        if method == "percentile":
-            plo, phi = kernels.percentile_range(hist, half, float(percentile))
-            plo, phi = max(lo, plo), min(hi, phi)
-            return min(plo, phi), phi
-        if method == "entropy":
-            abs_hist = kernels.fold_abs(hist)
-            # at most ~512 candidate thresholds: a step of a few of 2048 bins changes the
-            # range by under 0.2% and makes this 3-4x faster
-            stride = max(1, -(-(abs_hist.size - int(levels)) // 512))
-            threshold = kernels.entropy_threshold(abs_hist, half / abs_hist.size, int(levels), float(max_clipped),
-                                                  stride)
-            elo, ehi = max(lo, -threshold), min(hi, threshold)
-            return min(elo, ehi), ehi
-        if method == "mse":
-            steps = 100
-            return kernels.mse_range(hist, half, lo, hi, int(qmin), int(qmax), bool(symmetric), steps)
-        raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
-
 
 # -- data sources ------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -355,122 +250,9 @@ class ReaderSource:
             raise CalibrationError("the calibration reader gave no batches")
 
 
-# -- the calibration object passes see ---------------------------------------------------------
-@dataclass(frozen=True)
-class StatsRequest:
-    """Tensors a pass needs statistics for; ``histogram`` for percentile/entropy/mse."""
-
-    tensors: tuple[str, ...]
-    histogram: bool = True
-
-
-@dataclass
-class Calibration:
-    """Calibration data plus the statistics collected from it so far (ctx.calibration)."""
-
-    source: Any
-    progress: bool = False
-    stats: dict[str, TensorStatistics] = field(default_factory=dict)
-    pending: dict[str, bool] = field(default_factory=dict)  # name -> needs histogram
-    runs: int = 0  # streamed onnxruntime runs over the data so far
-    batches: int = 0
-    seconds: float = 0.0
-
-    def request(self, request: StatsRequest) -> None:
-        """Ask for statistics to be collected in the next streamed run."""
-        for name in request.tensors:
-            self.pending[name] = self.pending.get(name, False) or request.histogram
-
-    def statistics(self, model, tensors, histogram: bool = True) -> dict[str, TensorStatistics]:
-        """Statistics of ``tensors`` (names in ``model``'s main graph), collected now if
-        not cached; every pending request is collected in the same run."""
-        self.request(StatsRequest(tuple(tensors), histogram))
-        todo = {name: hist for name, hist in self.pending.items()
-                if name not in self.stats or (hist and not self.stats[name].with_histogram)}
-        if todo:
-            self._collect(model, todo)
-        self.pending.clear()
-        return {name: self.stats[name] for name in tensors if name in self.stats}
-
-    def _collect(self, model, todo: dict[str, bool]) -> None:
-        from onnxopt.ir.graph_io import export_model
-
-        proto = model if isinstance(model, onnx.ModelProto) else export_model(model.graph, model.template)
-        available = _main_graph_values(proto)
-        names = [n for n in todo if n in available]
-        skipped = [n for n in todo if n not in available]
-        if skipped:
-            logger.debug("no statistics for %d tensor(s) not in the main graph: %s", len(skipped), skipped[:5])
-        if not names:
-            return
-        session, output_names = _statistics_session(proto, names)
-        fresh = {n: TensorStatistics(n, with_histogram=todo[n]) for n in names}
-        start = time.perf_counter()
-        from tqdm import tqdm
-
-        batches = 0
-        bar = tqdm(self.source, total=getattr(self.source, "count", None), desc="calibration",
-                   unit="batch", disable=not self.progress, leave=False)
-        for batch in bar:
-            try:
-                values = session.run(output_names, batch)
-            except Exception as exc:
-                raise CalibrationError(f"onnxruntime could not run calibration batch {batches}: "
-                                       f"{str(exc).splitlines()[0]}") from None
-            for name, value in zip(output_names, values):
-                if name in fresh:
-                    fresh[name].add(value)
-            del values
-            batches += 1
-        bar.close()
-        if batches == 0:
-            raise CalibrationError("calibration data holds no batches")
-        self.stats.update(fresh)
-        self.runs += 1
-        self.batches += batches
-        self.seconds += time.perf_counter() - start
-        logger.info("calibration: %d tensors over %d batches in %.1f s", len(names), batches,
-                    time.perf_counter() - start)
-
-
-def _main_graph_values(proto: onnx.ModelProto) -> set[str]:
-    names = {i.name for i in proto.graph.input}
-    for node in proto.graph.node:
-        names.update(o for o in node.output if o)
-    return names
-
-
-def _statistics_session(proto: onnx.ModelProto, names: list[str]):
-    """An onnxruntime session of a copy of ``proto`` whose outputs include ``names``."""
-    import onnxruntime as ort
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    existing = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in existing:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    # Basic level keeps every requested tensor (they are outputs) while folding constants.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
-    # No arena or memory pattern: each batch's activations are freed as soon as they are
-    # reduced, so peak memory stays at one batch (the arena would keep its high-water mark).
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
-    try:
-        session = ort.InferenceSession(copy.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CalibrationError(f"onnxruntime cannot run the model for calibration: "
-                               f"{str(exc).splitlines()[0]}") from None
-    return session, list(names)
-
-
-def open_calibration(data: Any, model, progress: bool = False) -> Calibration:
-    """A Calibration for ``data`` (an .npz path, a folder of them, an object with
-    ``get_next()``, or a Calibration) checked against ``model``'s inputs."""
-    if isinstance(data, Calibration):
-        return data
+def open_source(data: Any, model):
+    """Batches of ``data`` (an .npz path, a folder of them, an object with ``get_next()`` or
+    one batch as a dict), checked against ``model``'s inputs: an iterable with ``count``."""
     specs = input_specs(model)
     if isinstance(data, (str, os.PathLike)):
         source = NpzSource(data, specs)
@@ -481,31 +263,4 @@ def open_calibration(data: Any, model, progress: bool = False) -> Calibration:
     else:
         raise CalibrationError(f"calibration data must be an .npz path, a folder of .npz files or an "
                                f"object with get_next(), not {type(data).__name__}")
-    return Calibration(source=source, progress=progress)
-
-
-def gather_requests(specs: list, index: int, model, ctx, progress: bool = False) -> None:
-    """Pass manager hook, called before pass ``specs[index]`` runs: when it starts a run of
-    consecutive calibrating passes, register the statistics requests of all of them, so the
-    first one's ``statistics()`` call collects everything in one streamed run."""
-    from onnxopt.pipeline.registry import get_pass
-
-    if ctx.calibration is None or not get_pass(specs[index].name).needs_calibration:
-        return
-    if index > 0 and get_pass(specs[index - 1].name).needs_calibration:
-        return  # inside a block already gathered
-    ctx.calibration.progress = progress
-    for spec in specs[index:]:
-        cls = get_pass(spec.name)
-        if not cls.needs_calibration:
-            break
-        ask = getattr(cls, "calibration_requests", None)
-        if ask is None:
-            continue
-        try:
-            for request in cls(**spec.options).calibration_requests(model, ctx) or ():
-                ctx.calibration.request(request)
-        except Exception as exc:  # the pass will ask again itself when it runs
-            if isinstance(exc, CalibrationError):
-                raise
-            logger.debug("calibration_requests of %s failed: %s", spec.name, exc)
+    return source

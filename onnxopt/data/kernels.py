@@ -7,7 +7,7 @@ lower edge of bin B/2. When a batch holds a value beyond R, the range doubles an
 bins merge (``double_range``): counts stay exact, resolution halves.
 
 The range methods return (lo, hi) clipping ranges; scale and zero point are computed from
-them elsewhere (passes/_quant_common.py).
+them elsewhere (onnxopt/quantization/scheme.py).
 """
 
 from __future__ import annotations

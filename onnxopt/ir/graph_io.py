@@ -240,10 +240,10 @@ _PLAIN_NODES = (gs.Node, OnnxNode)
 def _copy_tensor(t: gs.Tensor) -> gs.Tensor:
     kind = type(t)
     if kind is gs.Constant:
-        values = t._values
-        if isinstance(values, np.ndarray):
-            values = values.copy()
-        return gs.Constant(t.name, values, data_location=t.data_location, export_dtype=t._export_dtype)
+        # The values are shared, not copied: passes never change an array in place (they
+        # build new ones, see onnxopt.ir.rewrite), so a rollback snapshot costs no weight
+        # bytes and keeps the constants' identity (onnxopt.ir.digest).
+        return gs.Constant(t.name, t._values, data_location=t.data_location, export_dtype=t._export_dtype)
     if kind is gs.Variable or kind is OnnxVariable:
         c = _new_variable(t.name)
         shape = t.shape
@@ -700,15 +700,17 @@ class _Scope:
         return False
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """A new ModelProto: ``graph`` as its graph, everything else from ``template``.
+def export_model(graph: gs.Graph, template: onnx.ModelProto,
+                 opset_import: list[onnx.OperatorSetIdProto] | None = None) -> onnx.ModelProto:
+    """A new ModelProto: ``graph`` as its graph, everything else from ``template`` (with
+    ``opset_import`` instead of the template's when given).
 
     ``template`` is not modified. Unchanged parts of the graph are written back from the
     protos they were imported from.
     """
     model = onnx.ModelProto()
     for desc, value in template.ListFields():
-        if desc.name == "graph":
+        if desc.name == "graph" or (desc.name == "opset_import" and opset_import is not None):
             continue
         target = getattr(model, desc.name)
         if hasattr(value, "extend") and hasattr(target, "extend"):
@@ -717,6 +719,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             target.CopyFrom(value)
         else:
             setattr(model, desc.name, value)
+    if opset_import is not None:
+        model.opset_import.extend(opset_import)
     used_domains: set[str] = set()
     with _no_gc():
         _export_graph(graph, model.graph, None, used_domains)

@@ -8,7 +8,7 @@ A fusion is a ``RewriteRule`` subclass (one idea each, in the style of MLIR's
         root_ops = ("Bar",)                  # op types a match can start from
 
         def match(self, node, graph):        # structure only: op types and wiring
-            foo = producer_op(node, 0, "Foo")
+            foo = producer_op(node, 0, "Foo")  # onnxopt.analysis.use_def
             return {"foo": foo, "bar": node} if foo else None
 
         def check(self, match, model, ctx):  # legality: None = apply, else the reason not
@@ -17,8 +17,8 @@ A fusion is a ``RewriteRule`` subclass (one idea each, in the style of MLIR's
             return None
 
         def rewrite(self, match, graph):     # returns the new nodes (or None after in-place edits)
-            fused = gs.Node("FooBar", inputs=list(match["foo"].inputs))
-            take_outputs(match["bar"], fused)  # the fused node writes bar's tensors (same names)
+            fused = gs.Node("FooBar", name=fresh_name(graph, "foobar"), inputs=list(match["foo"].inputs))
+            take_outputs(match["bar"], fused)  # onnxopt.ir.surgery: bar's tensors, same names
             return [fused]
 
 Contract of a rule:
@@ -46,8 +46,10 @@ Contract of a rule:
   may also be edited in place (fuse-conv-bn gives the Conv new weights and the BN's
   output): it keeps its position, so it may only read tensors computed before it. Matched
   nodes left without consumers are removed by the engine; shared ones (other consumers)
-  stay. Read weights with ``constant_value``, which does not load lazy values into the
-  graph (that alone would change how the model is written).
+  stay. Read weights with ``onnxopt.ir.constants.constant_value``, which does not load
+  lazy values into the graph (that alone would change how the model is written); name new
+  tensors and nodes with ``onnxopt.ir.names.fresh_name(graph, base)`` and
+  ``new_constant(graph, base, values)`` (one table for the whole model while rules run).
 
 ``RuleSet(rules).apply(model, ctx)`` sweeps every graph of the model (subgraphs
 included): each sweep indexes the nodes by op type once and tries the rules in their
@@ -64,10 +66,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.analysis.use_def import is_op
+from onnxopt.ir.names import naming
+from onnxopt.ir.surgery import detach_nodes
 from onnxopt.pipeline.pass_api import Pass, PassResult
 
 logger = logging.getLogger(__name__)
@@ -135,15 +137,9 @@ class RuleSet:
         stats = RewriteStats()
         pending = list(self._analyses)  # computed before the first rewrite, then cleared
         graphs = list(model.graphs())
-        names = _NameTable(graphs)  # one table: a new name must be unique in every scope
-        for graph in graphs:
-            _NAMES[id(graph)] = names
-        try:
+        with naming(graphs):  # one table: a new name must be unique in every scope
             for graph in graphs:
                 self._apply_graph(graph, model, ctx, stats, pending)
-        finally:
-            for graph in graphs:
-                _NAMES.pop(id(graph), None)
         return stats
 
     def _apply_graph(self, graph: gs.Graph, model, ctx, stats: RewriteStats, pending: list[str]) -> None:
@@ -230,22 +226,9 @@ def _remove_dead(nodes: list[gs.Node], output_ids: set[int], removed: set[int]) 
                 continue
             if any(t.outputs or id(t) in output_ids for t in node.outputs):
                 continue
-            _detach(node)
+            detach_nodes([node])
             removed.add(id(node))
             progress = True
-
-
-def _detach(node: gs.Node) -> None:
-    """Unlink ``node`` from its tensors by identity (gs compares nodes structurally, so
-    its own list.remove could unlink a look-alike node instead)."""
-    for links, tensors in (("outputs", node.inputs), ("inputs", node.outputs)):
-        for t in tensors:
-            users = getattr(t, links)
-            for i, user in enumerate(users):
-                if user is node:
-                    list.__delitem__(users, i)
-                    break
-        list.clear(tensors)
 
 
 class RewritePass(Pass):
@@ -257,122 +240,3 @@ class RewritePass(Pass):
     def run(self, model, ctx) -> PassResult:
         stats = RuleSet(self.rules, max_sweeps=self.max_sweeps).apply(model, ctx)
         return PassResult(changed=stats.total > 0, stats=stats.as_stats(r.name for r in self.rules))
-
-
-# -- helpers for rules ----------------------------------------------------------------------
-def producer_op(node: gs.Node, index: int, *ops: str) -> gs.Node | None:
-    """The producer of ``node.inputs[index]`` when it is one of ``ops`` (default domain)."""
-    if index >= len(node.inputs):
-        return None
-    tensor = node.inputs[index]
-    if not tensor.inputs:
-        return None
-    prod = tensor.inputs[0]
-    return prod if is_op(prod, *ops) else None
-
-
-def single_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    """Exactly one node reads ``tensor`` (subgraph readers count) and it is no graph output."""
-    return len(tensor.outputs) == 1 and not any(t is tensor for t in graph.outputs)
-
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's ``value``; None if not constant."""
-    if not isinstance(tensor, gs.Constant):
-        node = tensor.inputs[0] if tensor.inputs else None
-        if node is None or not is_op(node, "Constant") or len(node.attrs) != 1:
-            return None
-        tensor = node.attrs.get("value")
-        if not isinstance(tensor, gs.Constant):
-            return None
-    values = _peek(tensor)
-    if values.dtype.kind not in "biuf":  # strings, sparse values
-        return None
-    try:  # a type numpy lacks (bfloat16, float8) is stored in another dtype: not usable
-        if np.dtype(tensor.export_dtype) != values.dtype:
-            return None
-    except TypeError:
-        return None
-    return values
-
-
-def _peek(const: gs.Constant) -> np.ndarray:
-    """A Constant's value without caching it on the tensor: graphsurgeon's ``.values``
-    replaces lazy values by the array, which changes how the model is written (raw_data
-    instead of float_data) although nothing was rewritten."""
-    lazy = const._values
-    if isinstance(lazy, gs.ir.tensor.LazyValues):
-        return np.asarray(lazy.load())
-    return np.asarray(const.values)
-
-
-def is_present(node: gs.Node, index: int) -> bool:
-    """Optional input ``index`` is given (exists and is not the empty name)."""
-    return index < len(node.inputs) and bool(node.inputs[index].name)
-
-
-def take_outputs(old: gs.Node, new: gs.Node, count: int | None = None) -> None:
-    """Make ``new`` compute ``old``'s output tensors (same objects, same names).
-
-    With ``count``, only the first ``count`` outputs move (the rule has checked that the
-    others, such as BatchNormalization's training outputs, are unused).
-    """
-    outputs = list(old.outputs)[:count]
-    old.outputs.clear()
-    new.outputs.clear()
-    new.outputs.extend(outputs)
-
-
-def unused(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    """Nothing reads ``tensor`` and it is not a graph output."""
-    return not tensor.outputs and not any(t is tensor for t in graph.outputs)
-
-
-class _NameTable:
-    """Names used in a set of graphs, collected on first use (most rule sets never ask)."""
-
-    def __init__(self, graphs: list[gs.Graph]):
-        self._graphs = graphs
-        self._names: set[str] | None = None
-        self._next: dict[str, int] = {}
-
-    def fresh(self, base: str) -> str:
-        if self._names is None:
-            self._names = set()
-            for g in self._graphs:
-                for node in g.nodes:
-                    if node.name:
-                        self._names.add(node.name)
-                    self._names.update(t.name for t in node.inputs)
-                    self._names.update(t.name for t in node.outputs)
-                self._names.update(t.name for t in g.inputs)
-                self._names.update(t.name for t in g.outputs)
-        # counting on from the last suffix given for this base keeps a sweep linear
-        name, i = base, self._next.get(base, 0)
-        if i:
-            name = f"{base}_{i}"
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._next[base] = i + 1
-        self._names.add(name)
-        return name
-
-
-# graph id -> the name table of the rule set running on it
-_NAMES: dict[int, _NameTable] = {}
-
-
-def fresh_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not yet used in the model, derived from ``base``."""
-    table = _NAMES.get(id(graph))
-    if table is None:  # called outside a rule set: this graph and its subgraphs
-        from onnxopt.ir.model import iter_graphs
-
-        table = _NameTable(list(iter_graphs(graph)))
-    return table.fresh(base)
-
-
-def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
-    """An initializer holding ``values`` under a fresh name."""
-    return gs.Constant(fresh_name(graph, base), np.ascontiguousarray(values))

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from onnxopt import runtime
 from onnxopt.measure import metrics as M
 from onnxopt.errors import ModelError, UsageError
 
@@ -71,24 +72,15 @@ def _sample_batch(proto: onnx.ModelProto, input_shapes: dict | None, seed: int) 
 
 
 # -- sessions ----------------------------------------------------------------------------------
-def _session(proto_or_path, threads: int, optimize: bool = True):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+def _session(proto_or_path, threads: int, optimize: bool = True, providers: list[str] | None = None):
     # Two sessions take turns: an idle session's pool must not spin-wait on the cores the
     # other one is timed on (with 2 threads on 2 cores that skewed ratios up to 20x).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike)) else \
-        proto_or_path.SerializeToString()
+    source = str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike)) else proto_or_path
     try:
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        return runtime.session(source, providers, threads, level="all" if optimize else "disable",
+                               spinning=False)
+    except runtime.CannotRun as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {exc}") from None
 
 
 def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,8 +188,11 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
             max_drop: float | None = None, threads: int = 1, runs: int = 20,
             latency: bool = True, memory: bool = True, max_batches: int | None = None,
             input_shapes: dict | None = None, seed: int = 0,
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, providers: list[str] | None = None) -> dict[str, Any]:
     """Compare two models (paths or ModelProtos); a JSON-ready dict (see `onnxopt compare`).
+
+    ``providers``: onnxruntime execution providers to run on (default CPU); the caller
+    resolves them (``onnxopt.runtime.resolve_providers``).
 
     ``result["gate"]["passed"]`` is False when ``max_drop`` is given and the metric's drop
     exceeds it.
@@ -216,8 +211,8 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
         cand_inputs = {i.name for i in cand_proto.graph.input} - {t.name for t in cand_proto.graph.initializer}
         if ref_inputs != cand_inputs:
             raise ModelError(f"the models have different inputs: {sorted(ref_inputs)} vs {sorted(cand_inputs)}")
-        sess_ref = _session(ref_path, threads)
-        sess_cand = _session(cand_path, threads)
+        sess_ref = _session(ref_path, threads, providers=providers)
+        sess_cand = _session(cand_path, threads, providers=providers)
         ref_outs, cand_outs = [], []
         iterator = batches
         if progress:
@@ -239,6 +234,7 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
             "candidate": {"path": str(candidate) if not isinstance(candidate, onnx.ModelProto) else None,
                           "file_bytes": cand_path.stat().st_size},
             "data": source, "batches": len(batches), "threads": threads,
+            "providers": list(sess_ref.get_providers()),
             "input_shapes": {k: list(np.shape(v)) for k, v in batches[0].items()},
             "outputs": stats,
         }

@@ -167,3 +167,19 @@ def join_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
         else:
             out[name] = arrays
     return out
+
+
+def min_row_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """The smallest cosine between matching float outputs, row by row (rows = axis 0):
+    the worst sample of the worst output, 1.0 when there is no float output."""
+    worst = 1.0
+    for a, b in zip(reference, candidate):
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(1, -1).astype(np.float64)
+        b2 = b.reshape(a2.shape).astype(np.float64)
+        num = (a2 * b2).sum(1)
+        den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+        cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+        worst = min(worst, float(cos.min()))
+    return worst

@@ -70,8 +70,9 @@ def measure(proto: onnx.ModelProto, input_shapes: dict | None = None, feeds: dic
 
 def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=None,
                      metric: str | Callable = "cosine", max_drop: float | None = None,
-                     latency: bool = True, progress: bool = False) -> dict:
-    """Add cost, fidelity and latency of ``original`` vs ``optimized`` to an optimize report.
+                     latency: bool = True, progress: bool = False, providers: list[str] | None = None) -> dict:
+    """Add cost, fidelity and latency of ``original`` vs ``optimized`` to an optimize report
+    (run on ``providers``, the target's resolved execution providers; default CPU).
 
     Returns the comparison (``onnxopt.measure.compare``), whose ``gate`` the caller enforces.
     """
@@ -79,7 +80,7 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
     from onnxopt.ir.model import load
 
     comparison = compare(original, optimized, data=data, metric=metric, max_drop=max_drop,
-                         latency=latency, memory=latency, progress=progress)
+                         latency=latency, memory=latency, progress=progress, providers=providers)
     shapes = comparison.get("input_shapes")
     before_proto = load(original).to_proto() if not isinstance(original, onnx.ModelProto) else original
     feeds = _first_batch(before_proto, data)
@@ -91,7 +92,7 @@ def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=No
             if comparison[key].get(field) is not None:
                 report[side][field] = comparison[key][field]
     report["fidelity"] = {k: comparison[k] for k in ("data", "batches", "outputs", "metric", "gate",
-                                                     "latency_ratio", "latency_runs", "threads")
+                                                     "latency_ratio", "latency_runs", "threads", "providers")
                           if k in comparison}
     return comparison
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxopt import runtime
+from onnxopt.runtime import CannotRun
+
 logger = logging.getLogger(__name__)
 
 # Symbolic dims get one of these sizes when no data is given: batch-like dims 1, the
@@ -34,28 +37,10 @@ def _dim_size(dim, position: int, named: dict, size: int) -> int:
     return DEFAULT_BATCH if position == 0 else size
 
 
-class CannotRun(Exception):
-    """onnxruntime cannot run this model (custom op, too large, …): verification skipped."""
-
-
 def session(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 1,
             optimize: bool = False):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4  # silence kernel errors: CannotRun reports them
-    try:
-        data = proto.SerializeToString()
-    except ValueError as exc:
-        raise CannotRun(f"model too large to verify in memory ({exc})") from None
-    try:
-        return ort.InferenceSession(data, opts, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CannotRun(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    """A session that runs ``proto`` as written (ORT_DISABLE_ALL unless ``optimize``)."""
+    return runtime.session(proto, providers, threads, level="all" if optimize else "disable")
 
 
 def _ort_dtype(type_str: str) -> np.dtype:
@@ -114,9 +99,9 @@ def _make_inputs(sess, seed: int, size: int) -> dict[str, np.ndarray]:
 
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
-        providers: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        providers: list[str] | None = None, threads: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(feeds, outputs by name) of one run; raises CannotRun when ORT refuses the model."""
-    sess = session(proto, providers)
+    sess = session(proto, providers, threads)
     if feeds is None:
         feeds = sample_inputs(sess, seed)
     else:

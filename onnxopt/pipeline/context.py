@@ -1,8 +1,15 @@
-"""PassContext: what a pass may know besides the model (target, data, analyses, seed).
+"""PassContext: what a pass may know besides the model (target, data, reference, analyses).
 
 Analyses are computed lazily on first use and cached until a pass changes the graph; the
 pass manager then drops every cached analysis the pass does not list in ``preserves``
-(as MLIR and LLVM's new pass manager do).
+(as MLIR and LLVM's new pass manager do). Activation statistics collected from the
+calibration data (``ctx.calibration``) are dropped the same way unless the pass lists
+``"statistics"``: a pass that prunes before ``quantize-static`` makes quantization see the
+pruned model's ranges.
+
+``reference`` is the model as it was loaded, before any pass: the teacher whose
+activations a pass can pair with the current model's on the same batches
+(``onnxopt.data.statistics``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ logger = logging.getLogger(__name__)
 # name -> function(model, ctx) -> result; filled by @register_analysis
 _ANALYSES: dict[str, Callable] = {}
 
+STATISTICS = "statistics"  # the name a pass lists in ``preserves`` to keep activation statistics
+
 
 def register_analysis(name: str) -> Callable:
     """Decorator: make ``fn(model, ctx)`` available as ``ctx.analysis(name, model)``."""
@@ -32,11 +41,38 @@ def register_analysis(name: str) -> Callable:
 @dataclass
 class PassContext:
     target: Target
-    calibration: Any = None  # a calibration source (onnxopt.data.calibration) or None
+    calibration: Any = None  # onnxopt.data.statistics.Calibration or None
+    reference: Any = None  # the model as loaded (onnxopt.ir.model.Model), before any pass
     seed: int = 0
     # Free-form results that passes hand to the report (for example fidelity notes).
     notes: list[str] = field(default_factory=list)
+    # What passes found out and chose where the target leaves a setting to "auto" (a probe
+    # of the machine): written to the report and to the output model's metadata.
+    metadata: dict[str, str] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _providers: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def providers(self) -> list[str]:
+        """The target's execution providers that this onnxruntime has (CPU as the fallback);
+        resolved on first use (it imports onnxruntime), with a note when one is missing."""
+        if self._providers is None:
+            from onnxopt.runtime import resolve_providers
+
+            self._providers, note = resolve_providers(list(self.target.runtime.execution_providers))
+            if note:
+                self.notes.append(note)
+        return self._providers
+
+    @property
+    def resolved_providers(self) -> list[str] | None:
+        """``providers`` if something asked for them already, else None (nothing ran)."""
+        return self._providers
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads for sessions onnxopt creates (0: onnxruntime's choice)."""
+        return int(self.target.runtime.intra_op_threads)
 
     def analysis(self, name: str, model) -> Any:
         """The cached result of analysis ``name`` on ``model``, computed when missing."""
@@ -49,11 +85,26 @@ class PassContext:
         return self._cache[name]
 
     def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
-        """Drop every cached analysis except those named in ``preserved``."""
+        """Drop every cached analysis, and the activation statistics, except those named in
+        ``preserved``."""
         for name in list(self._cache):
             if name not in preserved:
                 del self._cache[name]
+        if self.calibration is not None and STATISTICS not in preserved:
+            self.calibration.invalidate()
 
     @property
     def cached_analyses(self) -> list[str]:
         return sorted(self._cache)
+
+    # -- rollback --------------------------------------------------------------------------
+    def checkpoint(self) -> tuple:
+        """What a pass can add to the context, for ``rollback`` when the pass is undone."""
+        return dict(self.metadata),
+
+    def rollback(self, state: tuple) -> None:
+        """Forget what the undone pass chose, and every analysis and statistic of the model it
+        left (the model is back as it was; notes stay, they may say why)."""
+        (metadata,) = state
+        self.metadata = dict(metadata)
+        self.invalidate()

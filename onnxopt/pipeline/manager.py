@@ -1,15 +1,18 @@
 """Run a resolved pipeline over a model: time, count, verify, roll back, invalidate.
 
-For each pass: snapshot the graph, run, then (if the pass reports a change) check the
-graph is still well formed and, under verify, that a lossless pass kept the outputs of
-its input in onnxruntime. A pass that raises or breaks the model is rolled back to the
-snapshot and reported; ``strict`` makes that fatal (PassFailedError, exit 1, for a pass
-that raised; VerificationError, exit 3, for a pass that broke the model).
+For each pass: snapshot the model (graph and opset imports), run, compare a digest of the
+model before and after (a pass that changed the model while reporting no change is caught
+in every run, reported and treated as changed), then after a change check the graph is
+still well formed, emits only ops the target allows (``capabilities.allowed_ops``) and,
+under verify, that a lossless pass kept the outputs of its input in onnxruntime. A pass
+that raises or breaks the model is rolled back to the snapshot, with what it put into the
+context, and reported; ``strict`` makes that fatal (PassFailedError, exit 1, for a pass
+that raised or lied; VerificationError, exit 3, for a pass that broke the model). After a
+change, cached analyses and activation statistics the pass does not preserve are dropped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import traceback
@@ -22,7 +25,10 @@ import onnx_graphsurgeon as gs
 from onnxopt.measure import verify
 from onnxopt.pipeline.context import PassContext
 from onnxopt.errors import OnnxoptError, PassFailedError, VerificationError
-from onnxopt.ir.model import Model
+from onnxopt.ir.digest import model_digest
+from onnxopt.ir.graphs import count_nodes, count_params, op_types
+from onnxopt.ir.model import Model, ModelState
+from onnxopt.ir.validate import structural_problem
 from onnxopt.pipeline.text import PassSpec
 from onnxopt.pipeline.registry import get_pass
 
@@ -49,95 +55,6 @@ class PassRecord:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def count_nodes(graph: gs.Graph) -> int:
-    """Nodes of the graph and of every subgraph inside it."""
-    from onnxopt.ir.model import iter_graphs
-
-    return sum(len(g.nodes) for g in iter_graphs(graph))
-
-
-def count_params(graph: gs.Graph) -> int:
-    """Elements of every constant tensor (initializers and Constant-node values)."""
-    seen, total = set(), 0
-    from onnxopt.ir.model import iter_graphs
-
-    for g in iter_graphs(graph):
-        for node in g.nodes:
-            for t in node.inputs:
-                if isinstance(t, gs.Constant) and id(t) not in seen:
-                    seen.add(id(t))
-                    total += int(_volume(t.shape))
-            if node.op == "Constant":
-                for value in node.attrs.values():
-                    if isinstance(value, gs.Constant):
-                        total += int(_volume(value.shape))
-                    elif isinstance(value, (list, tuple)):
-                        total += len(value)
-                    elif isinstance(value, (int, float)):
-                        total += 1
-    return total
-
-
-def _volume(shape) -> int:
-    n = 1
-    for d in shape or ():
-        n *= int(d) if isinstance(d, int) else 1
-    return n
-
-
-def graph_digest(model: Model) -> str:
-    """A hash of the model as it would be written (used to catch dishonest `changed`)."""
-    from onnxopt.ir.graph_io import export_model
-
-    proto = export_model(model.graph, model.template)
-    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
-
-
-def structural_problem(graph: gs.Graph) -> str | None:
-    """A cheap check after every change: every input produced or constant, no cycle.
-
-    Linear in the graph's size: one walk checks that every node of the main graph reads
-    only what graph inputs, constants or earlier nodes provide. Only when a pass left
-    nodes out of order does graphsurgeon's (slower) toposort run, to reorder them or to
-    find a cycle.
-    """
-    from onnxopt.ir.model import iter_graphs
-
-    graphs = list(iter_graphs(graph))
-    available = set()
-    for sub in graphs:
-        available.update(t.name for t in sub.inputs)
-        for node in sub.nodes:
-            available.update(t.name for t in node.outputs)
-    for sub in graphs:
-        for node in sub.nodes:
-            for t in node.inputs:
-                if t.name and not isinstance(t, gs.Constant) and t.name not in available:
-                    return f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces"
-    for out in graph.outputs:
-        if not isinstance(out, gs.Constant) and out.name not in available:
-            return f"graph output '{out.name}' is no longer produced"
-    if not _in_order(graph):
-        try:
-            graph.toposort(recurse_subgraphs=False)
-        except Exception as exc:
-            return f"graph is no longer a DAG ({exc})"
-        if not _in_order(graph):
-            return "graph is no longer a DAG (its nodes cannot be ordered)"
-    return None
-
-
-def _in_order(graph: gs.Graph) -> bool:
-    """True when each node of ``graph`` reads only tensors ready before it."""
-    ready = {id(t) for t in graph.inputs}
-    for node in graph.nodes:
-        for t in node.inputs:
-            if t.name and not isinstance(t, gs.Constant) and id(t) not in ready and t.inputs:
-                return False  # produced by a node of this graph that comes later (or a cycle)
-        ready.update(id(t) for t in node.outputs)
-    return True
-
-
 class PassManager:
     """Runs resolved PassSpecs in order on one model."""
 
@@ -150,8 +67,9 @@ class PassManager:
         self.progress = progress
         self.records: list[PassRecord] = []
         self._reference: tuple[dict, dict] | None = None  # (feeds, outputs) of the last good state
-        self._snapshot: gs.Graph | None = None  # a copy of the graph as it was before the pass
-        self._snapshot_of: gs.Graph | None = None  # the live graph that copy was taken of
+        self._snapshot: ModelState | None = None  # the model as it was before the pass
+        self._snapshot_of: gs.Graph | None = None  # the live graph that snapshot was taken of
+        self._digest: tuple[gs.Graph, str] | None = None  # (graph, its digest) as last taken
         self._counts: tuple | None = None  # (graph, nodes, params) as last counted
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
@@ -162,11 +80,13 @@ class PassManager:
             # graph_io carries local functions over unchanged; say so instead of staying silent.
             ctx.notes.append(f"{functions} local function(s) left unchanged: passes rewrite the graph "
                              "and its If/Loop/Scan bodies, not function bodies")
+        if ctx.calibration is not None:
+            ctx.calibration.providers = ctx.providers
         bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
-            if ctx.calibration is not None:  # one streamed run for consecutive calibrating passes
-                from onnxopt.data.calibration import gather_requests
+            if ctx.calibration is not None:  # one streamed run for a block of calibrating passes
+                from onnxopt.data.statistics import gather_requests
 
                 gather_requests(self.specs, index, model, ctx, self.progress)
             self.records.append(self._run_one(spec, model, ctx))
@@ -181,24 +101,29 @@ class PassManager:
         if self._counts is None or self._counts[0] is not model.graph:
             self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
         record.nodes_before, record.params_before = self._counts[1:]
-        # A snapshot stays valid while passes report no change: copy only after a change.
+        # A snapshot stays valid while passes leave the model as it was (the digest proves
+        # it): copy only after a change.
         if self._snapshot is None or self._snapshot_of is not model.graph:
-            self._snapshot, self._snapshot_of = model.graph.copy(), model.graph
+            self._snapshot, self._snapshot_of = model.snapshot(), model.graph
         snapshot = self._snapshot
-        was_modified = model.modified
-        digest_before = graph_digest(model) if self.verify else None
+        if self._digest is None or self._digest[0] is not model.graph:
+            self._digest = (model.graph, model_digest(model))
+        digest_before = self._digest[1]
+        allowed = set(ctx.target.capabilities.allowed_ops)
+        ops_before = op_types(model.graph) if allowed else set()
+        ctx_state = ctx.checkpoint()
         if self.verify and cls.lossless and self._reference is None:
-            self._reference = self._outputs(model)
+            self._reference = self._outputs(model, ctx)
 
         start = time.perf_counter()
         try:
             result = pass_.run(model, ctx)
         except OnnxoptError:
-            self._restore(model, snapshot, was_modified, ctx)
+            self._restore(model, snapshot, digest_before, ctx, ctx_state)
             raise  # bad input found by the pass: the user's problem, not the pass's
         except Exception as exc:
             record.seconds = time.perf_counter() - start
-            self._restore(model, snapshot, was_modified, ctx)
+            self._restore(model, snapshot, digest_before, ctx, ctx_state)
             record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
             logger.warning("pass %s raised and was rolled back: %s", spec.name, record.error)
             logger.debug("%s", traceback.format_exc())
@@ -210,18 +135,24 @@ class PassManager:
         record.stats = dict(result.stats)
         changed = bool(result.changed)
 
-        if self.verify:
-            digest_after = graph_digest(model)
-            if digest_after != digest_before and not changed:
-                record.stats["dishonest_changed"] = "reported no change but changed the graph"
-                logger.warning("pass %s reported no change but changed the graph", spec.name)
-                changed = True
+        digest_after = model_digest(model)
+        if digest_after != digest_before and not changed:
+            # A pass that changes the model and says it did not would let stale analyses and
+            # statistics through: treat it as changed, and say so.
+            record.stats["dishonest_changed"] = "reported no change but changed the model"
+            logger.warning("pass %s reported no change but changed the model", spec.name)
+            if self.strict:
+                self._restore(model, snapshot, digest_before, ctx, ctx_state)
+                raise PassFailedError(f"pass '{spec.name}' reported no change but changed the model")
+            changed = True
 
         problem = structural_problem(model.graph) if changed else None
+        if changed and problem is None and allowed:
+            problem = _disallowed_ops(op_types(model.graph) - ops_before, allowed, ctx.target.name)
         if changed and problem is None and self.verify:
-            problem = self._verify_change(model, cls.lossless, record)
+            problem = self._verify_change(model, cls.lossless, record, ctx)
         if problem is not None:
-            self._restore(model, snapshot, was_modified, ctx)
+            self._restore(model, snapshot, digest_before, ctx, ctx_state)
             record.status, record.error = "rolled-back", problem
             logger.warning("pass %s broke the model and was rolled back: %s", spec.name, problem)
             if self.strict:
@@ -229,6 +160,7 @@ class PassManager:
         elif changed:
             model.modified = True
             self._snapshot = None
+            self._digest = (model.graph, digest_after)
             record.status = "changed"
             ctx.invalidate(cls.preserves)
         else:
@@ -238,22 +170,21 @@ class PassManager:
         record.nodes_after, record.params_after = self._counts[1:]
         return record
 
-    def _restore(self, model: Model, snapshot: gs.Graph, was_modified: bool, ctx: PassContext) -> None:
-        model.graph = snapshot
-        self._snapshot = None  # the snapshot is the live graph now
-        model.modified = was_modified
-        ctx.invalidate()
+    def _restore(self, model: Model, snapshot: ModelState, digest: str, ctx: PassContext, ctx_state) -> None:
+        model.restore(snapshot)
+        self._snapshot = None  # the snapshot is the live model now
+        self._digest = (model.graph, digest)
+        ctx.rollback(ctx_state)
 
-    def _outputs(self, model: Model):
+    def _outputs(self, model: Model, ctx: PassContext):
         try:
-            return verify.run(model.to_proto() if not model.modified else _export(model),
-                              self.verify_inputs)
+            return verify.run(model.to_proto(), self.verify_inputs, providers=ctx.providers, threads=ctx.threads)
         except verify.CannotRun as exc:
             return ("skipped", str(exc))
 
-    def _verify_change(self, model: Model, lossless: bool, record: PassRecord) -> str | None:
+    def _verify_change(self, model: Model, lossless: bool, record: PassRecord, ctx: PassContext) -> str | None:
         """Check the changed model: valid ONNX, and equal outputs for a lossless pass."""
-        proto = _export(model)
+        proto = model.export()
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:
@@ -268,7 +199,7 @@ class PassManager:
             return None
         feeds, expected = ref
         try:
-            _, got = verify.run(proto, feeds)
+            _, got = verify.run(proto, feeds, providers=ctx.providers, threads=ctx.threads)
         except verify.CannotRun as exc:
             return f"onnxruntime can no longer run the model: {exc}"
         mismatches = verify.compare_outputs(expected, got)
@@ -278,7 +209,11 @@ class PassManager:
         return None
 
 
-def _export(model: Model) -> onnx.ModelProto:
-    from onnxopt.ir.graph_io import export_model
-
-    return export_model(model.graph, model.template)
+def _disallowed_ops(new_ops: set[tuple[str, str]], allowed: set[str], target: str) -> str | None:
+    """The reason to refuse a pass that emitted ops outside the target's allowed_ops."""
+    bad = sorted(op if not domain else f"{domain}:{op}" for domain, op in new_ops
+                 if op not in allowed and f"{domain}:{op}" not in allowed)
+    if not bad:
+        return None
+    return (f"emits {', '.join(bad)}, which target '{target}' does not run "
+            "(capabilities.allowed_ops)")

@@ -6,7 +6,7 @@ from onnx import helper, numpy_helper
 
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 
-from graphs import const_chain, dead_branch, if_subgraph, make_model, tensor
+from tests.graphs import const_chain, dead_branch, if_subgraph, make_model, tensor
 
 
 def test_lift_constants_moves_every_kind_of_constant():

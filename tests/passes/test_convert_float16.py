@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import if_subgraph, init, make_model, matmul_add, rng, tensor
+from tests.graphs import if_subgraph, init, make_model, matmul_add, rng, tensor
 from onnxopt.measure import verify
 from onnxopt.errors import PipelineError
 from onnxopt.testing import op_histogram, run_pass
@@ -147,7 +147,7 @@ def test_no_float_no_change():
 
 
 def test_minilm_runs_in_float16_on_the_cpu():
-    from conftest import real_model
+    from tests.real_models import real_model
 
     path = real_model("minilm_l6.onnx")
     out, result = run_pass("convert-float16", str(path))

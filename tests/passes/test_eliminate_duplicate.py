@@ -1,14 +1,13 @@
 """eliminate-duplicate on tiny graphs: identical initializers, common subexpressions, what stays."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.testing import assert_equivalent, op_histogram, run_pass
+from onnxopt.testing import op_histogram, run_pass
 from onnxopt.testing import assert_valid_and_equivalent as check, plain_bytes as plain
 
-from graphs import duplicate_nodes, init, make_model, tensor
+from tests.graphs import duplicate_nodes, init, make_model, tensor
 
 
 

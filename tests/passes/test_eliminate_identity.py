@@ -1,14 +1,13 @@
 """eliminate-identity on tiny graphs: each no-op rule, graph outputs, subgraphs, must-not-fire cases."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt.testing import assert_equivalent, op_histogram, run_pass
+from onnxopt.testing import op_histogram, run_pass
 from onnxopt.testing import assert_valid_and_equivalent as check, plain_bytes as plain
 
-from graphs import if_subgraph, init, make_model, noop_ops, tensor
+from tests.graphs import if_subgraph, init, make_model, noop_ops, tensor
 
 
 

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 from onnxopt.testing import assert_valid_and_equivalent as check, plain_bytes as plain
 
-from conftest import real_model
-from graphs import const_chain, init, make_model, shape_chain, tensor
+from tests.real_models import real_model
+from tests.graphs import const_chain, init, make_model, shape_chain, tensor
 
 
 def inits(proto):

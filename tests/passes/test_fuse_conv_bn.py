@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import real_model
-from graphs import conv_bn_relu, init, make_model, tensor
+from tests.real_models import real_model
+from tests.graphs import conv_bn_relu, init, make_model, tensor
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import load
-from onnxopt.pipeline.manager import graph_digest
+from onnxopt.ir.digest import model_digest as graph_digest
 from onnxopt.pipeline.registry import get_pass
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
@@ -203,7 +203,7 @@ def test_ppocr_cls_all_batchnorms_fold():
 
 
 def test_shared_builder_grouped_convtranspose_without_bias():
-    from graphs import convtranspose_bn_grouped
+    from tests.graphs import convtranspose_bn_grouped
 
     proto = convtranspose_bn_grouped()
     out, result = fused(proto)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import real_model
-from graphs import init, make_model, matmul_add, tensor
+from tests.real_models import real_model
+from tests.graphs import init, make_model, matmul_add, tensor
 from onnx import helper
 
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import load
-from onnxopt.pipeline.manager import graph_digest
+from onnxopt.ir.digest import model_digest as graph_digest
 from onnxopt.pipeline.registry import get_pass
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass

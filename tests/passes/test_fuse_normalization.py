@@ -3,14 +3,14 @@
 import numpy as np
 import onnx
 import pytest
-from conftest import real_model
-from graphs import gelu_erf, gelu_tanh, init, layernorm_decomposed, make_model, tensor
+from tests.real_models import real_model
+from tests.graphs import gelu_erf, gelu_tanh, init, layernorm_decomposed, make_model, tensor
 from onnx import TensorProto, helper
 
 from onnxopt.ir.model import load
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 
-from onnxopt.passes.fuse_normalization import opset_raise_blockers
+from onnxopt.ir.opsets import raise_blockers
 
 # Fused LayerNormalization/Gelu kernels round differently from the op-by-op graph (~1e-6).
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -226,7 +226,7 @@ def _gelu_after_reduce_mean():
 
 def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
     proto = _gelu_after_reduce_mean()
-    assert opset_raise_blockers(load(proto), 20) == {"ReduceMean: axes attribute became an input in opset 18": 1}
+    assert raise_blockers(load(proto), 20) == {"ReduceMean: axes attribute became an input in opset 18": 1}
     out, result = fused(proto, "fuse-gelu", allow_contrib=False, raise_opset=True)
     assert_untouched(proto, out, result)
     assert list(result.stats["skipped"]) == ["opset 17 < 20, contrib ops not allowed; raising unsafe: "
@@ -235,27 +235,6 @@ def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
     out, result = fused(proto, "fuse-gelu", allow_contrib=True, raise_opset=True)
     assert out.opset_import[0].version == 17 and out.graph.node[1].domain == "com.microsoft"
     assert result.stats["opset_not_raised"] == ["ReduceMean: axes attribute became an input in opset 18"]
-
-
-@pytest.mark.parametrize("node,blocked", [
-    (helper.make_node("Split", ["x"], ["a", "b"], axis=0), "Split: needs 'split' or 'num_outputs' from opset 18"),
-    (helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=0), None),
-    (helper.make_node("ReduceMean", ["x"], ["a"]), None),
-    (helper.make_node("GridSample", ["x", "x"], ["a"], mode="bilinear"),
-     "GridSample: mode 'bilinear' was renamed in opset 20"),
-    (helper.make_node("Cast", ["x"], ["a"], to=TensorProto.FLOAT), None),
-])
-def test_opset_raise_blockers_per_node(node, blocked):
-    graph = helper.make_graph([node], "g", [tensor("x", [4])], [helper.make_tensor_value_info("a", 0, None)],
-                              [init("sizes", np.array([2, 2], np.int64))])
-    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
-    blockers = opset_raise_blockers(model, 20)
-    assert (list(blockers) == [blocked]) if blocked else not blockers
-
-
-def test_opset_raise_refuses_unreviewed_ranges():
-    blockers = opset_raise_blockers(load(gelu_erf(opset=16)), 20)
-    assert list(blockers) == ["raising 16 -> 20 is not reviewed (only 17 -> 20)"]
 
 
 def test_gelu_intermediate_read_elsewhere_does_not_fuse():

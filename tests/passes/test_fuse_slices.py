@@ -6,8 +6,8 @@ from onnx import helper
 
 from onnxopt.testing import assert_valid_and_equivalent, op_histogram, plain_bytes, run_pass
 
-from conftest import real_model
-from graphs import init, make_model, tensor
+from tests.real_models import real_model
+from tests.graphs import init, make_model, tensor
 
 BIG = np.iinfo(np.int64).max
 

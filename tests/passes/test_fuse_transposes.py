@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from graphs import make_model, tensor
+from tests.graphs import make_model, tensor
 from onnx import TensorProto, helper
 
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import load
-from onnxopt.pipeline.manager import graph_digest
+from onnxopt.ir.digest import model_digest as graph_digest
 from onnxopt.pipeline.registry import get_pass
 from onnxopt.target import load_target
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
@@ -190,7 +190,7 @@ def test_second_run_changes_nothing():
 
 
 def test_shared_builder_cancels_one_pair_and_composes_the_other():
-    from graphs import transpose_pairs
+    from tests.graphs import transpose_pairs
 
     proto = transpose_pairs()
     out, result = fused(proto)

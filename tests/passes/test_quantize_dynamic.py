@@ -7,13 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphs import init, make_model, matmul_add, rng, tensor
+from tests.graphs import init, make_model, matmul_add, rng, tensor
 from onnxopt.measure import verify
-from onnxopt.pipeline.context import PassContext
 from onnxopt.errors import PipelineError
 from onnxopt.ir.model import load
-from onnxopt.passes.quantize_dynamic import sample_feeds, symmetric_int8
-from onnxopt.target import load_target
+from onnxopt.passes.quantize_dynamic import symmetric_int8
 from onnxopt.testing import op_histogram, run_pass
 
 
@@ -192,31 +190,9 @@ def test_outlier_smoothing_inserts_one_mul_and_cuts_the_error():
     assert err_smooth < 0.6 * err_plain
 
 
-def test_sample_feeds_look_like_a_padded_token_batch():
-    vocab = rng(1).standard_normal((50, 8)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["vocab", "ids"], ["e"]),
-             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
-    model = make_model(nodes, [tensor("ids", ["b", "s"], TensorProto.INT64), tensor("mask", ["b", "s"], TensorProto.INT64)],
-                       [tensor("e", ["b", "s", 8]), tensor("mf", ["b", "s"])], [init("vocab", vocab)])
-    (feeds,) = sample_feeds(load(model), PassContext(target=load_target("cpu")))
-    ids, mask = feeds["ids"], feeds["mask"]
-    assert ids.shape == mask.shape == (16, 64)
-    assert ids.max() < 50 and len(np.unique(ids)) > 10
-    assert set(np.unique(mask)) <= {0, 1}
-    np.testing.assert_array_equal(ids == 0, (mask == 0) | (ids == 0))  # padding in both at once
-    assert (mask == 0).any() and np.all(np.diff(mask, axis=1) <= 0)  # right-padded
-
-
-def test_sample_feeds_prefer_calibration_batches():
-    model = load(matmul_add())
-    batch = {"x": np.full((4, 16), 3.0, np.float32)}
-    ctx = PassContext(target=load_target("cpu"), calibration=[batch])
-    assert sample_feeds(model, ctx)[0]["x"][0, 0] == 3.0
-
-
 def test_minilm_keeps_embedding_cosine(tmp_path):
     """The real model: every weight MatMul quantized, outputs stay close to float."""
-    from conftest import real_model
+    from tests.real_models import real_model
 
     path = real_model("minilm_l6.onnx")
     out, result = run_pass("quantize-dynamic", str(path))

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxopt.measure import verify
-from onnxopt.data.calibration import open_calibration
+from onnxopt.data.statistics import open_calibration
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import load
 from onnxopt.target import load_target

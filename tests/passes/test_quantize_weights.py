@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import init, make_model, rng, tensor
+from tests.graphs import init, make_model, rng, tensor
 from onnxopt.measure import verify
 from onnxopt.errors import PipelineError
 from onnxopt.ir.model import load
@@ -172,7 +172,7 @@ def test_bad_block_size_and_untouched_models():
 
 
 def test_minilm_int4_shrinks_weights_sevenfold():
-    from conftest import real_model
+    from tests.real_models import real_model
 
     path = real_model("minilm_l6.onnx")
     out, result = run_pass("quantize-weights", str(path))

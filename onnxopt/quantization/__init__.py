@@ -1,0 +1,2 @@
+"""Quantization support for passes: integer schemes and arithmetic (``scheme``), and
+Q/DQ in the graph (``qdq``)."""
