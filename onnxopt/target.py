@@ -60,12 +60,9 @@ SCHEMA = Table({
         "intra_op_threads": int,
     }),
     "capabilities": Table({
-        "static_shapes": bool,
         "float16": bool,
         "bfloat16": bool,
         "int4": bool,
-        "nm_sparsity": ListOf(str),
-        "channel_multiple": int,
         "allowed_ops": ListOf(str),
     }),
     "quantization": Table({
@@ -77,7 +74,6 @@ SCHEMA = Table({
             "symmetric": bool,
             "granularity": str,
             "reduce_range": bool,
-            "block_size": int,
         })),
         "quantized_ops": ListOf(str),
         "unified_scale_ops": ListOf(str),
@@ -95,8 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "runtime": {"execution_providers": ["CPUExecutionProvider"], "contrib_ops": False,
                 "intra_op_threads": 0},
-    "capabilities": {"static_shapes": False, "float16": False, "bfloat16": False, "int4": False,
-                     "nm_sparsity": [], "channel_multiple": 1, "allowed_ops": []},
+    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "allowed_ops": []},
     "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {},
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
                      "float_ops": [], "residual_add": False, "full_graph": False,
@@ -275,6 +270,7 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
     for pipeline in REQUIRED_PIPELINES:
         if pipeline not in data["pipelines"]:
             raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
+    _check_quantization(data["quantization"], label)
     _check_passes(data, label)
     target = Target(
         name=data["name"], description=data["description"], source=label,
@@ -282,6 +278,47 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
         quantization=_sectioned(data["quantization"]), pipelines=dict(data["pipelines"]),
         passes={k: dict(v) for k, v in data["passes"].items()}, raw=data)
     return target
+
+
+# Values the quantization passes can honor (anything else is refused when the target loads,
+# rather than failing, or being ignored, in the middle of a run).
+ACTIVATION_DTYPES = ("uint8", "int8", "uint16", "int16")
+WEIGHT_DTYPES = ("int8", "uint8", "int16", "uint16")
+GRANULARITIES = ("per_tensor", "per_channel")
+BIAS_BITS = (0, 32)
+
+
+def choice_error(label: str, table: str, key: str, value, choices, what: str) -> str:
+    return f"{label}: [{table}] {key} = {value!r}: {what} {', '.join(map(str, choices))}"
+
+
+def _check_quantization(q: dict, label: str) -> None:
+    """Every [quantization] value is one the passes honor; schemes named exist."""
+    if q["bias_bits"] not in BIAS_BITS:
+        raise TargetError(choice_error(label, "quantization", "bias_bits", q["bias_bits"], BIAS_BITS,
+                                       "the passes take"))
+    schemes = q["schemes"]
+    for role, dtypes in (("activations", ACTIVATION_DTYPES), ("weights", WEIGHT_DTYPES)):
+        name = q[role]
+        if not name:
+            continue
+        if name not in schemes:
+            from onnxopt.pipeline.registry import nearest
+
+            hint = nearest(name, list(schemes))
+            raise TargetError(f"{label}: [quantization] {role} = '{name}' names no scheme"
+                              + (f"; did you mean '{hint}'?" if hint else "")
+                              + f" (schemes: {', '.join(schemes) or 'none'})")
+        table, where = schemes[name], f"quantization.schemes.{name}"
+        if "dtype" in table and table["dtype"] not in dtypes:
+            raise TargetError(choice_error(label, where, "dtype", table["dtype"], dtypes, f"{role} can be"))
+        granularity = table.get("granularity", "per_tensor").replace("-", "_")
+        if granularity not in GRANULARITIES:
+            raise TargetError(choice_error(label, where, "granularity", table["granularity"], GRANULARITIES,
+                                           "one of"))
+        if role == "activations" and granularity != "per_tensor":
+            raise TargetError(f"{label}: [{where}] granularity = '{table['granularity']}': activations are "
+                              "quantized per tensor (per_tensor)")
 
 
 def _check_passes(data: dict, label: str) -> None:

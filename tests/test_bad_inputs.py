@@ -406,8 +406,8 @@ def test_good_calibration_data_is_accepted(tmp_path, capsys):
 BAD_TARGETS = {
     "unknown_key": ('schema = 1\nname = "t"\nextends = "cpu"\n[capabilities]\nfloat61 = true\n',
                     ["float61", "capabilities", "float16"]),
-    "wrong_type": ('schema = 1\nname = "t"\nextends = "cpu"\n[capabilities]\nchannel_multiple = "eight"\n',
-                   ["channel_multiple", "integer"]),
+    "wrong_type": ('schema = 1\nname = "t"\nextends = "cpu"\n[runtime]\nintra_op_threads = "eight"\n',
+                   ["intra_op_threads", "integer"]),
     "unknown_top_key": ('schema = 1\nname = "t"\nextends = "cpu"\npipeline = "lossless"\n', ["pipeline"]),
     "not_toml": ('schema = = 1\n', ["t.toml"]),
 }

@@ -22,14 +22,22 @@ def wheel(tmp_path_factory):
     return whl
 
 
-def test_wheel_holds_passes_and_targets(wheel):
+def source_files() -> set[str]:
+    """Every module of the core and the pass library, and every target file, as the wheel
+    must name them."""
+    core = {p.relative_to(REPO).as_posix() for p in (REPO / "onnxopt").rglob("*.py")}
+    passes = {f"onnxopt/passes/{p.name}" for p in (REPO / "passes").glob("*.py")}
+    targets = {f"onnxopt/targets/{p.name}" for p in (REPO / "targets").glob("*.toml")}
+    return core | passes | targets
+
+
+def test_wheel_holds_every_module_and_target(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    passes = {p.name for p in (REPO / "passes").glob("*.py")}
-    targets = {p.name for p in (REPO / "targets").glob("*.toml")}
-    assert passes and {f"onnxopt/passes/{n}" for n in passes} <= names
-    assert {"cpu.toml", "gpu.toml", "npu.toml"} <= targets
-    assert {f"onnxopt/targets/{n}" for n in targets} <= names
-    assert "onnxopt/cli.py" in names and "onnxopt/analysis/shapes.py" in names
+    expected = source_files()
+    assert len([n for n in expected if n.startswith("onnxopt/") and "/" in n[len("onnxopt/"):]]) > 20
+    missing = sorted(expected - names)
+    assert not missing, f"not in the wheel: {missing}"
+    assert {"onnxopt/targets/cpu.toml", "onnxopt/targets/gpu.toml", "onnxopt/targets/npu.toml"} <= names
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "onnxopt = onnxopt.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 
@@ -46,3 +54,16 @@ def test_plain_install_imports_passes_and_targets(wheel, tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(str(site))  # the installed copy, not the source tree
     assert lines[2] == "npu"
+
+
+def test_bare_pytest_and_python_m_pytest_collect_the_same_tests():
+    """Both ways of running the suite from the repository root find every test file, and
+    the test helpers load under one name (tests.graphs), not twice."""
+    counts = []
+    for command in (["pytest"], [sys.executable, "-m", "pytest"]):
+        proc = subprocess.run(command + ["--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-2000:]
+        counts.append({line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("tests/")})
+    files = {p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py")}
+    assert counts[0] == counts[1] == files

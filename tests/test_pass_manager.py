@@ -57,6 +57,38 @@ class LiarPass(Pass):
         return PassResult(False, {})
 
 
+@register_pass("test-silent-wipe")
+class SilentWipePass(Pass):
+    """Deletes every node and reports no change (the worst kind of liar)."""
+
+    def run(self, model, ctx):
+        model.graph.nodes.clear()
+        return PassResult(False, {})
+
+
+@register_pass("test-opset-then-raise")
+class OpsetThenRaisePass(Pass):
+    """Imports a newer opset and a contrib domain, records a choice, then raises."""
+
+    def run(self, model, ctx):
+        model.require_opset("", 21)
+        model.require_opset("com.microsoft", 1)
+        ctx.metadata["test_choice"] = "made"
+        raise RuntimeError("after the opset change")
+
+
+@register_pass("test-emit-custom")
+class EmitCustomPass(Pass):
+    """Appends a Relu on the graph output (an op the test target does not allow)."""
+
+    def run(self, model, ctx):
+        out = model.graph.outputs[0]
+        relu_out = gs.Variable("relu_out", dtype=np.float32)
+        model.graph.nodes.append(gs.Node("Relu", "extra_relu", inputs=[out], outputs=[relu_out]))
+        model.graph.outputs = [relu_out]
+        return PassResult(True, {})
+
+
 CALLS = []
 
 
@@ -123,9 +155,63 @@ def test_verify_catches_a_lossless_pass_that_changes_outputs():
     assert rec.status == "changed" and rec.verified == "equal"
 
 
-def test_verify_catches_a_pass_that_lies_about_changed():
-    model, (rec,) = run(["test-liar"], verify=True)
-    assert rec.status == "changed" and "dishonest_changed" in rec.stats
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_pass_that_lies_about_changed_is_caught_in_every_run(verify):
+    model, (rec,) = run(["test-liar"], verify=verify)
+    assert rec.status == "changed" and "dishonest_changed" in rec.stats and model.modified
+    assert model.graph.nodes[0].name == "renamed"
+
+
+def test_a_liar_that_breaks_the_model_is_caught_and_rolled_back():
+    model, (rec,) = run(["test-silent-wipe"])
+    assert rec.stats["dishonest_changed"] == "reported no change but changed the model"
+    assert rec.status == "rolled-back" and "no longer produced" in rec.error
+    assert [n.op for n in model.graph.nodes] == ["MatMul", "Add"] and not model.modified
+
+
+def test_strict_makes_a_lie_fatal():
+    with pytest.raises(PassFailedError, match="reported no change but changed the model"):
+        run(["test-liar"], strict=True)
+
+
+def test_a_lie_invalidates_cached_analyses():
+    CALLS.clear()
+    run([PassSpec("test-use-analysis"), PassSpec("test-liar"), PassSpec("test-use-analysis")])
+    assert len(CALLS) == 2
+
+
+def test_check_pass_contract_catches_a_liar():
+    from onnxopt.testing import check_pass_contract, run_pass
+
+    for liar in (LiarPass, SilentWipePass):
+        with pytest.raises(AssertionError, match="reported no change but changed the model"):
+            check_pass_contract(liar, [matmul_add()])
+        with pytest.raises(AssertionError, match="reported no change"):
+            run_pass(liar, matmul_add())
+
+
+def test_rollback_restores_opset_imports_and_context_choices():
+    model, (rec,) = run(["test-opset-then-raise"])
+    assert rec.status == "failed"
+    assert model.opset_import == [("", 17)] and model.opset == 17 and model.graph.opset == 17
+    proto = model.to_proto()
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
+    result = onnxopt.optimize(matmul_add(), pipeline="test-opset-then-raise")
+    assert result.report["chosen"] == {}
+    assert "test_choice" not in {p.key for p in result.model.metadata_props}
+
+
+def test_a_pass_emitting_ops_the_target_does_not_allow_is_rolled_back(tmp_path):
+    target = tmp_path / "t.toml"
+    target.write_text('schema = 1\nname = "tiny"\nextends = "cpu"\n[capabilities]\n'
+                      'allowed_ops = ["MatMul", "Add"]\n')
+    result = onnxopt.optimize(matmul_add(), target=str(target), pipeline="test-emit-custom")
+    (rec,) = result.report["passes"]
+    assert rec["status"] == "rolled-back" and "emits Relu" in rec["error"] and "allowed_ops" in rec["error"]
+    target.write_text('schema = 1\nname = "tiny"\nextends = "cpu"\n[capabilities]\n'
+                      'allowed_ops = ["MatMul", "Add", "Relu"]\n')
+    result = onnxopt.optimize(matmul_add(), target=str(target), pipeline="test-emit-custom")
+    assert result.report["passes"][0]["status"] == "changed"
 
 
 def test_analyses_cached_until_a_change():

@@ -14,7 +14,7 @@ def test_builtin_targets_load_with_required_pipelines(name):
     t = load_target(name)
     assert t.name == name
     assert {"lossless", "default"} <= set(t.pipelines)
-    assert isinstance(t.capabilities.static_shapes, bool)
+    assert isinstance(t.capabilities.float16, bool)
 
 
 def test_builtins_are_listed():
@@ -36,14 +36,14 @@ def test_user_target_file(tmp_path):
 
 
 def test_unknown_key_names_file_table_and_nearest(tmp_path):
-    p = write(tmp_path, BASE + "[capabilities]\nstatic_shape = true\n")
-    with pytest.raises(TargetError, match=r"t\.toml: \[capabilities\]: unknown key 'static_shape'; did you mean 'static_shapes'"):
+    p = write(tmp_path, BASE + "[capabilities]\nallowed_op = []\n")
+    with pytest.raises(TargetError, match=r"t\.toml: \[capabilities\]: unknown key 'allowed_op'; did you mean 'allowed_ops'"):
         load_target(p)
 
 
 def test_wrong_type_names_the_key(tmp_path):
-    p = write(tmp_path, BASE + "[capabilities]\nchannel_multiple = \"8\"\n")
-    with pytest.raises(TargetError, match="capabilities.channel_multiple must be an integer"):
+    p = write(tmp_path, BASE + "[runtime]\nintra_op_threads = \"8\"\n")
+    with pytest.raises(TargetError, match="runtime.intra_op_threads must be an integer"):
         load_target(p)
 
 
@@ -103,3 +103,52 @@ def test_cli_bad_target_file_exit_2(tmp_path, capsys):
     assert main(["targets", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("onnxopt: error:") and "unknown key 'providers'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[quantization.schemes.act_u8]\ndtype = "int4"\n',
+     r"\[quantization.schemes.act_u8\] dtype = 'int4': activations can be uint8, int8, uint16, int16"),
+    ('[quantization.schemes.w_s8]\ndtype = "uint4"\n',
+     r"\[quantization.schemes.w_s8\] dtype = 'uint4': weights can be"),
+    ('[quantization.schemes.w_s8]\ngranularity = "per_block"\n',
+     r"\[quantization.schemes.w_s8\] granularity = 'per_block': one of per_tensor, per_channel"),
+    ('[quantization.schemes.act_u8]\ngranularity = "per_channel"\n', "activations are quantized per tensor"),
+    ('[quantization]\nbias_bits = 16\n', r"\[quantization\] bias_bits = 16: the passes take 0, 32"),
+    ('[quantization]\nactivations = "act_u16"\n', "activations = 'act_u16' names no scheme; did you mean 'act_u8'"),
+    ('[quantization.schemes.w_s8]\nblock_size = 32\n', r"unknown key 'block_size'"),
+    ('[capabilities]\nstatic_shapes = true\n', r"unknown key 'static_shapes'"),
+])
+def test_values_no_pass_can_honor_are_refused_at_load(tmp_path, text, message):
+    """Before: an int4 activation scheme made quantize-static raise KeyError mid-run (rolled
+    back, exit 0), and block_size, bias_bits != 32 or static_shapes were silently ignored."""
+    p = write(tmp_path, 'schema = 1\nname = "t"\nextends = "cpu"\n' + text)
+    with pytest.raises(TargetError, match=message) as err:
+        load_target(p)
+    assert err.value.exit_code == 2 and "t.toml" in str(err.value)
+
+
+def test_reduce_range_comes_from_the_target_not_the_machine(tmp_path):
+    """The same command gives the same file on any machine: the weight scheme decides."""
+    import numpy as np
+    import onnx
+
+    import onnxopt
+    from tests.graphs import conv_bn_relu
+
+    p = write(tmp_path, 'schema = 1\nname = "avx2-box"\nextends = "cpu"\n'
+                        '[quantization.schemes.w_s8]\nreduce_range = true\n')
+    data = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    model = conv_bn_relu()
+    data_name = model.graph.input[0].name
+    batch = {data_name: data["x"]}
+
+    def weight_max(target):
+        out = onnxopt.optimize(model, target=target, pipeline="lossless,quantize-static", calibration=batch).model
+        ints = [onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        return max(int(np.abs(a).max()) for a in ints)
+
+    assert weight_max(str(p)) == 63 and weight_max("cpu") == 127
+    result = onnxopt.optimize(model, target="cpu", pipeline="quantize-static{reduce_range=auto}", calibration=batch)
+    meta = {m.key: m.value for m in result.model.metadata_props}
+    assert meta["onnxopt.reduce_range"].startswith(("on (auto:", "off (auto:"))
+    assert result.report["chosen"]["reduce_range"] == meta["onnxopt.reduce_range"]

@@ -237,25 +237,27 @@ def with_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
 
 
 def inferences(proto: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
-    """Protos with inferred shapes (graph.value_info) to try in turn; the proto itself last.
+    """Weight-free copies of ``proto`` with inferred shapes (graph.value_info) to try in turn;
+    the plain copy last.
 
-    onnx's inference with data propagation comes first (fast, and better inside If bodies);
-    the caller goes on to onnxruntime's symbolic shape inference only when nodes are left
-    without shapes: it carries symbolic dims through Reshape, Concat and broadcasts where
-    onnx's gives up (on MiniLM onnx's leaves 188 of 669 nodes without a shape, onnxruntime's
-    none), at the price of importing sympy (about 2 s).
+    onnx's inference (``onnxopt.analysis.shapes.infer``: data propagation, guarded against
+    huge vectors) comes first (fast, and better inside If bodies); the caller goes on to
+    onnxruntime's symbolic shape inference only when nodes are left without shapes: it
+    carries symbolic dims through Reshape, Concat and broadcasts where onnx's gives up (on
+    MiniLM onnx's leaves 188 of 669 nodes without a shape, onnxruntime's none), at the price
+    of importing sympy (about 2 s).
     """
+    from onnxopt.analysis.shapes import infer, light_copy
+
+    yield infer(proto)
+    light = light_copy(proto)
     try:
-        yield onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception as exc:  # best effort: counts become unknown where shapes are missing
-        logger.debug("onnx shape inference failed: %s", exc)
-    try:
-        out = _onnxruntime_symbolic(proto)
+        out = _onnxruntime_symbolic(light)
         if out is not None:
             yield out
     except Exception as exc:  # noqa: BLE001  (its failures are assertion errors, not a type)
         logger.debug("onnxruntime symbolic shape inference failed: %r", exc)
-    yield proto
+    yield light
 
 
 def _onnxruntime_symbolic(proto: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -651,33 +653,25 @@ class CostReport:
 
 
 def observed_shapes(proto: onnx.ModelProto, feeds: dict) -> dict[str, onnx.ValueInfoProto]:
-    """Shapes of the main graph's tensors as onnxruntime computes them on ``feeds``.
+    """Shapes of the main graph's tensors as onnxruntime computes them on ``feeds``
+    (``onnxopt.data.capture``: every node output read in one run). Tensors inside If/Loop
+    bodies cannot be observed this way; their consumers stay as inference left them."""
+    from onnxopt.data.capture import Capture
+    from onnxopt.errors import OnnxoptError
 
-    Every node output becomes a graph output for one run (ORT_DISABLE_ALL). Tensors inside
-    If/Loop bodies cannot be observed this way; their consumers stay as inference left them.
-    """
-    from onnxopt.measure.verify import CannotRun, session
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    names = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for name in node.output:
-            if name and name not in names:
-                probe.graph.output.append(onnx.ValueInfoProto(name=name))
-                names.add(name)
+    names = [name for node in proto.graph.node for name in node.output if name]
     try:
-        sess = session(probe)
-        wanted = {i.name for i in sess.get_inputs()}
-        values = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
-    except (CannotRun, Exception) as exc:  # noqa: BLE001  (observation is best effort)
+        cap = Capture(proto, names)
+        wanted = {i.name for i in cap.session.get_inputs()}
+        values = cap.run({k: v for k, v in feeds.items() if k in wanted})
+    except (OnnxoptError, Exception) as exc:  # noqa: BLE001  (observation is best effort)
         logger.debug("cannot observe shapes: %s", exc)
         return {}
     out = {}
-    for meta, value in zip(sess.get_outputs(), values):
+    for name, value in values.items():
         if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
-            out[meta.name] = onnx.helper.make_tensor_value_info(
-                meta.name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+            out[name] = onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
     return out
 
 

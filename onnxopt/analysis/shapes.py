@@ -59,29 +59,54 @@ def _longest_vector(graph: onnx.GraphProto) -> int:
     return longest
 
 
-# Initializers larger than this are handed to shape inference as typed graph inputs:
-# inference only needs their shapes, and copying a model's weights into onnx's C++ side
-# would cost more than the inference itself. Small ones keep their data, which data
-# propagation reads (Reshape targets, Slice bounds, …).
+# Tensors larger than this lose their data in the copy that shape inference sees (their
+# type and dims stay): inference only needs their shapes, and copying a model's weights into
+# onnx's C++ side would cost more than the inference itself. Small ones keep their data,
+# which data propagation reads (Reshape targets, Slice bounds, …).
 _KEEP_DATA_BYTES = 4096
-# Longest static rank-1 tensor for which data propagation is allowed (see infer_shapes).
+# Longest static rank-1 tensor for which data propagation is allowed (see ``infer``).
 _MAX_PROPAGATED_LENGTH = 1 << 16
 
 
-def _without_large_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    graph = proto.graph
-    inputs = {i.name for i in graph.input}
-    kept = []
-    for init in graph.initializer:
-        if len(init.raw_data) > _KEEP_DATA_BYTES:
-            if init.name not in inputs:
-                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+def light_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose large tensors (initializers and Constant values, subgraphs
+    included) keep their name, type and dims but not their data. The weights' bytes are
+    never copied: they are moved aside while the rest is copied, then put back."""
+    from onnxopt.ir.storage import model_tensors
+
+    large = [t for t in model_tensors(proto) if t.HasField("raw_data") and len(t.raw_data) > _KEEP_DATA_BYTES]
+    saved = [t.raw_data for t in large]
+    try:
+        for t in large:
+            t.ClearField("raw_data")
+        light = onnx.ModelProto()
+        light.CopyFrom(proto)
+    finally:
+        for t, data in zip(large, saved):
+            t.raw_data = data
+    return light
+
+
+def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``light_copy(proto)`` with inferred shapes in its value_info: onnx's shape inference,
+    with data propagation (shapes computed from constant tensors) unless some rank-1 tensor
+    is so long that propagating it would exhaust memory (a Range or Tile of 2**40
+    elements); best effort: what cannot be inferred stays as declared."""
+    light = light_copy(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
+        longest = _longest_vector(inferred.graph)
+        if longest <= _MAX_PROPAGATED_LENGTH:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+            except Exception as exc:
+                logger.debug("shape inference with data propagation failed: %s", exc)
         else:
-            kept.append(init)
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return proto
+            logger.debug("shape inference without data propagation: a vector of %d elements", longest)
+    except Exception as exc:  # inference is best effort; passes fall back to declared types
+        logger.debug("shape inference failed: %s", exc)
+        inferred = light
+    return inferred
 
 
 def _collect(graph: onnx.GraphProto, out: dict) -> None:
@@ -103,23 +128,6 @@ def _collect(graph: onnx.GraphProto, out: dict) -> None:
 @register_analysis("shapes")
 def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor of the model, subgraphs included."""
-    proto = model.export()
-    light = _without_large_weights(proto)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
-        # Data propagation materializes rank-1 values it tracks: a Range or Tile of 2**40
-        # elements would exhaust memory. Only propagate when no such vector exists.
-        longest = _longest_vector(inferred.graph)
-        if longest <= _MAX_PROPAGATED_LENGTH:
-            try:
-                inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-            except Exception as exc:
-                logger.debug("shape inference with data propagation failed: %s", exc)
-        else:
-            logger.debug("shape inference without data propagation: a vector of %d elements", longest)
-    except Exception as exc:  # inference is best effort; passes fall back to declared types
-        logger.debug("shape inference failed: %s", exc)
-        inferred = light
     shapes: dict[str, TensorInfo] = {}
-    _collect(inferred.graph, shapes)  # inference keeps the declared types it cannot improve
+    _collect(infer(model.export()).graph, shapes)  # inference keeps the declared types it cannot improve
     return shapes

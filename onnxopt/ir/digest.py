@@ -1,7 +1,7 @@
 """A digest of everything a pass can change in a model, to catch a dishonest ``changed``.
 
 The pass manager takes one before and after every pass (in every run, not only under
---verify) and ``onnxopt.testing.check_pass_contract`` does the same, so a pass that rewrites
+--verify) and ``onnxopt.testing.run_pass`` does the same, so a pass that rewrites
 the graph and reports no change is caught either way.
 
 What it covers: the opset imports; for the main graph and every subgraph, the inputs and
@@ -15,50 +15,54 @@ pass builds new arrays and never mutates a constant's array in place, see
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 
-def model_digest(model) -> str:
-    """A hex digest of the model's graph(s) and opset imports (see the module docstring)."""
+def model_digest(model) -> int:
+    """A digest of the model's graph(s) and opset imports (see the module docstring).
+
+    Python's own hash of one big tuple: fast (a 30k-node graph in about 0.1 s) and only ever
+    compared within one process.
+    """
     parts: list = [tuple(model.opset_import)]
     _graph_parts(model.graph, parts)
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+    return hash(tuple(parts))
 
 
 def _graph_parts(graph: gs.Graph, parts: list) -> None:
     seen: set[int] = set()
-    parts.append(("graph", graph.name, _names(graph.inputs), _names(graph.outputs)))
-    for t in list(graph.inputs) + list(graph.outputs):
-        _tensor_part(t, seen, parts)
+    add = parts.append
+    Constant = gs.Constant
+
+    def tensor(t) -> None:
+        key = id(t)
+        if key in seen:
+            return
+        seen.add(key)
+        if type(t) is Constant or isinstance(t, Constant):
+            add((t.name, id(t._values), str(t.export_dtype), tuple(t.shape)))
+        else:
+            shape = t.shape
+            add((t.name, str(t.dtype), tuple(shape) if shape is not None else None))
+
+    add(("graph", graph.name, tuple([t.name for t in graph.inputs]), tuple([t.name for t in graph.outputs])))
+    for t in graph.inputs:
+        tensor(t)
+    for t in graph.outputs:
+        tensor(t)
     for node in graph.nodes:
-        parts.append((node.op, node.domain, node.name, _names(node.inputs), _names(node.outputs),
-                      tuple(sorted((k, _value(v, parts)) for k, v in node.attrs.items()))))
-        for t in node.inputs:
-            _tensor_part(t, seen, parts)
-        for t in node.outputs:
-            _tensor_part(t, seen, parts)
+        inputs, outputs, attrs = node.inputs, node.outputs, node.attrs
+        add((node.op, node.domain, node.name, tuple([t.name for t in inputs]), tuple([t.name for t in outputs]),
+             tuple([(k, _value(v, parts)) for k, v in sorted(attrs.items())]) if attrs else ()))
+        for t in inputs:
+            tensor(t)
+        for t in outputs:
+            tensor(t)
     unread = getattr(graph, "unused_initializers", None)
     if unread:
         parts.append(("unread", tuple(unread)))
     parts.append(("functions", tuple(f.name for f in graph.functions)))
-
-
-def _names(tensors) -> tuple:
-    return tuple([t.name for t in tensors])
-
-
-def _tensor_part(t: gs.Tensor, seen: set, parts: list) -> None:
-    if id(t) in seen:
-        return
-    seen.add(id(t))
-    if isinstance(t, gs.Constant):
-        parts.append(("c", t.name, id(t._values), str(t.export_dtype), tuple(t.shape)))
-    else:
-        shape = tuple(t.shape) if t.shape is not None else None
-        parts.append(("v", t.name, str(t.dtype), shape))
 
 
 def _value(value, parts: list):
