@@ -100,6 +100,13 @@ class Reducer:
         if other.key != self.key:
             raise ValueError(f"cannot merge {other.key} into {self.key}")
 
+    def _take(self, other: "Reducer", fields: tuple[str, ...]) -> "Reducer":
+        """Become a copy of ``other``'s state (what merging into an empty reducer does)."""
+        for name in fields:
+            value = getattr(other, name)
+            setattr(self, name, value.copy() if isinstance(value, np.ndarray) else value)
+        return self
+
 
 def merge(a: Reducer, b: Reducer) -> Reducer:
     """A new reducer holding the statistics of ``a`` and ``b`` (neither is changed)."""
@@ -285,10 +292,7 @@ class ChannelMoments(Reducer):
         if other.count == 0:
             return self
         if self.count == 0:
-            for name in ("count", "mean", "m2", "abs_sum", "abs_max", "min", "max"):
-                value = getattr(other, name)
-                setattr(self, name, value.copy() if isinstance(value, np.ndarray) else value)
-            return self
+            return self._take(other, ("count", "mean", "m2", "abs_sum", "abs_max", "min", "max"))
         if other.mean.shape != self.mean.shape:
             raise CalibrationError(f"{self.taps[0].name}: {other.mean.size} channels in one batch, "
                                    f"{self.mean.size} in another")
@@ -391,11 +395,7 @@ class Gram(Reducer):
         if other.count == 0:
             return self
         if self.count == 0:
-            self.count, self.y_sq = other.count, other.y_sq
-            for name in ("xtx", "sum_x", "xty", "sum_y"):
-                value = getattr(other, name)
-                setattr(self, name, None if value is None else value.copy())
-            return self
+            return self._take(other, ("count", "y_sq", "xtx", "sum_x", "xty", "sum_y"))
         self.count += other.count
         self.xtx = self.xtx + other.xtx
         self.sum_x = self.sum_x + other.sum_x

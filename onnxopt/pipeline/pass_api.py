@@ -55,7 +55,7 @@ class OptionSpec:
 
 @dataclass
 class PassResult:
-    """What a pass did: ``changed`` must be honest (the manager checks it under --verify)."""
+    """What a pass did: ``changed`` must be honest (the manager checks it on every run)."""
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
@@ -67,9 +67,13 @@ class Pass:
     name: ClassVar[str] = ""  # kebab-case, set by @register_pass
     lossless: ClassVar[bool] = True  # outputs identical within float tolerance
     # Analyses (names in the PassContext cache) that stay valid when this pass changes the
-    # graph; every other cached analysis is dropped after a change.
+    # graph; every other cached analysis is dropped after a change. "statistics" keeps the
+    # activation statistics collected so far (only for a pass that leaves every tensor's
+    # values as they were).
     preserves: ClassVar[frozenset[str]] = frozenset()
-    # True for passes that need calibration data (activation statistics).
+    # True for passes that need calibration data (activation statistics). Such a pass may
+    # define ``calibration_requests(model, ctx) -> list[Reducer]``: the manager gathers the
+    # requests of a block of calibrating passes so that one streamed run serves them.
     needs_calibration: ClassVar[bool] = False
 
     @dataclass
