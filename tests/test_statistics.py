@@ -217,3 +217,22 @@ def _unregister_test_passes():
     yield
     for name in ("test-triple-weights", "test-read-ranges"):
         registry._passes.pop(name, None)
+
+
+def test_solve_recovers_a_layer_with_bias_and_a_subset_of_columns():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 6)) + 2.0  # not centered: the intercept matters
+    w_true, b_true = rng.standard_normal((6, 3)), rng.standard_normal(3)
+    gram = Gram("x", axis=-1, y="y")
+    for chunk in np.array_split(np.arange(400), 4):
+        gram.add(x[chunk], x[chunk] @ w_true + b_true)
+    w, b = gram.solve(ridge=1e-9)
+    np.testing.assert_allclose(w, w_true, atol=1e-6)
+    np.testing.assert_allclose(b, b_true, atol=1e-6)
+    # keep columns 0, 2, 5 only (a pruned input): the best fit from what is left
+    keep = np.array([0, 2, 5])
+    w_sub, b_sub = gram.solve(ridge=1e-9, columns=keep)
+    design = np.hstack([x[:, keep], np.ones((400, 1))])
+    expected, *_ = np.linalg.lstsq(design, x @ w_true + b_true, rcond=None)
+    np.testing.assert_allclose(w_sub, expected[:3], atol=1e-6)
+    np.testing.assert_allclose(b_sub, expected[3], atol=1e-6)

@@ -412,6 +412,27 @@ class Gram(Reducer):
         """E[x xᵀ] (uncentered second moment): what data-aware factorizations weigh by."""
         return self.xtx / max(self.count, 1)
 
+    def solve(self, ridge: float = 1e-4, columns: np.ndarray | None = None,
+              bias: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Least squares from the accumulated sums: (W, b) minimizing ‖X W + b − Y‖² +
+        λ‖W‖², with λ = ``ridge`` × the mean diagonal of XᵀX (scale-free). ``columns``
+        restricts X to those columns (the channels a pruned layer keeps); with ``bias`` the
+        intercept is fitted too (the sums of x and y center the problem). W is
+        [len(columns), D] float64, b is [D] or None. Needs a Gram with Y."""
+        if self.xty is None:
+            raise ValueError("solve() needs a Gram of x and y")
+        cols = np.arange(self.xtx.shape[0]) if columns is None else np.asarray(columns)
+        n = max(self.count, 1)
+        xtx = self.xtx[np.ix_(cols, cols)]
+        xty = self.xty[cols]
+        if bias:  # center: the fit of the deviations from the means, then b from the means
+            mx, my = self.sum_x[cols] / n, self.sum_y / n
+            xtx = xtx - n * np.outer(mx, mx)
+            xty = xty - n * np.outer(mx, my)
+        lam = ridge * max(float(np.mean(np.diag(xtx))), 1e-12)
+        w = np.linalg.solve(xtx + lam * np.eye(len(cols)), xty)
+        return w, (my - mx @ w) if bias else None
+
 
 # -- the calibration object passes see ------------------------------------------------------------
 @dataclass
