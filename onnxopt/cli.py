@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation inputs (.npz file or folder) for fidelity, latency and the gate; "
                         "keep them apart from --calibration data (default: random inputs)")
     _add_fidelity_options(p, gate="--max-accuracy-drop")
+    p.add_argument("--min-snr-db", metavar="DB|off", type=_floor_value,
+                   help="fidelity floor: a lossy pass whose worst output falls below this SNR keeps its "
+                        "costliest layers as they were, or is rolled back (default: the target's)")
+    p.add_argument("--min-cosine", metavar="C|off", type=_floor_value,
+                   help="fidelity floor on the worst output's cosine (default: the target's)")
+    p.add_argument("--max-latency-ratio", metavar="R|off", type=_floor_value,
+                   help="speed floor: a pass that promises speed (int8) must leave the model at most R "
+                        "times as slow as before it (1 = no slower), measured on the target's provider "
+                        "(default: the target's)")
     p.add_argument("--verify", action="store_true",
                    help="check each pass in onnxruntime; roll back a lossless pass that changes outputs")
     p.add_argument("--strict", action="store_true",
@@ -114,6 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _floor_value(text: str):
+    """A floor bound from the command line: a number, or 'off' for no bound."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', not '{text}'") from None
+
+
+def _floor(args):
+    """The run's fidelity floor: the target's, with the command line's bounds over it."""
+    if args.min_snr_db is None and args.min_cosine is None and args.max_latency_ratio is None:
+        return None  # the target's
+    from onnxopt.measure.fidelity import Floor
+    from onnxopt.optimize import target_floor
+    from onnxopt.target import load_target
+
+    base = target_floor(load_target(args.target))
+
+    def pick(given, default):
+        return default if given is None else (None if given == "off" else given)
+
+    return Floor(pick(args.min_snr_db, base.min_snr_db), pick(args.min_cosine, base.min_cosine),
+                 pick(args.max_latency_ratio, base.max_latency_ratio))
+
+
 # -- subcommands -------------------------------------------------------------------------------
 def _check_output(input_path: str, output: str) -> None:
     out = Path(output)
@@ -153,7 +189,7 @@ def cmd_optimize(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     result = optimize(args.input, target=args.target, pipeline=args.pipeline,
                       calibration=args.calibration, verify=args.verify, strict=args.strict,
-                      progress=progress)
+                      progress=progress, data=args.data, floor=_floor(args))
     report = result.report
     comparison = None
     if args.report or args.data or args.max_drop is not None:

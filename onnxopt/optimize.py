@@ -16,7 +16,10 @@ from onnxopt import __version__
 from onnxopt.pipeline.context import PassContext
 from onnxopt.ir.model import Model, Reference, add_provenance, load, save
 from onnxopt.ir.graphs import count_nodes, count_params
+from onnxopt.measure.fidelity import FidelityProbe, Floor
+from onnxopt.pipeline.floor import FloorKeeper
 from onnxopt.pipeline.manager import PassManager, PassRecord
+from onnxopt.pipeline.registry import get_pass
 from onnxopt.pipeline.text import PassSpec, format_pipeline, resolve
 from onnxopt.target import Target, load_target
 
@@ -45,8 +48,6 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
     text = pipeline if pipeline is not None else "default"
     specs = resolve(text, target.pipelines, target.passes)
     if not has_calibration:
-        from onnxopt.pipeline.registry import get_pass
-
         needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
         if needing:
             if pipeline is None:  # the default pipeline: drop what needs data, and say so
@@ -61,13 +62,38 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
     return target, specs, notes
 
 
+def target_floor(target: Target) -> Floor:
+    """The floor a target's [floor] table sets (none when it sets nothing)."""
+    f = target.floor
+    return Floor(f.get("min_snr_db"), f.get("min_cosine"), f.get("max_latency_ratio"))
+
+
+def _probe(model: Model, ctx: PassContext, data: Any, held_back: list, held_from: str) -> FidelityProbe:
+    """The batches the floor judges on: from the evaluation data, else held back from the
+    calibration data, else made from the input specs."""
+    from onnxopt.data.samples import generated_batch
+    from onnxopt.measure.compare import read_batches
+
+    if data is not None:  # labels and other arrays beside the inputs are left out
+        batches = read_batches(data, model.template, max_batches=4)
+        source = f"{len(batches)} batch(es) of the evaluation data"
+    elif held_back:
+        batches, source = held_back, held_from
+    else:
+        batches = [b for b in (generated_batch(model.graph, seed) for seed in (0, 1)) if b is not None]
+        source = f"{len(batches)} batch(es) generated from the input specs"
+    return FidelityProbe(ctx.reference.proto, batches, source, ctx.providers, ctx.threads)
+
+
 def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | os.PathLike | Target = "cpu",
              pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
              verify: bool = False, strict: bool = False, progress: bool = False,
-             seed: int = 0) -> OptimizeResult:
+             seed: int = 0, data: Any = None, floor: Floor | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
 
     ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
+    ``data`` (same forms) is evaluation data: the floor judges lossy passes on a few of its
+    batches. ``floor`` overrides the target's [floor] table (``Floor()``: no floor).
     Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
     The input (file or proto) is never modified.
     """
@@ -75,17 +101,28 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
     m = load(model)
     reference = Reference(m)
+    floor = floor if floor is not None else target_floor(target)
+    lossy = floor and any(not get_pass(s.name).lossless for s in specs)
+    held_back: list = []
+    held_from = ""
     calib = None
     if calibration is not None:
-        from onnxopt.data.statistics import open_calibration
+        from onnxopt.data.calibration import hold_back, open_source
+        from onnxopt.data.statistics import Calibration
 
-        calib = open_calibration(calibration, m, reference, threads=target.runtime.intra_op_threads)
+        source = open_source(calibration, m)
+        if lossy and data is None:  # the floor is judged on batches calibration does not see
+            source, held_back, held_from = hold_back(source)
+        calib = Calibration(source=source, reference=reference, threads=target.runtime.intra_op_threads)
     ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed)
     ctx.notes.extend(notes)
     for note in notes:
         logger.warning(note)
+    keeper = None
+    if lossy:
+        keeper = FloorKeeper(floor, lambda: _probe(m, ctx, data, held_back, held_from))
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph)}
-    manager = PassManager(specs, verify=verify, strict=strict, progress=progress)
+    manager = PassManager(specs, verify=verify, strict=strict, progress=progress, floor_keeper=keeper)
     # The imported graph is hundreds of thousands of long-lived objects on big models;
     # freezing them keeps the cyclic collector from rescanning them during every pass.
     gc.freeze()
@@ -107,6 +144,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "after": {"nodes": count_nodes(m.graph), "params": count_params(m.graph)},
         "passes": [r.to_json() for r in records],
         "notes": list(ctx.notes),
+        "floor": floor.to_json() | ({"data": keeper.probe.source} if keeper and keeper.probed else {}),
         "chosen": dict(ctx.metadata),  # what "auto" settings found on this machine and chose
         "providers": ctx.resolved_providers,
         "seconds": time.perf_counter() - started,

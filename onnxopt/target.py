@@ -83,6 +83,11 @@ SCHEMA = Table({
         "full_graph": bool,
         "quantize_outputs": bool,
     }),
+    "floor": Table({
+        "min_snr_db": float,
+        "min_cosine": float,
+        "max_latency_ratio": float,
+    }),
     "pipelines": MapOf(str),
     "passes": MapOf(MapOf(ANY_OPTION)),
 })
@@ -96,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
                      "float_ops": [], "residual_add": False, "full_graph": False,
                      "quantize_outputs": True},
+    "floor": {},
     "pipelines": {},
     "passes": {},
 }
@@ -129,6 +135,7 @@ class Target:
     runtime: Section
     capabilities: Section
     quantization: Section
+    floor: Section
     pipelines: dict[str, str]
     passes: dict[str, dict[str, Any]]
     raw: dict = field(repr=False, default_factory=dict)
@@ -271,11 +278,18 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
         if pipeline not in data["pipelines"]:
             raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
     _check_quantization(data["quantization"], label)
+    cosine = data["floor"].get("min_cosine")
+    if cosine is not None and not -1.0 <= cosine <= 1.0:
+        raise TargetError(f"{label}: [floor] min_cosine = {cosine!r}: a cosine lies between -1 and 1")
+    ratio = data["floor"].get("max_latency_ratio")
+    if ratio is not None and ratio <= 0:
+        raise TargetError(f"{label}: [floor] max_latency_ratio = {ratio!r}: must be above 0 (1.0 = no slower)")
     _check_passes(data, label)
     target = Target(
         name=data["name"], description=data["description"], source=label,
         runtime=_sectioned(data["runtime"]), capabilities=_sectioned(data["capabilities"]),
-        quantization=_sectioned(data["quantization"]), pipelines=dict(data["pipelines"]),
+        quantization=_sectioned(data["quantization"]), floor=_sectioned(data["floor"]),
+        pipelines=dict(data["pipelines"]),
         passes={k: dict(v) for k, v in data["passes"].items()}, raw=data)
     return target
 

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import outer_scope_names
 from onnxopt.errors import PipelineError
-from onnxopt.ir.graphs import iter_graphs
+from onnxopt.ir.graphs import iter_graphs, named, node_key
 from onnxopt.ir.names import NameTable
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
@@ -105,13 +105,14 @@ class ConvertFloat16Pass(Pass):
     """Compute in float16 (or bfloat16), keeping graph I/O and blocked ops in float32."""
 
     lossless = False
+    keep_option = "keep_nodes"
 
     @dataclass
     class Options:
         dtype: str = option("float16", "the low-precision type", choices=["float16", "bfloat16"])
         keep_io: bool = option(True, "graph inputs and outputs stay float32 (casts at the edges)")
         block_ops: list[str] = option([], "more op types to keep in float32 (added to the built-in list)")
-        keep_nodes: list[str] = option([], "node names to keep in float32")
+        keep_nodes: list[str] = option([], "nodes (names, or output names) to keep in float32")
         use_default_block: bool = option(True, "also keep the built-in list of fragile ops in float32")
         clamp_ops: list[str] = option(["Add", "Sub", "Where", "Min", "Max", "Clip"],
                                       "ops whose out-of-float16-range constants are clamped (sentinels such "
@@ -127,78 +128,10 @@ class ConvertFloat16Pass(Pass):
             logger.warning("convert-float16: target '%s' does not list float16; converting as asked",
                            ctx.target.name)
         low, low_enum, low_str = _low_dtype(o.dtype)
-        block = set(o.block_ops) | (set(DEFAULT_BLOCK) if o.use_default_block else set())
-        keep = set(o.keep_nodes)
-        shapes = ctx.analysis("shapes", model)
         graph = model.graph
         f32 = np.dtype(np.float32)
-
-        def dtype_of(t: gs.Tensor):
-            if isinstance(t, gs.Constant):
-                return np.dtype(t.dtype)
-            if t.dtype is not None:
-                try:
-                    return np.dtype(t.dtype)
-                except TypeError:
-                    return None
-            info = shapes.get(t.name)
-            return info.dtype if info is not None else None
-
-        # Tensors that subgraphs read from this graph keep float32 (their bodies are not
-        # converted), so their producers are blocked.
-        outer_read = set()
-        for node in graph.nodes:
-            for value in node.attrs.values():
-                if isinstance(value, gs.Graph):
-                    for sub in iter_graphs(value):
-                        outer_read |= outer_scope_names(sub)
-
-        # 1. Which nodes compute in the low type, and which of their slots follow.
-        converted: dict[int, tuple[list[bool], list[bool]]] = {}
-        blocked = 0
-        kept_range = 0
-        clamp_ops = set(o.clamp_ops)
-        for node in graph.nodes:
-            float_in = [bool(t.name) and dtype_of(t) == f32 for t in node.inputs]
-            float_out = [dtype_of(t) == f32 for t in node.outputs]
-            if not any(float_in) and not any(float_out):
-                continue
-            if (node.op in block or node.name in keep or node.domain not in (None, "", "ai.onnx")
-                    or any(isinstance(v, gs.Graph) for v in node.attrs.values())
-                    or any(t.name in outer_read for t in node.outputs)):
-                blocked += 1
-                continue
-            if node.op == "Constant":
-                value = node.attrs.get("value")
-                if len(node.attrs) == 1 and isinstance(value, gs.Constant) and np.dtype(value.dtype) == f32:
-                    converted[id(node)] = ([], [True])
-                else:
-                    blocked += 1
-                continue
-            if node.op == "Cast":
-                ins = [False] * len(node.inputs)  # a Cast reads anything
-                outs = [float_out[0]]
-                converted[id(node)] = (ins, outs)
-                continue
-            types = _slot_types(node.op, model.opset)
-            if types is None:
-                blocked += 1
-                continue
-            if o.dtype == "float16" and node.op not in clamp_ops and _reads_out_of_range(node):
-                # e.g. a BatchNormalization variance of 1e6: clamping it would change the
-                # result, so the node computes in float32 instead
-                logger.warning("convert-float16: node '%s' (%s) reads constants beyond the float16 range; "
-                               "kept in float32", node.name, node.op)
-                blocked += 1
-                kept_range += 1
-                continue
-            ins_p, outs_p, allowed = types
-            ins = [f and _slot_allows(ins_p, allowed, i, low_str) for i, f in enumerate(float_in)]
-            outs = [f and _slot_allows(outs_p, allowed, i, low_str) for i, f in enumerate(float_out)]
-            if any(f and not ok for f, ok in zip(float_out, outs)):
-                blocked += 1  # a float output that cannot be low precision: leave the node
-                continue
-            converted[id(node)] = (ins, outs)
+        dtype_of = self._dtype_reader(model, ctx)
+        converted, blocked, kept_range = self._decide(model, dtype_of)
         if not converted:
             return PassResult(changed=False, stats={"converted": 0})
 
@@ -301,3 +234,92 @@ class ConvertFloat16Pass(Pass):
                  "casts": n_casts, "clamped": clamped, "dtype": o.dtype}
         logger.info("convert-float16: %s", stats)
         return PassResult(changed=True, stats=stats)
+
+    def _dtype_reader(self, model, ctx):
+        """tensor -> numpy dtype (the graph's, else shape inference's, else None)."""
+        shapes = ctx.analysis("shapes", model)
+
+        def dtype_of(t: gs.Tensor):
+            if isinstance(t, gs.Constant):
+                return np.dtype(t.dtype)
+            if t.dtype is not None:
+                try:
+                    return np.dtype(t.dtype)
+                except TypeError:
+                    return None
+            info = shapes.get(t.name)
+            return info.dtype if info is not None else None
+
+        return dtype_of
+
+    def _decide(self, model, dtype_of) -> tuple[dict, int, int]:
+        """(node id -> (low-precision input slots, output slots), nodes kept float32, of which
+        for the float16 range) for the main graph."""
+        o = self.options
+        _, _, low_str = _low_dtype(o.dtype)
+        block = set(o.block_ops) | (set(DEFAULT_BLOCK) if o.use_default_block else set())
+        keep = set(o.keep_nodes)
+        graph = model.graph
+        f32 = np.dtype(np.float32)
+
+        # Tensors that subgraphs read from this graph keep float32 (their bodies are not
+        # converted), so their producers are blocked.
+        outer_read = set()
+        for node in graph.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    for sub in iter_graphs(value):
+                        outer_read |= outer_scope_names(sub)
+
+        # 1. Which nodes compute in the low type, and which of their slots follow.
+        converted: dict[int, tuple[list[bool], list[bool]]] = {}
+        blocked = 0
+        kept_range = 0
+        clamp_ops = set(o.clamp_ops)
+        for node in graph.nodes:
+            float_in = [bool(t.name) and dtype_of(t) == f32 for t in node.inputs]
+            float_out = [dtype_of(t) == f32 for t in node.outputs]
+            if not any(float_in) and not any(float_out):
+                continue
+            if (node.op in block or named(node, keep) or node.domain not in (None, "", "ai.onnx")
+                    or any(isinstance(v, gs.Graph) for v in node.attrs.values())
+                    or any(t.name in outer_read for t in node.outputs)):
+                blocked += 1
+                continue
+            if node.op == "Constant":
+                value = node.attrs.get("value")
+                if len(node.attrs) == 1 and isinstance(value, gs.Constant) and np.dtype(value.dtype) == f32:
+                    converted[id(node)] = ([], [True])
+                else:
+                    blocked += 1
+                continue
+            if node.op == "Cast":
+                ins = [False] * len(node.inputs)  # a Cast reads anything
+                outs = [float_out[0]]
+                converted[id(node)] = (ins, outs)
+                continue
+            types = _slot_types(node.op, model.opset)
+            if types is None:
+                blocked += 1
+                continue
+            if o.dtype == "float16" and node.op not in clamp_ops and _reads_out_of_range(node):
+                # e.g. a BatchNormalization variance of 1e6: clamping it would change the
+                # result, so the node computes in float32 instead
+                logger.warning("convert-float16: node '%s' (%s) reads constants beyond the float16 range; "
+                               "kept in float32", node.name, node.op)
+                blocked += 1
+                kept_range += 1
+                continue
+            ins_p, outs_p, allowed = types
+            ins = [f and _slot_allows(ins_p, allowed, i, low_str) for i, f in enumerate(float_in)]
+            outs = [f and _slot_allows(outs_p, allowed, i, low_str) for i, f in enumerate(float_out)]
+            if any(f and not ok for f, ok in zip(float_out, outs)):
+                blocked += 1  # a float output that cannot be low precision: leave the node
+                continue
+            converted[id(node)] = (ins, outs)
+        return converted, blocked, kept_range
+
+    def layers(self, model, ctx) -> list[str]:
+        """The nodes that will compute in the low type."""
+        converted, _, _ = self._decide(model, self._dtype_reader(model, ctx))
+        return [node_key(n) for n in model.graph.nodes if id(n) in converted]

@@ -61,6 +61,7 @@ from onnx import numpy_helper
 from onnxopt.ir.constants import EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, is_default_domain
 from onnxopt.ir.graph_io import import_graph
 from onnxopt.ir.ops import BOOL_RESULT, ELEMENTWISE, NONDETERMINISTIC
+from onnxopt.ir.submodel import submodel
 from onnxopt.ir.surgery import detach_nodes, topological_order
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
@@ -576,33 +577,19 @@ class _Folder:
         return True
 
     def batch_model(self, nodes: list[gs.Node]) -> tuple[onnx.ModelProto, dict]:
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         produced = {o.name for n in nodes for o in n.outputs if o.name}
-        feeds, inputs, outputs, initializers, seen = {}, [], [], [], set()
+        constants, feeds = {}, {}
         for node in nodes:
             for t in node.inputs:
-                if t.name and t.name not in seen and t.name not in produced:
-                    seen.add(t.name)
+                if t.name and t.name not in produced and t.name not in constants and t.name not in feeds:
                     value = self.value_of(t)
                     # Small values are initializers: onnxruntime checks feed names in
                     # quadratic time, and shape chains have thousands of tiny inputs.
                     if value.nbytes <= _SMALL_VALUE and value.dtype.kind != "O":
-                        initializers.append(numpy_helper.from_array(value, t.name))
-                        continue
-                    feeds[t.name] = value
-                    inputs.append(onnx.helper.make_tensor_value_info(
-                        t.name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
-            for o in node.outputs:
-                if o.name:
-                    vi = onnx.ValueInfoProto()
-                    vi.name = o.name
-                    outputs.append(vi)
-        graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", inputs, outputs,
-                                       initializer=initializers)
-        proto = onnx.helper.make_model(graph, opset_imports=self.opset_import)
-        proto.ir_version = self.ir_version
-        return proto, feeds
+                        constants[t.name] = value
+                    else:
+                        feeds[t.name] = value
+        return submodel(nodes, constants, feeds, self.opset_import, self.ir_version), feeds
 
     def run_ort(self, nodes: list[gs.Node]) -> dict | None:
         from onnxopt.measure import verify

@@ -25,14 +25,11 @@ other channels alone).
 Embedding tables (``Gather`` of a constant 2-D table on axis 0) become int8 with one
 scale per row, dequantized after the lookup (Gather, Cast, Mul by the gathered scale).
 
-Keeping sensitive layers in float. ``keep_float`` names nodes to leave alone. With
-``min_cosine`` > 0 the pass measures, on sample inputs, the cosine between the float
-model's outputs and those of the model with one layer quantized, for every layer; then
-quantizes all and, while the whole model's cosine is below ``min_cosine``, returns the
-most sensitive remaining layer to float (at most ``max_float`` layers); this builds one
-onnxruntime session per layer, so it is off by default.
+Keeping sensitive layers in float. ``keep_float`` names nodes to leave alone; the
+fidelity floor of a run (the target's [fidelity] table, ``--min-snr-db``/``--min-cosine``)
+fills it with the layers that cost most when the quantized model falls below the floor.
 
-Sample inputs (for smoothing and sensitivity) come from ``ctx.calibration`` when present,
+Sample inputs (for smoothing) come from ``ctx.calibration`` when present,
 else they are made from the input specs, like a tokenizer's batch: 16 rows of 64 for
 symbolic dims; integer inputs that index an embedding table get random ids below its row
 count, other integer inputs ones, each 2-D integer input right-padded with zeros to a
@@ -49,14 +46,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import runtime
 from onnxopt.data.samples import sample_batches
 from onnxopt.data.statistics import Calibration, ChannelMoments
 from onnxopt.errors import OnnxoptError, PipelineError
 from onnxopt.ir.constants import constant_value
+from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.ir.weights import bias_add_after, dense_layer
-from onnxopt.measure.metrics import min_row_cosine
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 from onnxopt.quantization.scheme import (REDUCE_RANGE_CHOICES, REDUCE_RANGE_HELP, QuantScheme, quantize_weight,
@@ -82,10 +78,6 @@ def _volume(t: gs.Constant) -> int:
 
 def _float_const(t) -> bool:
     return isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32
-
-
-def _node_key(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else "")
 
 
 def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str | None:
@@ -181,7 +173,7 @@ class _Rewriter:
             self.removed.add(id(add))
         else:
             bias, out = None, node.outputs[0]
-        base = _node_key(node)
+        base = node_key(node)
         node.outputs = []
         self.removed.add(id(node))
         self.matmul(node, base, weight, bias, out)
@@ -191,9 +183,9 @@ class _Rewriter:
         weight = layer.weight_kn()
         bias = layer.bias
         if bias is not None and tuple(bias.shape) != (layer.n,):
-            bias = self._const(f"{_node_key(node)}_bias", layer.bias_n())
+            bias = self._const(f"{node_key(node)}_bias", layer.bias_n())
         out = node.outputs[0]
-        base = _node_key(node)
+        base = node_key(node)
         node.outputs = []
         self.removed.add(id(node))
         self.matmul(node, base, weight, bias, out)
@@ -201,7 +193,7 @@ class _Rewriter:
     def rewrite_conv(self, node: gs.Node) -> None:
         x, w = node.inputs[:2]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        base = _node_key(node)
+        base = node_key(node)
         weight = constant_value(w)
         q, scale = symmetric_int8(weight, 0 if self.per_channel else None, self.reduce_range)
         wq = self._const(f"{base}_weight_quantized", q)
@@ -230,7 +222,7 @@ class _Rewriter:
 
     def rewrite_gather(self, node: gs.Node) -> None:
         data, idx = node.inputs
-        base = _node_key(node)
+        base = node_key(node)
         # dequantized in float after the lookup: no int16 saturation, all 8 bits
         q, scale = symmetric_int8(constant_value(data), 0 if self.per_channel else None)
         out = node.outputs[0]
@@ -264,6 +256,8 @@ class QuantizeDynamicPass(Pass):
     """Quantize MatMul/Gemm weights to int8 and their activations at run time (no calibration)."""
 
     lossless = False
+    keep_option = "keep_float"
+    promises_speed = True
 
     @dataclass
     class Options:
@@ -277,9 +271,6 @@ class QuantizeDynamicPass(Pass):
                              choices=["standard", "contrib"])
         min_elements: int = option(1024, "leave weights with fewer elements in float")
         keep_float: list[str] = option([], "node names (or output names) to leave in float")
-        min_cosine: float = option(0.0, "when > 0: return the most sensitive layers to float until "
-                                        "the outputs' cosine on sample data reaches this")
-        max_float: int = option(4, "at most this many layers returned to float by min_cosine")
         smooth: bool = option(True, "divide activation outlier channels by s and multiply the weights' "
                                     "rows by s (exact in float), s from sample-data channel ranges")
         smooth_percentile: float = option(90.0, "channels whose range exceeds this percentile of the "
@@ -299,34 +290,32 @@ class QuantizeDynamicPass(Pass):
         if contrib and not ctx.target.runtime.contrib_ops:
             raise PipelineError(f"quantize-dynamic: format=contrib needs a target with runtime.contrib_ops "
                                 f"(target '{ctx.target.name}' has none); use format=standard")
-        keep = set(o.keep_float)
-        plan = []  # (graph, node, kind)
-        for graph in model.graphs():
-            for node in graph.nodes:
-                kind = candidate_kind(node, op_types, o.min_elements)
-                if kind is None:
-                    continue
-                if _node_key(node) in keep or any(t.name in keep for t in node.outputs):
-                    continue
-                plan.append((graph, node, kind))
+        plan = self._plan(model)
         if not plan:
             return PassResult(changed=False, stats={"quantized": 0})
         if contrib and any(k in ("matmul", "gemm") for _, _, k in plan):
             model.require_opset(MS_DOMAIN, 1)
-        floated: list[str] = []
-        cosine = None
         scales = self._smoothing(model, ctx, plan) if o.smooth else {}
-        if o.min_cosine > 0:
-            plan, floated, cosine = self._drop_sensitive(model, ctx, plan, contrib, scales, reduce)
         stats = self._apply(model, plan, contrib, scales, reduce)
         stats["smoothed"] = len(scales)
         stats["format"] = "contrib" if contrib else "standard"
         stats["reduce_range"] = reduce
-        stats["kept_float"] = floated
-        if cosine is not None:
-            stats["sample_cosine"] = round(cosine, 5)
         logger.info("quantize-dynamic: %s", stats)
         return PassResult(changed=True, stats=stats)
+
+    def _plan(self, model) -> list[tuple[gs.Graph, gs.Node, str]]:
+        """(graph, node, kind) of every layer to quantize."""
+        o = self.options
+        plan = []
+        for graph in model.graphs():
+            for node in graph.nodes:
+                kind = candidate_kind(node, set(o.op_types), o.min_elements)
+                if kind is not None and not named(node, o.keep_float):
+                    plan.append((graph, node, kind))
+        return plan
+
+    def layers(self, model, ctx) -> list[str]:
+        return [node_key(node) for _, node, _ in self._plan(model)]
 
     def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool) -> dict:
         o = self.options
@@ -373,52 +362,6 @@ class QuantizeDynamicPass(Pass):
             if s.max() >= o.smooth_min_factor:  # each Mul costs a pass over the activation
                 scales[name] = s.astype(np.float32)
         return scales
-
-    # Sensitivity: quantize one layer at a time on a copy, compare outputs with float.
-    def _drop_sensitive(self, model, ctx, plan, contrib: bool, scales: dict, reduce: bool):
-        from onnxopt.ir.model import load
-
-        feeds, _ = sample_batches(model, ctx)
-        layers = [(g, n, k) for g, n, k in plan if k in ("matmul", "gemm", "conv") and g is model.graph]
-        if not feeds or not layers:
-            return plan, [], None
-        base_proto = model.export()
-
-        def session(proto):
-            return runtime.session(proto, ctx.providers, ctx.threads, level="all")
-
-        def quantized_outputs(selected_keys: set[str]) -> list[list[np.ndarray]]:
-            trial = load(base_proto)
-            trial_plan = [(trial.graph, n, k) for n in trial.graph.nodes
-                          for k in [candidate_kind(n, set(self.options.op_types), self.options.min_elements)]
-                          if k is not None and _node_key(n) in selected_keys]
-            if contrib:
-                trial.require_opset(MS_DOMAIN, 1)
-            self._apply(trial, trial_plan, contrib, scales, reduce)
-            trial.modified = True
-            sess = session(trial.to_proto())
-            return [sess.run(None, f) for f in feeds]
-
-        ref_sess = session(base_proto)
-        ref = [ref_sess.run(None, f) for f in feeds]
-
-        def cosine(outs) -> float:
-            return min(min_row_cosine(r, q) for r, q in zip(ref, outs))
-
-        all_keys = {_node_key(n) for _, n, _ in plan}
-        scores = {}
-        for _, node, _ in layers:
-            key = _node_key(node)
-            scores[key] = cosine(quantized_outputs({key}))
-        order = sorted(scores, key=lambda k: scores[k])  # most damaging first
-        floated: list[str] = []
-        current = cosine(quantized_outputs(all_keys))
-        while current < self.options.min_cosine and len(floated) < min(self.options.max_float, len(order)):
-            floated.append(order[len(floated)])
-            current = cosine(quantized_outputs(all_keys - set(floated)))
-        logger.info("quantize-dynamic: sample cosine %.5f with %d layer(s) kept in float", current, len(floated))
-        plan = [(g, n, k) for g, n, k in plan if _node_key(n) not in set(floated)]
-        return plan, floated, current
 
 
 def _smoothable(plan, graph) -> dict[str, list[gs.Node]]:

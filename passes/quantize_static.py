@@ -44,6 +44,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.data.statistics import METHODS, TensorRange
 from onnxopt.errors import CalibrationError
 from onnxopt.ir.constants import constant_value
+from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.surgery import topological_order
@@ -84,6 +85,8 @@ class Plan:
     biases: list[tuple[gs.Node, int]] = field(default_factory=list)
     constants: list[tuple[gs.Node, int]] = field(default_factory=list)
     parent: dict[str, str] = field(default_factory=dict)  # union-find of shared scales
+    layers: list[str] = field(default_factory=list)  # keys of the nodes that run quantized
+    unified: dict[str, list[str]] = field(default_factory=dict)  # unified-scale node key -> its inputs
 
     def find(self, name: str) -> str:
         root = name
@@ -105,6 +108,8 @@ class QuantizeStaticPass(Pass):
 
     lossless = False
     needs_calibration = True
+    keep_option = "exclude_nodes"
+    promises_speed = True
 
     @dataclass
     class Options:
@@ -118,7 +123,10 @@ class QuantizeStaticPass(Pass):
         reduce_range: str = option("target", qs.REDUCE_RANGE_HELP, choices=qs.REDUCE_RANGE_CHOICES)
         fold_activations: bool = option(True, "fold Relu/Clip(0,c) into the preceding quantized output")
         op_types: list[str] = option([], "op types to quantize (empty = the target's quantized_ops)")
-        exclude_nodes: list[str] = option([], "node names never quantized")
+        exclude_nodes: list[str] = option([], "nodes (names, or output names) left in float")
+        unify_max_ratio: float = option(16.0, "a Concat (unified-scale op) whose inputs' value ranges differ by "
+                                              "more than this factor stays in float, its inputs keeping "
+                                              "their own scales")
 
     # -- schemes ---------------------------------------------------------------------------
     def _schemes(self, ctx) -> tuple[qs.QuantScheme, qs.QuantScheme, str]:
@@ -144,14 +152,14 @@ class QuantizeStaticPass(Pass):
         for node in list(graph.nodes):
             if node.op not in FOLDABLE_ACTIVATIONS or node.domain not in (None, "", "ai.onnx"):
                 continue
-            if (node.name and node.name in self.options.exclude_nodes) or len(node.outputs) != 1:
+            if named(node, self.options.exclude_nodes) or len(node.outputs) != 1:
                 continue
             x = node.inputs[0]
             if not x.inputs or id(x) in outputs or len(x.outputs) != 1:
                 continue
             producer = x.inputs[0]
             if producer.op not in quantized or producer.domain not in (None, "", "ai.onnx") or \
-                    (producer.name and producer.name in self.options.exclude_nodes):
+                    named(producer, self.options.exclude_nodes):
                 continue
             if not qdq.is_float_tensor(x, shapes) or (stats is not None and not (
                     node.outputs[0].name in stats and stats[node.outputs[0].name].count)):
@@ -167,7 +175,7 @@ class QuantizeStaticPass(Pass):
             folded += 1
         return folded
 
-    def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qs.QuantScheme) -> Plan:
+    def _plan(self, graph: gs.Graph, ctx, shapes: dict, act: qs.QuantScheme, left_float=frozenset()) -> Plan:
         q = ctx.target.quantization
         o = self.options
         quantized = set(o.op_types or q.get("quantized_ops", []))
@@ -191,9 +199,9 @@ class QuantizeStaticPass(Pass):
                     plan.consumers[t.name].append(consumer)
 
         order = topological_order(graph)
-        skip = {name for name in o.exclude_nodes if name}
+        skip = {name for name in o.exclude_nodes if name} | set(left_float)
         for node in order:
-            if node.name in skip or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
+            if named(node, skip) or node.op in float_ops or node.domain not in (None, "", "ai.onnx"):
                 continue
             acts = [node.inputs[i] for i in data_inputs(node) if i < len(node.inputs) and is_activation(node.inputs[i])]
             if not acts and not full:
@@ -204,6 +212,8 @@ class QuantizeStaticPass(Pass):
                     add(t, node if t in acts else None, outputs_too)
                 for t in members[1:]:
                     plan.unite(t.name, members[0].name)
+                plan.layers.append(node_key(node))
+                plan.unified[node_key(node)] = [t.name for t in acts]
             elif node.op in passthrough:
                 continue  # second phase, once producers and consumers are known
             elif node.op in quantized or full:
@@ -214,16 +224,18 @@ class QuantizeStaticPass(Pass):
                         if is_activation(t):
                             add(t, None, True)
                 self._plan_constants(node, plan, shapes)
+                plan.layers.append(node_key(node))
             elif node.op == "Add" and q.get("residual_add", False) and len(acts) == 2:
                 for t in acts:
                     add(t, node, outputs_too)
+                plan.layers.append(node_key(node))
         # Passthrough ops: quantized with their input's scale when their input is quantized.
         changed = True
         done: set[int] = set()
         while changed:
             changed = False
             for node in order:
-                if node.op not in passthrough or node.name in skip or not node.inputs or id(node) in done:
+                if node.op not in passthrough or named(node, skip) or not node.inputs or id(node) in done:
                     continue
                 x = node.inputs[0]
                 outs = [t for t in node.outputs if is_activation(t)]
@@ -262,16 +274,22 @@ class QuantizeStaticPass(Pass):
             ops |= {n.op for n in graph.nodes} - set(q.get("float_ops", []))
         return ops
 
-    # -- the calibration hook ----------------------------------------------------------------
-    def calibration_requests(self, model, ctx) -> list[TensorRange]:
-        """The tensors this pass will ask statistics for (planned on a copy of the graph)."""
+    # -- planning on a copy (the calibration hook, the fidelity floor) -----------------------
+    def _plan_on_copy(self, model, ctx) -> Plan:
         act, _, _ = self._schemes(ctx)
         graph = model.graph.copy()
         shapes = ctx.analysis("shapes", model)
         self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes)
-        plan = self._plan(graph, ctx, shapes, act)
+        return self._plan(graph, ctx, shapes, act)
+
+    def calibration_requests(self, model, ctx) -> list[TensorRange]:
+        """The tensors this pass will ask statistics for (planned on a copy of the graph)."""
         histogram = self.options.calibration != "minmax"
-        return [TensorRange(name, histogram) for name in plan.activations]
+        return [TensorRange(name, histogram) for name in self._plan_on_copy(model, ctx).activations]
+
+    def layers(self, model, ctx) -> list[str]:
+        """The nodes that will run quantized (the Relu/Clip folded into them excepted)."""
+        return self._plan_on_copy(model, ctx).layers
 
     # -- run -------------------------------------------------------------------------------
     def run(self, model, ctx) -> PassResult:
@@ -313,6 +331,10 @@ class QuantizeStaticPass(Pass):
         shapes = ctx.analysis("shapes", model)
         folded = self._fold_activations(graph, act, ctx, self._quantized_ops(graph, ctx), shapes, tensor_stats)
         plan = self._plan(graph, ctx, shapes, act)
+        spread = self._spread_out(plan, tensor_stats)
+        if spread:  # one scale for inputs of very different ranges would crush the small ones
+            plan = self._plan(graph, ctx, shapes, act, left_float=spread)
+            stats["unified_left_float"] = len(spread)
         qmin, qmax = qs.qrange(act.dtype, act.symmetric)
         ranges: dict[str, tuple[float, float]] = {}
         for name in plan.activations:
@@ -348,6 +370,19 @@ class QuantizeStaticPass(Pass):
         if changed:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(changed=changed, stats=stats)
+
+    def _spread_out(self, plan: Plan, tensor_stats: dict) -> set[str]:
+        """Unified-scale nodes (Concat) whose inputs' ranges differ by more than
+        ``unify_max_ratio``: they stay in float (their inputs keep their own scales), as a
+        detector's head concatenates box offsets in the hundreds with scores in [0, 1]."""
+        out = set()
+        for key, inputs in plan.unified.items():
+            widths = [float(tensor_stats[n].max) - float(tensor_stats[n].min) for n in inputs
+                      if n in tensor_stats and tensor_stats[n].count]
+            widths = [w for w in widths if w > 0]
+            if len(widths) > 1 and max(widths) > self.options.unify_max_ratio * min(widths):
+                out.add(key)
+        return out
 
     def _insert(self, graph: gs.Graph, names: NameTable, tensor: gs.Tensor, scale, zp, plan: Plan):
         is_output = any(t is tensor for t in graph.outputs)

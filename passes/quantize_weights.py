@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.ir.constants import constant_value
+from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.weights import bias_add_after, dense_layer
@@ -152,15 +153,12 @@ def _weight_of(node: gs.Node, min_elements: int):
     return layer.weight_kn(), layer.bias_n()
 
 
-def _node_key(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else "")
-
-
 @register_pass("quantize-weights")
 class QuantizeWeightsPass(Pass):
     """Store MatMul/Gemm weights as int4/int8 with block-wise scales (weight-only, no data)."""
 
     lossless = False
+    keep_option = "keep_float"
 
     @dataclass
     class Options:
@@ -229,20 +227,21 @@ class QuantizeWeightsPass(Pass):
 
     def _plan(self, model) -> list:
         o = self.options
-        keep = set(o.keep_float)
         plan = []
         for graph in model.graphs():
             for node in graph.nodes:
                 found = _weight_of(node, o.min_elements)
-                if found is None or _node_key(node) in keep or any(t.name in keep for t in node.outputs):
-                    continue
-                plan.append((graph, node, found))
+                if found is not None and not named(node, o.keep_float):
+                    plan.append((graph, node, found))
         return plan
+
+    def layers(self, model, ctx) -> list[str]:
+        return [node_key(node) for _, node, _ in self._plan(model)]
 
     # MatMulNBits: Y = A @ dequant(B)^T + bias
     def _contrib(self, graph, node: gs.Node, q: BlockQuantized, bias):
         o = self.options
-        base = _node_key(node)
+        base = node_key(node)
         out = node.outputs[0]
         if bias is None and node.op == "MatMul":
             add = bias_add_after(node, graph)
@@ -274,7 +273,7 @@ class QuantizeWeightsPass(Pass):
 
     # DequantizeLinear(int4/int8 W, scale [blocks, N], zero point, axis=0, block_size) -> MatMul
     def _standard(self, node: gs.Node, q: BlockQuantized):
-        base = _node_key(node)
+        base = node_key(node)
         mid = 2 ** (q.bits - 1)
         signed = (q.codes.astype(np.int32) - mid)  # store signed codes, zero point shifted alike
         w_codes = signed.reshape(signed.shape[0], -1)[:, :q.k].T  # [K, N]

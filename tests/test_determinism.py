@@ -60,7 +60,8 @@ def test_quantization_with_the_same_data_is_deterministic(tmp_path):
     model = graphs.conv_bn_relu()
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(3).standard_normal((8, 1, 3, 8, 8)).astype(np.float32))
-    args = ("--pipeline", "lossless,quantize-static", "--calibration", str(data))
+    # the speed floor times the model on this machine: a measured choice is not reproducible
+    args = ("--pipeline", "lossless,quantize-static", "--calibration", str(data), "--max-latency-ratio", "off")
     assert _optimize_bytes(tmp_path, model, "a.onnx", *args) == _optimize_bytes(tmp_path, model, "b.onnx", *args)
 
 

@@ -15,6 +15,7 @@ from onnxopt.data.statistics import (REFERENCE, Calibration, ChannelMoments, Gra
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.model import Reference, load
 from onnxopt.ir.names import new_constant
+from onnxopt.measure.fidelity import Floor
 from onnxopt.pipeline import registry
 from tests.graphs import init, make_model, tensor
 
@@ -194,13 +195,13 @@ def test_a_change_before_quantization_makes_it_see_the_new_ranges(tmp_path):
     np.savez(tmp_path / "c.npz", x=np.stack([b["x"] for b in batches()]))
     data = str(tmp_path / "c.npz")
     result = onnxopt.optimize(conv_model(), pipeline="test-read-ranges,test-triple-weights,test-read-ranges",
-                              calibration=data)
+                              calibration=data, floor=Floor())  # the triple is on purpose: no floor
     first, second = [float(n.split()[-1]) for n in result.report["notes"] if n.startswith("c max")]
     assert second == pytest.approx(3 * first, rel=1e-4)
     # and quantize-static after the change calibrates on the tripled model
-    plain = onnxopt.optimize(conv_model(), pipeline="quantize-static", calibration=data)
+    plain = onnxopt.optimize(conv_model(), pipeline="quantize-static", calibration=data, floor=Floor())
     tripled = onnxopt.optimize(conv_model(), pipeline="test-read-ranges,test-triple-weights,quantize-static",
-                               calibration=data)
+                               calibration=data, floor=Floor())
     assert _output_scale(tripled.model) == pytest.approx(3 * _output_scale(plain.model), rel=1e-3)
 
 

@@ -133,6 +133,7 @@ def test_reduce_range_comes_from_the_target_not_the_machine(tmp_path):
     import onnx
 
     import onnxopt
+    from onnxopt.measure.fidelity import Floor
     from tests.graphs import conv_bn_relu
 
     p = write(tmp_path, 'schema = 1\nname = "avx2-box"\nextends = "cpu"\n'
@@ -143,12 +144,14 @@ def test_reduce_range_comes_from_the_target_not_the_machine(tmp_path):
     batch = {data_name: data["x"]}
 
     def weight_max(target):
-        out = onnxopt.optimize(model, target=target, pipeline="lossless,quantize-static", calibration=batch).model
+        out = onnxopt.optimize(model, target=target, pipeline="lossless,quantize-static", calibration=batch,
+                               floor=Floor()).model  # the weights are the point, not the floor
         ints = [onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.data_type == onnx.TensorProto.INT8]
         return max(int(np.abs(a).max()) for a in ints)
 
     assert weight_max(str(p)) == 63 and weight_max("cpu") == 127
-    result = onnxopt.optimize(model, target="cpu", pipeline="quantize-static{reduce_range=auto}", calibration=batch)
+    result = onnxopt.optimize(model, target="cpu", pipeline="quantize-static{reduce_range=auto}", calibration=batch,
+                              floor=Floor())
     meta = {m.key: m.value for m in result.model.metadata_props}
     assert meta["onnxopt.reduce_range"].startswith(("on (auto:", "off (auto:"))
     assert result.report["chosen"]["reduce_range"] == meta["onnxopt.reduce_range"]

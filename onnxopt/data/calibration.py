@@ -140,6 +140,7 @@ class NpzSource:
             raise CalibrationError(f"{path}: no such calibration file or folder")
         self.files = files
         self.specs = specs
+        self.reopenable = True  # files: another process can read them again
         self.count = 0
         self._stacked: dict[Path, bool] = {}
         for f in files:  # check names and shapes up front, from the headers only
@@ -226,6 +227,8 @@ def _stream_stacks(path: Path) -> Iterator[dict[str, np.ndarray]]:
 class ReaderSource:
     """Batches from an object with ``get_next()`` (and optionally ``rewind()``)."""
 
+    reopenable = False  # a Python object: it cannot be read again in another process
+
     def __init__(self, reader: Any, specs: dict[str, InputSpec]):
         self.reader = reader
         self.specs = specs
@@ -264,3 +267,54 @@ def open_source(data: Any, model):
         raise CalibrationError(f"calibration data must be an .npz path, a folder of .npz files or an "
                                f"object with get_next(), not {type(data).__name__}")
     return source
+
+
+def batch_count(source) -> int | None:
+    """How many batches a source holds, when known without reading it."""
+    if isinstance(source, (list, tuple)):
+        return len(source)
+    count = getattr(source, "count", None)
+    return count if isinstance(count, int) else None
+
+
+class Subset:
+    """The batches of ``source`` from index ``start`` up to (not including) ``stop``."""
+
+    def __init__(self, source, start: int = 0, stop: int | None = None):
+        self.source, self.start, self.stop = source, start, stop
+        count = batch_count(source)
+        end = stop if stop is not None else count
+        self.count = None if end is None else max(0, end - start)
+        self.reopenable = getattr(source, "reopenable", False)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i, batch in enumerate(self.source):
+            if self.stop is not None and i >= self.stop:
+                break
+            if i >= self.start:
+                yield batch
+
+
+def hold_back(source, wanted: int = 4) -> tuple[Any, list[dict[str, np.ndarray]], str]:
+    """(what calibration reads, batches held back to judge fidelity, where those come from).
+
+    A fifth of the batches at most (``wanted`` at most, one at least) is held back and not
+    calibrated on: the last ones of a source of known length, the first ones of a reader.
+    A source of one batch cannot spare it: that batch serves both, and the description says so.
+    """
+    count = batch_count(source)
+    if count is None:  # a reader: take the first batches, calibrate on the rest
+        first = []
+        for batch in source:
+            first.append(batch)
+            if len(first) > wanted:
+                break
+        if len(first) <= 1:
+            return source, first, "the calibration data (only one batch: calibrated on too)"
+        k = min(wanted, len(first) - 1)
+        return Subset(source, start=k), first[:k], f"{k} batch(es) held back from the calibration data"
+    if count <= 1:
+        return source, list(source), "the calibration data (only one batch: calibrated on too)"
+    k = min(wanted, max(1, count // 5))
+    held = [batch for i, batch in enumerate(source) if i >= count - k]
+    return Subset(source, stop=count - k), held, f"{k} batch(es) held back from the calibration data"

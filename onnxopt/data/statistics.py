@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Iterable, NamedTuple
 import numpy as np
 import onnx
 
+from onnxopt.data.calibration import batch_count
 from onnxopt.data.capture import Capture, capturable
 from onnxopt.errors import CalibrationError
 
@@ -559,7 +560,7 @@ class Calibration:
 
 def _reopenable(source) -> bool:
     """Whether ``source`` can be shipped to another process and read there again."""
-    return hasattr(source, "files")
+    return bool(getattr(source, "reopenable", False))
 
 
 def _reduce_shard(job) -> tuple[list[Reducer], int]:
@@ -572,7 +573,7 @@ def _reduce_shard(job) -> tuple[list[Reducer], int]:
     from tqdm import tqdm
 
     batches = 0
-    bar = tqdm(source, total=getattr(source, "count", None), desc="calibration", unit="batch",
+    bar = tqdm(source, total=batch_count(source), desc="calibration", unit="batch",
                disable=not progress, leave=False)
     for index, batch in enumerate(bar):
         if index % shards != shard:

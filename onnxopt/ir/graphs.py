@@ -61,3 +61,13 @@ def _volume(shape) -> int:
 def op_types(graph: gs.Graph) -> set[tuple[str, str]]:
     """(domain, op type) of every node, subgraphs included ("" for the default domain)."""
     return {(node.domain or "", node.op) for g in iter_graphs(graph) for node in g.nodes}
+
+
+def node_key(node: gs.Node) -> str:
+    """How options name a node: its name, or its first output's name when it has none."""
+    return node.name or (node.outputs[0].name if node.outputs else "")
+
+
+def named(node: gs.Node, keys) -> bool:
+    """Whether ``keys`` name ``node`` (by its name or by any of its outputs' names)."""
+    return bool(keys) and ((node.name and node.name in keys) or any(t.name in keys for t in node.outputs))

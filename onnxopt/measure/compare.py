@@ -27,6 +27,7 @@ import onnx
 
 from onnxopt import runtime
 from onnxopt.measure import metrics as M
+from onnxopt.measure.speed import pair_ratio
 from onnxopt.errors import ModelError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -248,9 +249,7 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
             med_a, med_b = statistics.median(a), statistics.median(b)
             result["reference"]["latency_ms"] = med_a * 1e3
             result["candidate"]["latency_ms"] = med_b * 1e3
-            # The median of the pairs' ratios: each pair ran back to back, so load that comes
-            # and goes on a shared machine cancels out better than in a ratio of medians.
-            result["latency_ratio"] = statistics.median(y / x for x, y in zip(a, b) if x > 0) if med_a > 0 else math.nan
+            result["latency_ratio"] = pair_ratio(a, b) if med_a > 0 else math.nan
             result["latency_runs"] = len(a)
         del sess_ref, sess_cand
         if memory:

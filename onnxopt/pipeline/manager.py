@@ -7,8 +7,10 @@ still well formed, emits only ops the target allows (``capabilities.allowed_ops`
 under verify, that a lossless pass kept the outputs of its input in onnxruntime. A pass
 that raises or breaks the model is rolled back to the snapshot, with what it put into the
 context, and reported; ``strict`` makes that fatal (PassFailedError, exit 1, for a pass
-that raised or lied; VerificationError, exit 3, for a pass that broke the model). After a
-change, cached analyses and activation statistics the pass does not preserve are dropped.
+that raised or lied; VerificationError, exit 3, for a pass that broke the model). Under a
+fidelity floor (onnxopt.pipeline.floor), a lossy pass that leaves the model below it gives
+its costliest layers back, or is rolled back. After a change, cached analyses and
+activation statistics the pass does not preserve are dropped.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     verified: str | None = None  # "equal" | "skipped: …" | None (not asked)
+    fidelity: dict | None = None  # a lossy pass under a fidelity floor: what it was measured at
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -59,8 +62,9 @@ class PassManager:
     """Runs resolved PassSpecs in order on one model."""
 
     def __init__(self, specs: list[PassSpec], verify: bool = False, strict: bool = False,
-                 verify_inputs: dict | None = None, progress: bool = False):
+                 verify_inputs: dict | None = None, progress: bool = False, floor_keeper=None):
         self.specs = specs
+        self.floor_keeper = floor_keeper  # onnxopt.pipeline.floor.FloorKeeper, or None
         self.verify = verify
         self.strict = strict
         self.verify_inputs = verify_inputs
@@ -151,10 +155,13 @@ class PassManager:
             problem = _disallowed_ops(op_types(model.graph) - ops_before, allowed, ctx.target.name)
         if changed and problem is None and self.verify:
             problem = self._verify_change(model, cls.lossless, record, ctx)
+        if changed and problem is None and not cls.lossless and self.floor_keeper is not None:
+            problem = self.floor_keeper.enforce(cls, dict(spec.options), model, ctx, snapshot, record)
+            digest_after = model_digest(model)  # the floor may have rerun the pass
         if problem is not None:
             self._restore(model, snapshot, digest_before, ctx, ctx_state)
             record.status, record.error = "rolled-back", problem
-            logger.warning("pass %s broke the model and was rolled back: %s", spec.name, problem)
+            logger.warning("pass %s was rolled back: %s", spec.name, problem)
             if self.strict:
                 raise VerificationError(f"pass '{spec.name}' broke the model: {problem}")
         elif changed:

@@ -75,6 +75,18 @@ class Pass:
     # define ``calibration_requests(model, ctx) -> list[Reducer]``: the manager gathers the
     # requests of a block of calibrating passes so that one streamed run serves them.
     needs_calibration: ClassVar[bool] = False
+    # Lossy passes that change layers one by one (quantization, float16) name the option
+    # that leaves given layers as they are (node names, or first output names); the
+    # fidelity floor gives the layers that cost most back through it, and ``layers`` lists
+    # the layers the pass would change in ``model`` (same keys: onnxopt.ir.graphs.node_key).
+    keep_option: ClassVar[str | None] = None
+    # A pass that exists to make the model faster on the target (int8 kernels): under a
+    # speed floor (``max_latency_ratio``) it must not leave the model slower than before.
+    promises_speed: ClassVar[bool] = False
+
+    def layers(self, model, ctx) -> list[str]:
+        """Keys of the layers this pass would change in ``model`` (for ``keep_option``)."""
+        return []
 
     @dataclass
     class Options:

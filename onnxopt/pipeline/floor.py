@@ -1,0 +1,439 @@
+"""The fidelity floor: no lossy pass leaves the model worse than the run's floor.
+
+After a lossy pass changed the model, the pass manager asks ``FloorKeeper.enforce``. The
+model is measured on the probe's batches (``onnxopt.measure.fidelity``); when it is below the
+floor and the pass can leave layers alone (its ``keep_option``), the layers that cost most
+go back to what they were, fewest first, until the floor holds:
+
+1. ranking (one capture run of the model after the pass, and each layer alone): a layer's
+   cost is the error it adds by itself, its output there against the original layer run in
+   float on the very inputs it saw there; then the first ``measured`` layers of that
+   ranking are measured as the issue of interest is: the whole model with that one layer
+   kept (a log after a MatMul amplifies an error a local estimate cannot see);
+2. search: the pass runs again from the model before it with the top 1, 2, 4, … layers
+   kept, each result measured, then a bisection between the last two counts finds the
+   fewest that hold the floor.
+
+When even every layer kept does not hold, or the pass has no such option, the pass is
+rolled back and the reason is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from onnxopt import runtime
+from onnxopt.data.capture import Capture, capturable
+from onnxopt.errors import OnnxoptError
+from onnxopt.ir.constants import constant_value, is_constant
+from onnxopt.ir.graphs import node_key
+from onnxopt.ir.model import ModelState
+from onnxopt.ir.submodel import submodel
+from onnxopt.ir.validate import structural_problem
+from onnxopt.measure.fidelity import Fidelity, FidelityProbe, Floor
+
+logger = logging.getLogger(__name__)
+
+_SNR_CAP = 120.0  # dB standing for "unchanged" when ranking
+
+
+@dataclass
+class Trial:
+    """One run of the pass with some layers kept: what it gave and what it said."""
+
+    fidelity: Fidelity
+    state: ModelState
+    stats: dict
+    notes: list[str]
+    metadata: dict
+
+
+class FloorKeeper:
+    """Holds lossy passes to ``floor`` on ``probe``'s batches (see the module docstring)."""
+
+    def __init__(self, floor: Floor, probe_factory, max_trials: int = 14, measured: int = 24):
+        self.floor = floor
+        self._probe_factory = probe_factory  # () -> FidelityProbe, built on first use
+        self._probe: FidelityProbe | None = None
+        self.max_trials = max_trials  # runs of the search for the fewest layers to keep
+        self.measured = measured  # layers whose sensitivity is measured, not estimated
+
+    @property
+    def probed(self) -> bool:
+        """Whether a pass was judged (the probe exists)."""
+        return self._probe is not None
+
+    @property
+    def probe(self) -> FidelityProbe:
+        if self._probe is None:
+            self._probe = self._probe_factory()
+        return self._probe
+
+    def enforce(self, cls: type, options: dict, model, ctx, before: ModelState, record) -> str | None:
+        """Hold the model a lossy pass left to the floor: fidelity first (giving layers back),
+        then speed for a pass that promises it. Returns None (the model meets the floor,
+        possibly after layers were given back) or the reason to roll the pass back."""
+        start = time.perf_counter()
+        report: dict[str, Any] = {"floor": self.floor.describe(), "data": self.probe.source}
+        record.fidelity = report
+        saved = (len(ctx.notes), dict(ctx.metadata))
+        kept: list[str] = []
+        problem = None
+        if self.floor.fidelity_bound:
+            problem, kept = self._hold_fidelity(cls, options, model, ctx, before, record, report, saved)
+        if problem is None and cls.promises_speed and self.floor.max_latency_ratio is not None:
+            problem = self._hold_speed(cls, options, model, ctx, before, record, report, saved, kept)
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        return problem
+
+    # -- fidelity ----------------------------------------------------------------------------
+    def _hold_fidelity(self, cls, options, model, ctx, before, record, report, saved) -> tuple[str | None, list]:
+        first = self._measure(model)
+        report["after_pass"] = first.to_json()
+        if self.floor.holds(first):
+            return None, []
+        below = f"{_describe(first)} is below the fidelity floor ({self.floor.describe()})"
+        if cls.keep_option is None:
+            return below, []
+        after = model.snapshot()
+        model.restore(_clone(before))
+        candidates = [k for k in cls(**options).layers(model, ctx) if k]
+        if not candidates:
+            model.restore(after)
+            return below, []
+        ranked = self._rank(candidates, model, after)
+        # the first layers of the ranking, measured: the fidelity with each one alone kept
+        measured = {}
+        for key in ranked[:self.measured]:
+            alone = self._trial(cls, options, [key], model, ctx, before, saved)
+            measured[key] = alone.fidelity.snr_db if alone is not None else -math.inf
+        ranked = sorted(measured, key=lambda k: -measured[k]) + ranked[self.measured:]
+        report["sensitivity_trials"] = len(measured)
+        tried: dict[int, Trial | None] = {}
+
+        def holds(k: int) -> bool:
+            if k not in tried:
+                tried[k] = self._trial(cls, options, ranked[:k], model, ctx, before, saved)
+            return tried[k] is not None and self.floor.holds(tried[k].fidelity)
+
+        good = _fewest(holds, len(ranked), self.max_trials)
+        report["trials"] = len(tried)
+        if good is None:
+            model.restore(after)
+            best = max((r.fidelity for r in tried.values() if r is not None), key=lambda f: f.snr_db,
+                       default=first)
+            return (f"{below}, and keeping {max(tried)} of {len(ranked)} layers as they were still gives "
+                    f"{_describe(best)}"), []
+        chosen = tried[good]
+        self._accept(chosen, ctx, saved, record, model)
+        report["kept"] = ranked[:good]
+        report["final"] = chosen.fidelity.to_json()
+        ctx.notes.append(f"{cls.name}: {good} of {len(ranked)} layer(s) kept as they were to hold the "
+                         f"fidelity floor ({self.floor.describe()}): {_describe(chosen.fidelity)}")
+        ctx.metadata[f"floor.{cls.name}"] = f"{good} layer(s) kept for fidelity (measured on {self.probe.source})"
+        return None, ranked[:good]
+
+    # -- speed -------------------------------------------------------------------------------
+    def _hold_speed(self, cls, options, model, ctx, before, record, report, saved, kept) -> str | None:
+        """The model must not be slower than before the pass (``max_latency_ratio``): regions
+        of layers that cost more in Q/DQ transitions than they save go back, worst first."""
+        before_proto = _clone_model(model, before).export()
+        speed = self._speed(before_proto, model)
+        report["speed"] = speed.to_json() if speed else None
+        if speed is None or self.floor.fast_enough(speed.ratio):
+            return None
+        limit = self.floor.max_latency_ratio
+        after = model.snapshot()
+        model.restore(_clone(before))
+        base = dict(options)
+        base[cls.keep_option] = list(base.get(cls.keep_option, [])) + kept if cls.keep_option else []
+        regions = self._regions(cls(**base).layers(model, ctx), model, ctx) if cls.keep_option else []
+        report["regions"] = len(regions)
+        tried: dict[int, tuple[Trial, Any] | None] = {}
+
+        def fast(j: int) -> bool:
+            if j not in tried:
+                keep = kept + [k for region in regions[:j] for k in region]
+                result = self._trial(cls, options, keep, model, ctx, before, saved)
+                tried[j] = None if result is None else (result, self._speed(before_proto, model))
+            got = tried[j]
+            return got is not None and got[1] is not None and self.floor.fast_enough(got[1].ratio) \
+                and (not self.floor.fidelity_bound or self.floor.holds(got[0].fidelity))
+
+        good = _fewest(fast, len(regions), max(4, self.max_trials // 2)) if regions else None
+        report["speed_trials"] = len(tried)
+        if good is None or good == len(regions):  # every region float: nothing of the pass pays
+            model.restore(after)
+            return (f"the model runs {speed.ratio:.2f}x the time it took before the pass, above the speed "
+                    f"floor ({limit:g}x), and no part of the pass pays for itself on this target")
+        chosen, chosen_speed = tried[good]
+        self._accept(chosen, ctx, saved, record, model)
+        given_back = [k for region in regions[:good] for k in region]
+        report["kept_for_speed"] = given_back
+        report["speed_final"] = chosen_speed.to_json()
+        report["final"] = chosen.fidelity.to_json()
+        ctx.notes.append(f"{cls.name}: {len(given_back)} layer(s) in {good} region(s) kept as they were: "
+                         f"quantized they ran slower ({speed.ratio:.2f}x → {chosen_speed.ratio:.2f}x)")
+        # a measured choice: this machine's timing decided it, so the model says so
+        ctx.metadata[f"floor.{cls.name}"] = (f"{len(kept) + len(given_back)} layer(s) kept: {len(given_back)} "
+                                             f"for speed, measured here at {speed.ratio:.2f}x quantized")
+        return None
+
+    def _speed(self, before_proto, model):
+        from onnxopt.measure.speed import compare_speed
+
+        try:
+            return compare_speed(before_proto, model.export(), self.probe.batches[0], self.probe.providers)
+        except runtime.CannotRun as exc:
+            logger.debug("cannot time the model: %s", exc)
+            return None
+
+    def _regions(self, layers: list[str], model, ctx) -> list[list[str]]:
+        """The layers that run quantized, grouped into regions (layers joined directly or
+        through ops Q/DQ moves through), ordered by compute per element crossing their
+        border, least first: a region that does little work between its Q and DQ nodes is
+        the first to cost more than it saves."""
+        from onnxopt.analysis.cost import model_cost
+
+        q = ctx.target.quantization
+        transparent = set(q.get("passthrough_ops", [])) | set(q.get("unified_scale_ops", []))
+        nodes = {node_key(n): n for n in model.graph.nodes}
+        members = {k: nodes[k] for k in layers if k in nodes}
+        key_of = {id(n): k for k, n in members.items()}
+        parent = {k: k for k in members}
+
+        def find(k):
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        for key, node in members.items():  # join each layer to the layers it feeds
+            stack = [t for t in node.outputs]
+            seen = set()
+            while stack:
+                t = stack.pop()
+                for user in t.outputs:
+                    if id(user) in seen:
+                        continue
+                    seen.add(id(user))
+                    if id(user) in key_of:
+                        parent[find(key_of[id(user)])] = find(key)
+                    elif user.op in transparent:
+                        stack.extend(user.outputs)
+        groups: dict[str, list[str]] = {}
+        for key in members:
+            groups.setdefault(find(key), []).append(key)
+        proto = model.export()
+        try:
+            cost = {c.name: c for c in model_cost(proto, feeds=self.probe.batches[0], memory=False).nodes}
+        except Exception as exc:  # noqa: BLE001  (no costs: regions in graph order)
+            logger.debug("no cost model for the regions: %s", exc)
+            cost = {}
+        sizes = _tensor_sizes(proto, self.probe.batches[0], {t.name for n in members.values()
+                                                            for t in list(n.inputs) + list(n.outputs)})
+
+        def score(keys: list[str]) -> float:
+            inside = {id(members[k]) for k in keys}
+            work = sum(_count(cost.get(members[k].name)) for k in keys)
+            border = 0
+            for k in keys:
+                node = members[k]
+                for t in node.inputs:
+                    if t.name in sizes and not (t.inputs and id(t.inputs[0]) in inside):
+                        border += sizes[t.name]
+                for t in node.outputs:
+                    if t.name in sizes and any(id(u) not in inside for u in t.outputs):
+                        border += sizes[t.name]
+            return work / (border + 1)
+
+        return sorted(groups.values(), key=score)
+
+    def _accept(self, chosen: "Trial", ctx, saved, record, model) -> None:
+        """Make ``chosen`` the model, with what its run said."""
+        model.restore(chosen.state)
+        del ctx.notes[saved[0]:]
+        ctx.notes.extend(chosen.notes)
+        ctx.metadata.clear()
+        ctx.metadata.update(chosen.metadata)
+        record.stats = dict(chosen.stats)
+
+    # -- one trial --------------------------------------------------------------------------
+    def _trial(self, cls, options: dict, keep: list[str], model, ctx, before: ModelState, saved) -> "Trial | None":
+        """The pass run again from ``before`` with ``keep`` left alone, or None when it failed."""
+        model.restore(_clone(before))
+        del ctx.notes[saved[0]:]
+        ctx.metadata.clear()
+        ctx.metadata.update(saved[1])
+        ctx.invalidate(frozenset({"statistics"}))  # the model is the one the statistics are of
+        opts = dict(options)
+        opts[cls.keep_option] = list(opts.get(cls.keep_option, [])) + list(keep)
+        try:
+            result = cls(**opts).run(model, ctx)
+        except OnnxoptError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (the trial fails; the search goes on)
+            logger.debug("%s with %d layer(s) kept raised: %s", cls.name, len(keep), exc)
+            return None
+        if result.changed and structural_problem(model.graph) is not None:
+            return None
+        fidelity = self._measure(model)
+        logger.info("%s with %d layer(s) kept: %s", cls.name, len(keep), _describe(fidelity))
+        return Trial(fidelity, model.snapshot(), dict(result.stats), list(ctx.notes[saved[0]:]), dict(ctx.metadata))
+
+    def _measure(self, model) -> Fidelity:
+        try:
+            return self.probe.measure(model.export())
+        except runtime.CannotRun as exc:
+            return Fidelity(-math.inf, 0.0, f"(onnxruntime cannot run it: {exc})")
+
+    # -- ranking ----------------------------------------------------------------------------
+    def _rank(self, candidates: list[str], model, after: ModelState) -> list[str]:
+        """``candidates`` (keys of layers of ``model``, the model before the pass) ordered by
+        the error each adds by itself, most first: the layer's output in the model after the
+        pass against the original layer run in float on the inputs it saw there. Layers that
+        cannot be measured (inside subgraphs, renamed, non-numeric) come last."""
+        nodes = {node_key(n): n for n in model.graph.nodes}
+        layers = {}
+        for key in candidates:
+            node = nodes.get(key)
+            if node is None or not node.outputs or not node.outputs[0].name:
+                continue
+            constants, data = {}, []
+            for t in node.inputs:
+                if not t.name:
+                    continue
+                if is_constant(t):
+                    value = constant_value(t)
+                    if value is None:
+                        break
+                    constants[t.name] = value
+                else:
+                    data.append(t.name)
+            else:
+                layers[key] = (node, constants, data, node.outputs[0].name)
+        after_proto = _clone_model(model, after).export()
+        available = capturable(after_proto)
+        layers = {k: v for k, v in layers.items() if v[3] in available and all(n in available for n in v[2])}
+        own = self._own_snr(layers, after_proto, model)
+        measured = sorted(own, key=lambda k: own[k])  # noisiest first
+        return measured + [k for k in candidates if k not in own]
+
+    def _own_snr(self, layers: dict, after_proto, model) -> dict[str, float]:
+        """Per layer: the SNR (dB) of its output in ``after_proto`` against the original
+        layer computed in float on the inputs it saw there, over the probe's batches."""
+        if not layers:
+            return {}
+        probe = self.probe
+        names = sorted({n for _, _, data, out in layers.values() for n in data + [out]})
+        try:
+            cap = Capture(after_proto, names, probe.providers, probe.threads, what="the model after the pass")
+        except OnnxoptError as exc:
+            logger.debug("cannot rank layers: %s", exc)
+            return {}
+        opsets, ir_version = model.opset_protos(), model.template.ir_version
+        sessions: dict[str, Any] = {}
+        signal = dict.fromkeys(layers, 0.0)
+        noise = dict.fromkeys(layers, 0.0)
+        for i, batch in enumerate(probe.batches):
+            seen = cap.run(batch, i)
+            for key, (node, constants, data, out) in layers.items():
+                if key not in signal:
+                    continue
+                feeds = {n: _float32(seen[n]) for n in data}
+                got = seen[out]
+                try:
+                    if key not in sessions:
+                        sessions[key] = runtime.session(submodel([node], constants, feeds, opsets, ir_version),
+                                                        ["CPUExecutionProvider"], 1)
+                    (want,) = sessions[key].run([out], feeds)
+                except Exception as exc:  # noqa: BLE001  (a layer that cannot run alone is not ranked)
+                    logger.debug("cannot run layer %s alone: %s", key, exc)
+                    signal.pop(key)
+                    continue
+                if not isinstance(got, np.ndarray) or got.shape != want.shape or want.dtype.kind != "f":
+                    signal.pop(key)
+                    continue
+                w, g = want.astype(np.float64), got.astype(np.float64)
+                signal[key] += float(np.sum(w * w))
+                noise[key] += float(np.sum((w - g) ** 2))
+        return {k: (math.inf if noise[k] == 0 else 10 * math.log10(max(signal[k], 1e-300) / noise[k]))
+                for k in signal}
+
+
+def _float32(value: np.ndarray) -> np.ndarray:
+    """A low-precision float activation (the pass converted it) as the original's float32."""
+    return value.astype(np.float32) if isinstance(value, np.ndarray) and value.dtype == np.float16 else value
+
+
+def _fewest(ok, n: int, budget: int) -> int | None:
+    """The smallest k in 1..n with ``ok(k)``, assuming ``ok`` is monotone: doubling k until it
+    holds, then bisecting; None when even n does not hold (or the budget of calls ends)."""
+    calls, k, good = 0, 1, None
+    while calls < budget:
+        calls += 1
+        if ok(min(k, n)):
+            good = min(k, n)
+            break
+        if k >= n:
+            return None
+        k *= 2
+    if good is None:
+        return None
+    lo = good // 2
+    while good - lo > 1 and calls < budget:
+        calls += 1
+        mid = (lo + good) // 2
+        if ok(mid):
+            good = mid
+        else:
+            lo = mid
+    return good
+
+
+def _count(cost) -> float:
+    """MACs plus FLOPs of a node's cost (0 when unknown or symbolic)."""
+    if cost is None:
+        return 0.0
+    from onnxopt.analysis.cost import to_json
+
+    total = 0.0
+    for value in (cost.macs, cost.flops):
+        v = to_json(value) if value is not None else None
+        total += float(v) if isinstance(v, (int, float)) else 0.0
+    return total
+
+
+def _tensor_sizes(proto, feeds: dict, names: set[str]) -> dict[str, int]:
+    """Elements of each named tensor of ``proto`` on one batch (what crosses a region's border)."""
+    wanted = sorted(names & capturable(proto))
+    try:
+        values = Capture(proto, wanted).run(feeds)
+    except OnnxoptError:
+        return {}
+    return {n: int(np.size(v)) for n, v in values.items() if isinstance(v, np.ndarray)}
+
+
+def _describe(f: Fidelity) -> str:
+    return f"worst output '{f.output}' at {f.snr_db:.1f} dB SNR, cosine {f.cosine:.5f}"
+
+
+def _clone(state: ModelState) -> ModelState:
+    """A copy of a snapshot, so the snapshot itself can be restored again later."""
+    return ModelState(state.graph.copy(), list(state.opset_import), state.modified)
+
+
+def _clone_model(model, state: ModelState):
+    """A Model sharing ``model``'s template with ``state`` as its contents (for export)."""
+    from onnxopt.ir.model import Model
+
+    other = Model.__new__(Model)
+    other.__dict__.update(model.__dict__)
+    other.restore(_clone(state))
+    return other
