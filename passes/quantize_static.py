@@ -346,7 +346,7 @@ class QuantizeStaticPass(Pass):
             root = plan.find(name)
             glo, ghi = group_range.get(root, (lo, hi))
             group_range[root] = (min(glo, lo), max(ghi, hi))
-        names = NameTable.of(graph)
+        names = qdq.ConstantPool(NameTable.of(graph))
         scales: dict[int, np.ndarray] = {}
         inserted = 0
         for name, tensor in plan.activations.items():
@@ -384,7 +384,7 @@ class QuantizeStaticPass(Pass):
                 out.add(key)
         return out
 
-    def _insert(self, graph: gs.Graph, names: NameTable, tensor: gs.Tensor, scale, zp, plan: Plan):
+    def _insert(self, graph: gs.Graph, names: qdq.ConstantPool, tensor: gs.Tensor, scale, zp, plan: Plan):
         is_output = any(t is tensor for t in graph.outputs)
         if plan.rewire_all.get(tensor.name):
             consumers = list(tensor.outputs)

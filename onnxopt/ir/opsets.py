@@ -128,11 +128,18 @@ def raise_opset(model, version: int, convert: bool = True) -> tuple[bool, str]:
     reasons = ", ".join(sorted(blockers)[:3])
     if not convert:
         return False, f"raising {current} -> {version} would change: {reasons}"
+    proto = model.export()
+    declared = {v.name for v in proto.graph.value_info}
     try:
-        converted = onnx.version_converter.convert_version(model.export(), version)
+        converted = onnx.version_converter.convert_version(proto, version)
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter lacks an adapter for some op
         return False, f"onnx version converter failed ({str(exc).splitlines()[0][:120]})"
+    # the converter infers shapes on the way: keep only the value_info the model declared
+    # (the rest would be written to the file, 1% of a quantized detector, and may go stale)
+    kept = [v for v in converted.graph.value_info if v.name in declared]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(kept)
     model.require_opset("", version)
     model.graph = import_graph(converted)
     model.graph.opset = version

@@ -98,7 +98,8 @@ def q_params(proto, tensor_name):
     """(scale, zero point) of the QuantizeLinear reading ``tensor_name``."""
     values = inits(proto)
     (node,) = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor_name]
-    return values[node.input[1]], values[node.input[2]]
+    # a uint8 zero point of 0 is left out (QuantizeLinear's default)
+    return values[node.input[1]], values[node.input[2]] if len(node.input) > 2 else np.uint8(0)
 
 
 def dq_of(proto, consumer_op, index):
