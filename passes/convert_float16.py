@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analysis.use_def import outer_scope_names
 from onnxopt.errors import PipelineError
+from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import iter_graphs, named, node_key
 from onnxopt.ir.names import NameTable
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
@@ -94,8 +95,8 @@ def clamp_to_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
 def _reads_out_of_range(node: gs.Node) -> bool:
     for t in node.inputs:
         if isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32:
-            v = np.asarray(t.values)
-            if v.size and np.any(np.isfinite(v) & (np.abs(v) > FP16_MAX)):
+            v = constant_value(t)
+            if v is not None and v.size and np.any(np.isfinite(v) & (np.abs(v) > FP16_MAX)):
                 return True
     return False
 
@@ -173,7 +174,7 @@ class ConvertFloat16Pass(Pass):
         def low_constant(c: gs.Constant) -> gs.Constant:
             nonlocal clamped
             if id(c) not in const_copies:
-                values = np.asarray(c.values, dtype=np.float32)
+                values = np.asarray(constant_value(c), dtype=np.float32)
                 if o.dtype == "float16":
                     conv, n = clamp_to_float16(values)
                     if n:
