@@ -158,13 +158,18 @@ def test_int8_that_runs_slower_than_float_stays_float(tmp_path):
 def test_the_target_sets_the_floor_and_the_report_says_where_the_data_came_from(tmp_path):
     model = log_after_matmul()
     target = tmp_path / "t.toml"
-    target.write_text('schema = 1\nname = "strict"\nextends = "cpu"\n[floor]\nmin_snr_db = 30.0\n')
+    target.write_text('schema = 1\nname = "strict"\nextends = "cpu"\n[floor]\nmin_snr_db = 15.0\n')
     result = onnxopt.optimize(model, target=str(target), pipeline="quantize-static",
                               calibration=npz(tmp_path, model), data=npz(tmp_path, model, "eval.npz", seed=1))
-    assert result.report["floor"]["min_snr_db"] == 30.0
+    assert result.report["floor"]["min_snr_db"] == 15.0
     assert result.report["floor"]["data"] == "4 batch(es) of the evaluation data"
-    fid = result.report["passes"][0]["fidelity"]
-    assert {"floor", "data", "after_pass", "kept", "final", "trials", "seconds"} <= set(fid)
+    (p,) = result.report["passes"]
+    fid = p["fidelity"]
+    assert {"floor", "data", "after_pass", "trials", "sensitivity_trials", "seconds"} <= set(fid)
+    if p["status"] == "changed":
+        assert {"kept", "final"} <= set(fid)
+    else:  # on these batches even three of the four layers kept do not hold the floor
+        assert p["status"] == "rolled-back" and "at most 75%" in p["error"]
 
 
 def test_hold_back_splits_without_overlap():

@@ -14,8 +14,10 @@ go back to what they were, fewest first, until the floor holds:
    kept, each result measured, then a bisection between the last two counts finds the
    fewest that hold the floor.
 
-When even every layer kept does not hold, or the pass has no such option, the pass is
-rolled back and the reason is reported.
+When keeping up to ``max_kept_fraction`` (three quarters) of its layers does not hold, or
+the pass has no such option, the pass is rolled back and the reason is reported: a pass
+that must leave most of the model as it was is not worth its overhead, and a later pass
+(dynamic int8 after static) may do better on what it leaves.
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ class Trial:
 class FloorKeeper:
     """Holds lossy passes to ``floor`` on ``probe``'s batches (see the module docstring)."""
 
-    def __init__(self, floor: Floor, probe_factory, max_trials: int = 14, measured: int = 24):
+    def __init__(self, floor: Floor, probe_factory, max_trials: int = 14, measured: int = 24,
+                 max_kept_fraction: float = 0.75):
         self.floor = floor
+        # Past this share of its layers kept as they were, a pass is not worth its Q/DQ
+        # overhead (and a later pass may do better on what it leaves): it is rolled back.
+        self.max_kept_fraction = max_kept_fraction
         self._probe_factory = probe_factory  # () -> FidelityProbe, built on first use
         self._probe: FidelityProbe | None = None
         self.max_trials = max_trials  # runs of the search for the fewest layers to keep
@@ -122,14 +128,15 @@ class FloorKeeper:
                 tried[k] = self._trial(cls, options, ranked[:k], model, ctx, before, saved)
             return tried[k] is not None and self.floor.holds(tried[k].fidelity)
 
-        good = _fewest(holds, len(ranked), self.max_trials)
+        most = max(1, int(self.max_kept_fraction * len(ranked)))
+        good = _fewest(holds, most, self.max_trials)
         report["trials"] = len(tried)
         if good is None:
             model.restore(after)
             best = max((r.fidelity for r in tried.values() if r is not None), key=lambda f: f.snr_db,
                        default=first)
-            return (f"{below}, and keeping {max(tried)} of {len(ranked)} layers as they were still gives "
-                    f"{_describe(best)}"), []
+            return (f"{below}, and keeping {max(tried)} of {len(ranked)} layers as they were (at most "
+                    f"{self.max_kept_fraction:.0%}) still gives {_describe(best)}"), []
         chosen = tried[good]
         self._accept(chosen, ctx, saved, record, model)
         report["kept"] = ranked[:good]
