@@ -40,9 +40,15 @@ class OptimizeResult:
 def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSpec] | None = None,
          has_calibration: bool = False) -> tuple[Target, list[PassSpec], list[str]]:
     """(target, resolved specs, notes): the pipeline a run would execute."""
+    from onnxopt.target import WITHOUT_DATA_PIPELINE
+
     target = load_target(target)
     notes: list[str] = []
     text = pipeline if pipeline is not None else "default"
+    if pipeline is None and not has_calibration and WITHOUT_DATA_PIPELINE in target.pipelines:
+        text = WITHOUT_DATA_PIPELINE  # the target's own choice without data (gpu: float16)
+        notes.append(f"no calibration data: ran target '{target.name}' pipeline '{WITHOUT_DATA_PIPELINE}' "
+                     f"({target.pipelines[WITHOUT_DATA_PIPELINE]}); give --calibration for 'default'")
     specs = resolve(text, target.pipelines, target.passes)
     if not has_calibration:
         from onnxopt.pipeline.registry import get_pass
@@ -64,16 +70,24 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
 def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | os.PathLike | Target = "cpu",
              pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
              verify: bool = False, strict: bool = False, progress: bool = False,
-             seed: int = 0) -> OptimizeResult:
+             seed: int = 0, input_shapes: dict[str, list[int]] | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
 
     ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
+    ``input_shapes`` ({name: dims}, `--input-shape`) fixes input shapes first (the
+    ``fix-shapes`` pass); a target with ``static_shapes`` refuses a model whose inputs stay
+    dynamic. The run ends with `onnxopt check` against the target (``report["check"]``).
     Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
     The input (file or proto) is never modified.
     """
     started = time.perf_counter()
     target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
     m = load(model)
+    if input_shapes:
+        shapes = [f"{name}:{','.join(map(str, dims))}" for name, dims in input_shapes.items()]
+        specs = [PassSpec("fix-shapes", {"shapes": shapes})] + specs
+    if target.capabilities.get("static_shapes"):
+        require_static_inputs(m, target, input_shapes or {})
     reference = Reference(m)
     calib = None
     if calibration is not None:
@@ -94,6 +108,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     finally:
         gc.unfreeze()
     proto = m.to_proto()
+    from onnxopt.analysis.target_check import check_model
+
+    check = check_model(proto, target)  # what the target still cannot run, reported
+    if not check.conforms:
+        ctx.notes.append(f"check: {check.summary()} (onnxopt check OUT --target {target.name} lists them)")
     pipeline_text = format_pipeline(specs)
     add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
                    source_sha256=m.source_sha256, **ctx.metadata)
@@ -109,6 +128,24 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "notes": list(ctx.notes),
         "chosen": dict(ctx.metadata),  # what "auto" settings found on this machine and chose
         "providers": ctx.resolved_providers,
+        "check": check.to_json(),
         "seconds": time.perf_counter() - started,
     }
     return OptimizeResult(model=proto, report=report, records=records, target=target)
+
+
+def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list[int]]) -> None:
+    """A target that needs static shapes refuses a model whose inputs stay dynamic, naming
+    each such input and the flag that fixes it."""
+    from onnxopt.errors import UsageError
+
+    dynamic = []
+    for t in m.graph.inputs:
+        shape = input_shapes.get(t.name, t.shape)
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            example = ",".join(str(d) if isinstance(d, int) and d >= 0 else "1" for d in (shape or []))
+            dynamic.append(f"input '{t.name}' has shape {list(shape) if shape is not None else 'unknown'}: "
+                           f"give --input-shape {t.name}:{example or 'D1,D2,…'}")
+    if dynamic:
+        raise UsageError(f"target '{target.name}' needs static shapes (capabilities.static_shapes): "
+                         + "; ".join(dynamic) + " (input_shapes= in the Python API)")

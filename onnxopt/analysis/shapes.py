@@ -125,9 +125,15 @@ def _collect(graph: onnx.GraphProto, out: dict) -> None:
                 _collect(sub, out)
 
 
+def tensor_infos(proto: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of ``proto``, subgraphs included, after inference
+    (which keeps the declared types it cannot improve)."""
+    shapes: dict[str, TensorInfo] = {}
+    _collect(infer(proto).graph, shapes)
+    return shapes
+
+
 @register_analysis("shapes")
 def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor of the model, subgraphs included."""
-    shapes: dict[str, TensorInfo] = {}
-    _collect(infer(model.export()).graph, shapes)  # inference keeps the declared types it cannot improve
-    return shapes
+    return tensor_infos(model.export())
