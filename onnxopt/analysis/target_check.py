@@ -239,7 +239,7 @@ class _Checker:
                      + " (not behind DequantizeLinear / QuantizeLinear): the target computes in integer only",
                      where)
         if self.types:
-            skip = FLOAT_TYPES if self.integer_only else frozenset()
+            skip = FLOAT_TYPES if self.integer_only else frozenset()  # reported as float-compute
             bad = sorted({ty for ty in list(ins.values()) + list(outs.values())
                           if ty and ty not in self.types and ty not in skip})
             if bad:
@@ -247,8 +247,9 @@ class _Checker:
                          f"{', '.join(sorted(self.types))} (capabilities.tensor_types)", where)
         wanted = rules.get("input_types")
         if wanted:
+            skip = FLOAT_TYPES if self.integer_only else frozenset()  # reported as float-compute
             bad_inputs = [f"input {i} '{node.inputs[i].name}' is {ty}" for i, ty in ins.items()
-                          if ty and ty not in wanted]
+                          if ty and ty not in wanted and ty not in skip]
             if bad_inputs:
                 self.add("unsupported-type", node, "; ".join(bad_inputs) + f"; {key} takes {', '.join(wanted)} "
                          f"(capabilities.ops.{key}.input_types)", where)
