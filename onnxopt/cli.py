@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check each pass in onnxruntime; roll back a lossless pass that changes outputs")
     p.add_argument("--strict", action="store_true",
                    help="a pass that fails or breaks the model stops the run (exit 1 or 3)")
+    p.add_argument("--validate-ep", action="store_true",
+                   help="run the result on the target's execution providers where installed (CUDA, TensorRT, "
+                        "QNN, OpenVINO, …) and compare it with the original there; a missing provider falls "
+                        "back to CPU with a note; a result that fails there exits 3")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to OUT.onnx.data (automatic over 2 GB)")
     _add_common(p)
@@ -189,6 +193,18 @@ def cmd_optimize(args) -> int:
                                       max_drop=args.max_drop, latency=bool(args.report),
                                       progress=progress, providers=providers, input_shapes=input_shapes)
     gate = comparison.get("gate") if comparison else None
+    if args.validate_ep:
+        from onnxopt.measure.validate_ep import validate_on_providers
+
+        validation = validate_on_providers(args.input, result.model, list(result.target.runtime.execution_providers),
+                                           data=args.data, metric=metric, max_drop=args.max_drop,
+                                           input_shapes=input_shapes)
+        report["validate_ep"] = validation["runs"]
+        report["notes"].extend(n for n in validation["notes"] if n not in report["notes"])
+        failed = [r for r in validation["runs"] if r.get("gate") and not r["gate"]["passed"]]
+        if failed and not (gate and not gate["passed"]):
+            gate = failed[0]["gate"] | {"provider": failed[0]["provider"]}
+            comparison = {"metric": failed[0]["metric"], "gate": gate}
     if gate and not gate["passed"]:
         if not args.quiet:
             print(_summary_table(report | {"input_bytes": Path(args.input).stat().st_size}))
@@ -226,6 +242,11 @@ def _summary_table(report: dict) -> str:
                if p["status"] in ("failed", "rolled-back")]
     if fidelity_line(report):
         lines.append(fidelity_line(report))
+    for run in report.get("validate_ep", []):
+        if run["status"] == "ran":
+            m = run["metric"]
+            where = "" if run.get("all_nodes_on_provider", True) else " (some nodes on CPU)"
+            lines.append(f"validated on {run['provider']}{where}: {m['metric']} {m.get('value', float('nan')):.6g} (drop {m['drop']:.3g})")
     lines.append(f"target {report['target']}; pipeline {report['pipeline']}")
     lines.append(f"changed by: {', '.join(changed) or 'nothing'}; {report['seconds']:.2f} s")
     for t in trouble:
