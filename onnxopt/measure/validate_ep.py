@@ -21,6 +21,7 @@ import onnx
 
 from onnxopt import runtime
 from onnxopt.errors import ModelError, VerificationError
+from onnxopt.measure.compare import compare
 
 CPU = runtime.CPU
 
@@ -43,8 +44,6 @@ def validate_on_providers(original, optimized: onnx.ModelProto, requested: list[
     where the original runs.
     """
     import onnxruntime as ort
-
-    from onnxopt.measure.compare import compare
 
     available = set(ort.get_available_providers())
     wanted = [p for p in dict.fromkeys(requested) if p != CPU]
