@@ -110,7 +110,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     proto = m.to_proto()
     from onnxopt.analysis.target_check import check_model
 
-    check = check_model(proto, target)  # what the target still cannot run, reported
+    check = check_model(m, target, proto=proto)  # what the target still cannot run, reported
     if not check.conforms:
         ctx.notes.append(f"check: {check.summary()} (onnxopt check OUT --target {target.name} lists them)")
     pipeline_text = format_pipeline(specs)

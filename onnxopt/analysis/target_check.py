@@ -163,8 +163,7 @@ def _norm(value, rank: int | None, is_axis: bool):
 
 
 class _Checker:
-    def __init__(self, model, target, infos: dict | None, opset: int):
-        self.target = target
+    def __init__(self, target, infos: dict | None, opset: int):
         self.caps = target.capabilities
         self.infos = infos or {}
         self.opset = opset
@@ -173,6 +172,8 @@ class _Checker:
         self.integer_only = bool(self.caps.get("integer_only", False))
         self.types = set(self.caps.get("tensor_types", []))
         self.multiple = int(self.caps.get("channel_multiple", 1) or 1)
+        # float types are reported once, as float-compute, on an integer-only target
+        self.skip_types = FLOAT_TYPES if self.integer_only else frozenset()
         self.findings: list[Finding] = []
         self.graph_outputs: set[str] = set()
 
@@ -197,7 +198,7 @@ class _Checker:
             return self.dtype(p.inputs[0])
         return self.dtype(t)
 
-    def output_type(self, t: gs.Tensor, graph: gs.Graph) -> str | None:
+    def output_type(self, t: gs.Tensor) -> str | None:
         """The type a node's output is kept in: what the QuantizeLinear nodes reading it make."""
         readers = list(t.outputs)
         if readers and t.name not in self.graph_outputs and all(r.op == "QuantizeLinear" for r in readers):
@@ -216,7 +217,7 @@ class _Checker:
         return sorted(i for i in indices if i < len(node.inputs) and node.inputs[i].name)
 
     # -- one node ---------------------------------------------------------------------------------
-    def node(self, node: gs.Node, graph: gs.Graph, where: str) -> None:
+    def node(self, node: gs.Node, where: str) -> None:
         key = _op_key(node)
         if self.allowed and key not in self.allowed and node.op not in self.allowed:
             self.add("unsupported-op", node, f"{key} is not among the ops the target runs "
@@ -231,7 +232,7 @@ class _Checker:
         if node.op in NO_COMPUTE:
             return
         ins = {i: self.input_type(node.inputs[i]) for i in self.data_indices(node)}
-        outs = {t.name: self.output_type(t, graph) for t in node.outputs if t.name}
+        outs = {t.name: self.output_type(t) for t in node.outputs if t.name}
         floats = [f"input {i} '{node.inputs[i].name}' is {ty}" for i, ty in ins.items() if ty in FLOAT_TYPES] + \
                  [f"output '{n}' is {ty}" for n, ty in outs.items() if ty in FLOAT_TYPES]
         if self.integer_only and floats:
@@ -239,17 +240,15 @@ class _Checker:
                      + " (not behind DequantizeLinear / QuantizeLinear): the target computes in integer only",
                      where)
         if self.types:
-            skip = FLOAT_TYPES if self.integer_only else frozenset()  # reported as float-compute
             bad = sorted({ty for ty in list(ins.values()) + list(outs.values())
-                          if ty and ty not in self.types and ty not in skip})
+                          if ty and ty not in self.types and ty not in self.skip_types})
             if bad:
                 self.add("unsupported-type", node, f"computes on {', '.join(bad)}; the target's types are "
                          f"{', '.join(sorted(self.types))} (capabilities.tensor_types)", where)
         wanted = rules.get("input_types")
         if wanted:
-            skip = FLOAT_TYPES if self.integer_only else frozenset()  # reported as float-compute
             bad_inputs = [f"input {i} '{node.inputs[i].name}' is {ty}" for i, ty in ins.items()
-                          if ty and ty not in wanted and ty not in skip]
+                          if ty and ty not in wanted and ty not in self.skip_types]
             if bad_inputs:
                 self.add("unsupported-type", node, "; ".join(bad_inputs) + f"; {key} takes {', '.join(wanted)} "
                          f"(capabilities.ops.{key}.input_types)", where)
@@ -379,9 +378,11 @@ class _Checker:
         return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
 
 
-def check_model(model, target, input_shapes: dict[str, list[int]] | None = None) -> CheckResult:
+def check_model(model, target, input_shapes: dict[str, list[int]] | None = None,
+                proto: onnx.ModelProto | None = None) -> CheckResult:
     """The nodes of ``model`` (a path, ModelProto or onnxopt Model) that ``target`` (a name,
-    file or Target) cannot run as they are. ``input_shapes`` fixes input shapes first."""
+    file or Target) cannot run as they are. ``input_shapes`` fixes input shapes first;
+    ``proto``: ``model`` (an onnxopt Model) as a proto, when the caller has exported it."""
     from onnxopt.analysis.cost import with_input_shapes
     from onnxopt.analysis.shapes import tensor_infos
     from onnxopt.ir.model import Model, load
@@ -391,12 +392,13 @@ def check_model(model, target, input_shapes: dict[str, list[int]] | None = None)
     label = str(model) if not isinstance(model, (onnx.ModelProto, Model)) else None
     m = load(model)
     if input_shapes:
-        m = load(with_input_shapes(m.to_proto(), input_shapes))
+        proto = with_input_shapes(proto or m.to_proto(), input_shapes)
+        m = load(proto)
     caps = target.capabilities
     needs_shapes = bool(caps.get("static_shapes") or caps.get("integer_only") or caps.get("tensor_types")
                         or caps.get("ops") or int(caps.get("channel_multiple", 1) or 1) > 1)
-    infos = tensor_infos(m.to_proto() if not m.modified else m.export()) if needs_shapes else {}
-    checker = _Checker(m, target, infos, m.opset or 1)
+    infos = tensor_infos(proto or m.to_proto()) if needs_shapes else {}
+    checker = _Checker(target, infos, m.opset or 1)
     nodes = 0
     for graph in iter_graphs(m.graph):
         main = graph is m.graph
@@ -404,7 +406,7 @@ def check_model(model, target, input_shapes: dict[str, list[int]] | None = None)
         name = "" if main else (graph.name or "subgraph")
         for node in graph.nodes:
             nodes += 1
-            checker.node(node, graph, name)
+            checker.node(node, name)
         checker.channels(graph, name)
         if main and caps.get("static_shapes"):
             checker.shapes(graph)
