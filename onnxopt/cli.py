@@ -202,7 +202,7 @@ def cmd_optimize(args) -> int:
         report["validate_ep"] = validation["runs"]
         report["notes"].extend(n for n in validation["notes"] if n not in report["notes"])
         failed = [r for r in validation["runs"] if r.get("gate") and not r["gate"]["passed"]]
-        if failed and not (gate and not gate["passed"]):
+        if failed and (gate is None or gate["passed"]):  # the first failed gate is the one reported
             gate = failed[0]["gate"] | {"provider": failed[0]["provider"]}
             comparison = {"metric": failed[0]["metric"], "gate": gate}
     if gate and not gate["passed"]:

@@ -137,15 +137,12 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
 def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list[int]]) -> None:
     """A target that needs static shapes refuses a model whose inputs stay dynamic, naming
     each such input and the flag that fixes it."""
+    from onnxopt.analysis.shapes import is_static
+    from onnxopt.analysis.target_check import dynamic_input
     from onnxopt.errors import UsageError
 
-    dynamic = []
-    for t in m.graph.inputs:
-        shape = input_shapes.get(t.name, t.shape)
-        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-            example = ",".join(str(d) if isinstance(d, int) and d >= 0 else "1" for d in (shape or []))
-            dynamic.append(f"input '{t.name}' has shape {list(shape) if shape is not None else 'unknown'}: "
-                           f"give --input-shape {t.name}:{example or 'D1,D2,…'}")
+    dynamic = [f"input '{t.name}': {dynamic_input(t.name, input_shapes.get(t.name, t.shape))}"
+               for t in m.graph.inputs if not is_static(input_shapes.get(t.name, t.shape))]
     if dynamic:
         raise UsageError(f"target '{target.name}' needs static shapes (capabilities.static_shapes): "
                          + "; ".join(dynamic) + " (input_shapes= in the Python API)")

@@ -22,13 +22,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis.shapes import is_static
 from onnxopt.errors import UsageError
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
-
-
-def _static(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
 
 
 @register_pass("fix-shapes")
@@ -49,7 +46,7 @@ class FixShapesPass(Pass):
         fixed = self._fix_inputs(graph, wanted)
         propagated = self._propagate(model, graph)
         dynamic = sorted(t.name for t in graph.tensors().values()
-                         if isinstance(t, gs.Variable) and t.name and not _static(t.shape))
+                         if isinstance(t, gs.Variable) and t.name and not is_static(t.shape))
         stats = {"inputs_fixed": fixed, "shapes_written": propagated, "still_dynamic": len(dynamic)}
         if dynamic:
             stats["still_dynamic_examples"] = dynamic[:5]
@@ -86,10 +83,10 @@ class FixShapesPass(Pass):
         infos = tensor_infos(model.export())
         written = 0
         for t in graph.tensors().values():
-            if not isinstance(t, gs.Variable) or not t.name or _static(t.shape):
+            if not isinstance(t, gs.Variable) or not t.name or is_static(t.shape):
                 continue
             info = infos.get(t.name)
-            if info is None or not _static(info.shape):
+            if info is None or not is_static(info.shape):
                 continue
             if t.shape is not None and len(t.shape) != len(info.shape):
                 continue  # inference disagrees with the declared rank: leave it for a human

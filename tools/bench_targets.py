@@ -200,7 +200,10 @@ def qnn_peer(path: Path, calib: dict, eval_stack: dict, out: Path) -> tuple[onnx
     onnx.save(fixed, src)
     try:
         pre = out.with_suffix(".pre.onnx")
-        quant_pre_process(str(src), str(pre))
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:  # noqa: BLE001  (its symbolic shape inference asserts on some models)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         # qnn_preprocess_model (onnxruntime 1.32) raises TypeError on any model with
         # metadata_props (dict.update of protobuf entries), which quant_pre_process adds: drop them.
         model = onnx.load(pre)

@@ -29,6 +29,11 @@ class TensorInfo:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape)
 
 
+def is_static(shape) -> bool:
+    """A known shape whose every dim is a number (not a symbol, not -1 or unknown)."""
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _np_dtype(elem_type: int) -> np.dtype | None:
     try:

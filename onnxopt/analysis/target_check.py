@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis.shapes import is_static
 from onnxopt.ir.constants import constant_value, is_constant
 from onnxopt.ir.graphs import iter_graphs
 from onnxopt.ir.ops import data_input_indices
@@ -348,10 +349,8 @@ class _Checker:
     def shapes(self, graph: gs.Graph) -> None:
         for t in graph.inputs:
             shape = self.infos[t.name].shape if t.name in self.infos else t.shape
-            if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-                example = ",".join(str(d) if isinstance(d, int) and d >= 0 else "1" for d in (shape or []))
-                self.add("dynamic-shape", None, f"shape {list(shape) if shape is not None else 'unknown'} is not "
-                         f"fixed; the target needs static shapes: give --input-shape {t.name}:{example or 'D1,D2,…'}",
+            if not is_static(shape):
+                self.add("dynamic-shape", None, f"{dynamic_input(t.name, shape)}; the target needs static shapes",
                          label=f"input '{t.name}'")
         for node in graph.nodes:
             if node.op in NO_COMPUTE:
@@ -374,8 +373,15 @@ class _Checker:
         return tuple(t.shape) if t.shape is not None else None
 
     def _static(self, t: gs.Tensor) -> bool:
-        shape = self._shape(t)
-        return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+        return is_static(self._shape(t))
+
+
+def dynamic_input(name: str, shape) -> str:
+    """What to tell about a graph input whose shape is not fixed: its shape and the flag that
+    fixes it (symbolic dims shown as 1, the size to replace)."""
+    example = ",".join(str(d) if isinstance(d, int) and d >= 0 else "1" for d in (shape or []))
+    return (f"shape {list(shape) if shape is not None else 'unknown'} is not fixed: give --input-shape "
+            f"{name}:{example or 'D1,D2,…'}")
 
 
 def check_model(model, target, input_shapes: dict[str, list[int]] | None = None,
