@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description=(
         "Optimize ONNX models for a hardware target: lossless cleanup and fusion, "
         "quantization, and a report of what it cost."),
-        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 quality gate not met")
+        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 quality gate not met, "
+               "validation failed, or (check) the model does not conform to the target")
     parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
