@@ -217,6 +217,15 @@ class QuantizeStaticPass(Pass):
                     continue
                 x = node.inputs[0]
                 outs = [t for t in node.outputs if is_activation(t)]
+                if full and outs and isinstance(x, gs.Constant) and qdq.is_float_tensor(x):
+                    # A full integer graph quantizes a constant that data movement reads too
+                    # (an embedding table under Gather): the table in integer, the rows Q/DQ'd.
+                    done.add(id(node))
+                    plan.constants.append((node, 0))
+                    for t in outs:
+                        add(t, None, True)
+                    changed = True
+                    continue
                 if x.name not in plan.activations or not outs:
                     continue
                 done.add(id(node))

@@ -216,3 +216,23 @@ def test_targets_name_prints_the_effective_descriptor_as_toml(capsys):
     assert data["quantization"]["schemes"]["w_s8"]["reduce_range"] is True  # its own
     assert data["quantization"]["quantized_ops"] == load_target("cpu").quantization.quantized_ops  # inherited
     assert "extends" not in data and text.startswith("# target 'cpu-avx2' from targets/cpu-avx2.toml")
+
+
+def test_npu_quantizes_an_embedding_table_read_by_gather(tmp_path):
+    """Full integer graph: a constant under a data-movement op (Gather of an embedding table) is
+    quantized too; before, the Gather computed on the float table and check said float-compute."""
+    from onnx import TensorProto, helper
+
+    from tests.graphs import init, make_model, tensor
+
+    r = np.random.default_rng(3)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    model = make_model(nodes, [tensor("ids", [1, 4], TensorProto.INT64)], [tensor("y", [1, 4, 8])],
+                       [init("table", r.standard_normal((50, 16)).astype(np.float32)),
+                        init("w", r.standard_normal((16, 8)).astype(np.float32))])
+    np.savez(tmp_path / "c.npz", ids=r.integers(0, 50, (4, 1, 4)).astype(np.int64))
+    result = onnxopt.optimize(model, target="npu", calibration=str(tmp_path / "c.npz"))
+    check = check_model(result.model, "npu")
+    assert check.conforms, check.format()
+    ids = {"ids": r.integers(0, 50, (1, 4)).astype(np.int64)}
+    assert cosine(outputs(model, ids), outputs(result.model, ids)) > 0.99

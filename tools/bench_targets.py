@@ -73,6 +73,19 @@ def _audio(n: int, length: int, seed: int) -> np.ndarray:
     return out
 
 
+def _tokens(sentences: list[str], seq: int) -> dict[str, np.ndarray]:
+    """MiniLM inputs for ``sentences``, padded to ``seq`` tokens (the evaluation's length)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODELS / "minilm_l6_tokenizer" / "tokenizer.json"))
+    tok.enable_truncation(seq)
+    tok.enable_padding(length=seq)
+    enc = tok.encode_batch(sentences)
+    ids = np.array([e.ids for e in enc], np.int64)
+    return {"input_ids": ids, "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.zeros_like(ids)}
+
+
 def make_data(name: str) -> tuple[dict, dict]:
     """(calibration, evaluation) stacks of batches for model ``name``."""
     from bench_quantize import cls_images, det_images, rec_images
@@ -95,10 +108,10 @@ def make_data(name: str) -> tuple[dict, dict]:
                     "c": np.zeros((n, 1, 1, 128), np.float32)}
         return seqs(8, 13), seqs(4, 14)
     if name == "minilm_l6":
-        from bench.models import _minilm_inputs
-        from bench_minilm import SAMPLE, tokenize
+        from bench.models import SENTENCES, SEQ
+        from bench_minilm import SAMPLE
 
-        return _stack(tokenize(SAMPLE), 8), _stack(_minilm_inputs(), 8)
+        return _stack(_tokens(SAMPLE, SEQ), 8), _stack(_tokens(SENTENCES, SEQ), 8)
     raise KeyError(name)
 
 
@@ -108,7 +121,7 @@ def model_path(name: str) -> Path:
 
 def batches(stack: dict) -> list[dict]:
     n = len(next(iter(stack.values())))
-    return [{k: v[i] for k, v in stack.items()} for i in range(n)]
+    return [{k: np.asarray(v[i]) for k, v in stack.items()} for i in range(n)]
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -382,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = [] if args.only_schemes else [
-        r for name in args.models.split(",") for r in
-        bench_model(name, args.targets.split(","), args.runs, not args.no_peer, log)]
+    rows: list[dict] = []
+    for name in [] if args.only_schemes else args.models.split(","):
+        rows += bench_model(name, args.targets.split(","), args.runs, not args.no_peer, log)
+        if args.json:  # after each model: a crash later keeps what was measured
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=str))
     schemes = bench_schemes(args.scheme_models.split(","), args.runs, log) if args.schemes or args.only_schemes else []
     load += " → " + "/".join(f"{x:.1f}" for x in os.getloadavg())
     if args.json:
