@@ -142,3 +142,18 @@ def test_no_multiple_no_change():
 def test_option_overrides_the_target():
     _, result = run_pass("align-channels", conv_chain(), multiple=4)
     assert result.changed and result.stats["multiple"] == 4 and result.stats["channels_added"] == 2
+
+
+@pytest.mark.parametrize("name, shape", [("ppocr_mobile_v2_cls.onnx", [1, 3, 48, 192]),
+                                         ("ppocr_v4_det.onnx", [1, 3, 64, 64])])
+def test_real_models_keep_their_outputs(name, shape):
+    """After the lossless pipeline (BatchNorms fused), at the npu's alignment of 32."""
+    import onnxopt
+
+    from tests.real_models import real_model
+
+    lossless = onnxopt.optimize(str(real_model(name)), pipeline="lossless").model
+    out, result = run_pass("align-channels", lossless, ctx=ctx(32))
+    assert result.changed and result.stats["layers_padded"] > 0
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    assert_valid_and_equivalent(lossless, out, {lossless.graph.input[0].name: x}, rtol=1e-3, atol=1e-4)
