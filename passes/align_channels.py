@@ -11,9 +11,11 @@ zero filters and more groups), and the next weight layers (Conv, ConvTranspose, 
 read the new channels with zero weights. Whatever the ops in between make of a zero channel
 (Sigmoid gives 0.5), a zero weight ignores it, so the outputs are those of the original.
 
-A layer is left alone (and counted in ``skipped``) when its channels reach a graph output
-(the interface fixes them) or pass an op outside the list above (a residual Add of two
-activations, Concat, Reshape, …), where padding would need the other branch padded too.
+Add, Sub and Mul of two tensors that both carry the padded channels (hard-swish's
+x * hardsigmoid(x)) are followed too. A layer is left alone (and counted in ``skipped``, by
+reason) when its channels reach a graph output (the interface fixes them), meet another
+branch (a residual Add of another layer's output), or pass an op outside the list above
+(Concat, Reshape, …), where padding would need more than this layer padded.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Region:
     params: list[tuple[gs.Node, int, float, int]] = field(default_factory=list)  # (node, input, pad, axis)
     depthwise: list[gs.Node] = field(default_factory=list)
     readers: list[tuple[gs.Node, int]] = field(default_factory=list)  # (weight layer, axis of its weight)
+    # other operands of Add/Sub/Mul nodes in the region: they must be in the region too (the
+    # x * hardsigmoid(x) of hard-swish), else the other branch would need padding as well
+    partners: list[tuple[gs.Node, gs.Tensor]] = field(default_factory=list)
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:
@@ -128,6 +133,8 @@ class AlignChannelsPass(Pass):
         """The nodes padding ``producer`` touches, or why it cannot be padded."""
         out = producer.outputs[0]
         rank = _rank(out, shapes)
+        if rank is None and producer.op in ("Conv", "ConvTranspose", "Gemm"):
+            rank = 2 if producer.op == "Gemm" else len(_const(producer.inputs[1]).shape)
         if rank is None or rank < 2:
             return "output rank unknown"
         axis = axis % rank
@@ -141,17 +148,21 @@ class AlignChannelsPass(Pass):
             seen.add(id(t))
             if id(t) in outputs:
                 return "reaches a graph output"
-            if _rank(t, shapes) != rank:
+            if _rank(t, shapes) not in (None, rank):  # the ops followed keep the rank
                 return "changes rank"
             region.tensors.append(t)
             for reader in t.outputs:
                 index = [i for i, x in enumerate(reader.inputs) if x is t]
                 step = None
-                if len(index) == 1 and reader.domain in (None, "", "ai.onnx"):
-                    step = self._follow(reader, index[0], region, rank)
+                if reader.domain in (None, "", "ai.onnx") and (len(index) == 1 or reader.op in ("Add", "Mul")):
+                    step = self._follow(reader, index[0], region, rank)  # x*x: both operands in the region
                 if step is None:
                     return f"passes {reader.op}"
                 todo.extend(step)
+        inside = {id(t) for t in region.tensors}
+        for node, other in region.partners:
+            if id(other) not in inside:
+                return f"passes {node.op} with another branch"
         return region if region.readers else "read by no weight layer"
 
     def _follow(self, node: gs.Node, index: int, region: Region, rank: int) -> list[gs.Tensor] | None:
@@ -172,6 +183,9 @@ class AlignChannelsPass(Pass):
             if any(_const(t) is None or _const(t).shape != (c,) for t in node.inputs[1:5]):
                 return None
             region.params += [(node, i, v, 0) for i, v in zip(range(1, 5), BATCHNORM_PAD)]
+            return first
+        if node.op in ("Add", "Sub", "Mul") and len(node.inputs) == 2 and _const(node.inputs[1 - index]) is None:
+            region.partners.append((node, node.inputs[1 - index]))  # must carry these channels too
             return first
         if node.op in PAD_VALUE:
             other = 1 - index

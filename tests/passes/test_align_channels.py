@@ -110,7 +110,7 @@ def residual_add():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (residual_add, "passes Add"),
+    (residual_add, "passes Add with another branch"),
     (lambda: conv_chain(mid=6, activation="Log"), "passes Log"),
 ])
 def test_left_alone_where_padding_is_not_exact(build, reason):
@@ -157,3 +157,32 @@ def test_real_models_keep_their_outputs(name, shape):
     assert result.changed and result.stats["layers_padded"] > 0
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     assert_valid_and_equivalent(lossless, out, {lossless.graph.input[0].name: x}, rtol=1e-3, atol=1e-4)
+
+
+def hard_swish_and_se(se=False):
+    """Conv(3->6) -> x * HardSigmoid(x) (hard-swish) [-> * Sigmoid(Conv(GAP(x))) from another
+    layer: a squeeze-excitation branch] -> Conv(6->8)."""
+    r = rng(14)
+    inits = [init("w0", r.standard_normal((6, 3, 1, 1)).astype(np.float32)),
+             init("w1", r.standard_normal((8, 6, 1, 1)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"]), helper.make_node("HardSigmoid", ["a"], ["hs"]),
+             helper.make_node("Mul", ["a", "hs"], ["h"])]
+    last = "h"
+    if se:
+        inits.append(init("ws", r.standard_normal((6, 6, 1, 1)).astype(np.float32)))
+        nodes += [helper.make_node("GlobalAveragePool", ["h"], ["g"]), helper.make_node("Conv", ["g", "ws"], ["gs"]),
+                  helper.make_node("Sigmoid", ["gs"], ["gate"]), helper.make_node("Mul", ["h", "gate"], ["se"])]
+        last = "se"
+    nodes.append(helper.make_node("Conv", [last, "w1"], ["y"]))
+    return make_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 8, 4, 4])], inits)
+
+
+def test_hard_swish_is_followed_and_a_squeeze_excitation_branch_stops_it():
+    proto = hard_swish_and_se()
+    out, result = run_pass("align-channels", proto, ctx=ctx(8))
+    assert result.changed and result.stats["layers_padded"] == 1
+    assert_valid_and_equivalent(proto, out)
+    # with SE, the Mul by the gate meets another layer's output: that layer would need padding too
+    se = hard_swish_and_se(se=True)
+    _, result = run_pass("align-channels", se, ctx=ctx(8))
+    assert result.stats["skipped"].get("passes Mul with another branch", 0) >= 1
