@@ -77,14 +77,24 @@ class FixShapesPass(Pass):
 
     @staticmethod
     def _propagate(model, graph: gs.Graph) -> int:
-        """Write inferred static shapes on tensors whose shape is not static yet."""
+        """Write inferred static shapes on tensors whose shape is not static yet. Their declared
+        shapes are hidden from inference meanwhile: a stale or wrong declaration (an exporter's
+        -1) would otherwise be merged into what inference finds."""
         from onnxopt.analysis.shapes import tensor_infos
 
-        infos = tensor_infos(model.export())
+        inputs = {id(t) for t in graph.inputs}
+        open_ = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.name
+                 and id(t) not in inputs and not is_static(t.shape)]
+        declared = {id(t): t.shape for t in open_}
+        for t in open_:
+            t.shape = None
+        try:
+            infos = tensor_infos(model.export())
+        finally:
+            for t in open_:
+                t.shape = declared[id(t)]
         written = 0
-        for t in graph.tensors().values():
-            if not isinstance(t, gs.Variable) or not t.name or is_static(t.shape):
-                continue
+        for t in open_:
             info = infos.get(t.name)
             if info is None or not is_static(info.shape):
                 continue
