@@ -166,7 +166,9 @@ class Target:
 
 # -- writing -----------------------------------------------------------------------------------
 def _toml_key(key: str) -> str:
-    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
+    import re
+
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)  # TOML bare keys are ASCII
 
 
 def _toml_value(value: Any) -> str:
