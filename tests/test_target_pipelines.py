@@ -236,3 +236,12 @@ def test_npu_quantizes_an_embedding_table_read_by_gather(tmp_path):
     assert check.conforms, check.format()
     ids = {"ids": r.integers(0, 50, (1, 4)).astype(np.int64)}
     assert cosine(outputs(model, ids), outputs(result.model, ids)) > 0.99
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu-avx2", "gpu", "npu"])
+def test_the_printed_descriptor_loads_back_to_the_same_target(name, tmp_path):
+    t = load_target(name)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(t.to_toml())
+    again = load_target(path)
+    assert again.raw == t.raw and again.capabilities.ops == t.capabilities.ops
