@@ -247,7 +247,8 @@ def _summary_table(report: dict) -> str:
         if run["status"] == "ran":
             m = run["metric"]
             where = "" if run.get("all_nodes_on_provider", True) else " (some nodes on CPU)"
-            lines.append(f"validated on {run['provider']}{where}: {m['metric']} {m.get('value', float('nan')):.6g} (drop {m['drop']:.3g})")
+            lines.append(f"validated on {run['provider']}{where}: {m['metric']} {m.get('value', float('nan')):.6g} "
+                         f"(drop {m['drop']:.3g})")
     lines.append(f"target {report['target']}; pipeline {report['pipeline']}")
     lines.append(f"changed by: {', '.join(changed) or 'nothing'}; {report['seconds']:.2f} s")
     for t in trouble:

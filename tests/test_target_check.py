@@ -93,7 +93,8 @@ def test_dynamic_shape_names_the_input_and_the_flag_and_the_node_where_it_starts
                         [init("i", np.array([0, -1], np.int64))]),
      "", "holds negative values"),
     (lambda: qdq_matmul(per_channel=True), "", "per-channel scales (6)"),
-    (lambda: make_model([helper.make_node("Softmax", ["x"], ["y"], axis=0)], [tensor("x", [2, 3])], [tensor("y", [2, 3])]),
+    (lambda: make_model([helper.make_node("Softmax", ["x"], ["y"], axis=0)], [tensor("x", [2, 3])],
+                        [tensor("y", [2, 3])]),
      '[capabilities.ops.Softmax.attributes]\naxis = [-1]\n', "axis = 0"),
 ])
 def test_unsupported_attribute(tmp_path, build, rules, expect):
@@ -128,8 +129,8 @@ def test_unaligned_channels_and_the_interface_exemption():
 
 
 def test_unsupported_type(tmp_path):
-    t = target(tmp_path, '[capabilities]\ntensor_types = ["int8", "int32"]\n[capabilities.ops.MatMul]\ninput_types = ["int8"]\n'
-                         'per_channel_weights = true\n')
+    t = target(tmp_path, '[capabilities]\ntensor_types = ["int8", "int32"]\n'
+                         '[capabilities.ops.MatMul]\ninput_types = ["int8"]\nper_channel_weights = true\n')
     result = check_model(qdq_matmul(), t)
     kinds = reasons(result)
     assert ("unsupported-type", "QuantizeLinear") in kinds and ("unsupported-type", "MatMul") in kinds

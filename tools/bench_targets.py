@@ -342,7 +342,8 @@ def markdown(rows: list[dict], scheme_rows: list[dict], command: str, machine: s
              references: dict) -> str:
     lines = [f"`{command}`", "", f"Machine: {machine}; load average {load}. " + time.strftime("%Y-%m-%d."), "",
              "Each row: the model through the target's default pipeline (calibration data where the target "
-             "quantizes statically; `(no data)`: the same target without it, i.e. its default without calibration: dynamic int8 on the cpu, float16 on the gpu), against the float "
+             "quantizes statically; `(no data)`: the same target without it, i.e. its default without "
+             "calibration: dynamic int8 on the cpu, float16 on the gpu), against the float "
              "original in the same run. Latency: 1 thread, this CPU, onnxruntime CPU provider, interleaved; "
              "no GPU or NPU here, so gpu/npu rows show what their file costs on this CPU. Fidelity: worst "
              "output's SNR on evaluation inputs never used for calibration (and the task metric where there is "

@@ -1,7 +1,6 @@
 """align-channels on tiny graphs: zero channels added exactly, left alone where it cannot be exact."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper
 
@@ -31,8 +30,10 @@ def conv_chain(mid=6, with_bn=True, depthwise=True, affine=True, activation="Sig
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1])]
     last = "c0"
     if with_bn:
-        inits += [init("s", r.uniform(0.5, 1.5, mid).astype(np.float32)), init("bb", r.standard_normal(mid).astype(np.float32)),
-                  init("m", r.standard_normal(mid).astype(np.float32)), init("v", r.uniform(0.5, 2, mid).astype(np.float32))]
+        inits += [init("s", r.uniform(0.5, 1.5, mid).astype(np.float32)),
+                  init("bb", r.standard_normal(mid).astype(np.float32)),
+                  init("m", r.standard_normal(mid).astype(np.float32)),
+                  init("v", r.uniform(0.5, 2, mid).astype(np.float32))]
         nodes.append(helper.make_node("BatchNormalization", [last, "s", "bb", "m", "v"], ["bn"]))
         last = "bn"
     nodes.append(helper.make_node(activation, [last], ["act"]))

@@ -9,7 +9,7 @@ import onnxopt
 from onnxopt.errors import UsageError
 from onnxopt.testing import assert_equivalent, op_histogram, run_pass
 
-from tests.graphs import conv_bn_relu, init, make_model, shape_chain, tensor
+from tests.graphs import conv_bn_relu, make_model, shape_chain, tensor
 
 
 def dims(value_info):
