@@ -18,7 +18,10 @@ quantize-static
       float_ops          never quantized
       residual_add       Add of two activations gets Q/DQ on both inputs (TensorRT)
       quantize_outputs   quantize outputs too (onnxruntime's QDQ format) or inputs only
-      full_graph         every float tensor between graph input and output (NPU)
+      full_graph         every float tensor between graph input and output (NPU), and the
+                         constants data movement reads (an embedding table under Gather)
+      weight_schemes     op type -> the scheme of its constant weights instead of `weights`
+                         (QNN's MatMul takes per-tensor uint8 weights)
     With asymmetric activations, a Relu (or Clip(0, c)) after a quantized op is folded
     into the quantization of that op's output: Q with zero point at the lowest code clamps
     negatives exactly as Relu does (onnxruntime's quantizer does the same).
