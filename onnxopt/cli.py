@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description=(
         "Optimize ONNX models for a hardware target: lossless cleanup and fusion, "
         "quantization, and a report of what it cost."),
-        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 quality gate not met")
+        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 quality gate not met, "
+               "validation failed, or (check) the model does not conform to the target")
     parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a pipeline name of the target (lossless, default, …) or pipeline text "
                         "such as 'lossless,fuse-conv-bn' (default: the target's 'default')")
     p.add_argument("--calibration", metavar="DATA", help="calibration data: an .npz file or a folder of them")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,…",
+                   help="fix an input's shape (repeatable): the fix-shapes pass runs first and writes the "
+                        "static shapes that follow; targets with static_shapes (npu) need every input fixed")
     p.add_argument("--report", metavar="FILE",
                    help="write a report: .json, or .html (a page with plots; needs matplotlib); "
                         "adds fidelity and latency of the result against IN")
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check each pass in onnxruntime; roll back a lossless pass that changes outputs")
     p.add_argument("--strict", action="store_true",
                    help="a pass that fails or breaks the model stops the run (exit 1 or 3)")
+    p.add_argument("--validate-ep", action="store_true",
+                   help="run the result on the target's execution providers where installed (CUDA, TensorRT, "
+                        "QNN, OpenVINO, …) and compare it with the original there; a missing provider falls "
+                        "back to CPU with a note; a result that fails there exits 3")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to OUT.onnx.data (automatic over 2 GB)")
     _add_common(p)
@@ -112,12 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
+    p = sub.add_parser("check", help="list the nodes a target cannot run as they are",
+                       description="List every node of MODEL that the target cannot run as it is "
+                                   "(unsupported op or attribute, float compute where integer is required, "
+                                   "dynamic shape, unaligned channels, unsupported data type), with the "
+                                   "reason. Exit 0 when the model conforms, 3 when it does not.")
+    p.add_argument("model", metavar="MODEL", help="an .onnx file")
+    p.add_argument("--target", default="cpu", metavar="cpu|cpu-avx2|gpu|npu|FILE.toml",
+                   help="the target to check against (default: cpu)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,…",
+                   help="check as if this input had this fixed shape (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON (every finding)")
+    _add_common(p)
+
     p = sub.add_parser("passes", help="list every registered pass and its options")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
-    p = sub.add_parser("targets", help="list targets and their pipelines")
-    p.add_argument("name", nargs="?", metavar="TARGET", help="show one target (name or .toml file)")
+    p = sub.add_parser("targets", help="list targets and their pipelines; show one target in full",
+                       description="Without TARGET: every target and its pipelines. With TARGET: its "
+                                   "effective descriptor (after extends, defaults filled in) as TOML.")
+    p.add_argument("name", nargs="?", metavar="TARGET", help="show one target in full (name or .toml file)")
     p.add_argument("--json", action="store_true", help="print the effective targets (after extends) as JSON")
     _add_common(p)
     return parser
@@ -185,11 +208,14 @@ def cmd_optimize(args) -> int:
         _check_output(args.input, args.report)
         if args.report.lower().endswith((".html", ".htm")):
             require_matplotlib()
+    from onnxopt.analysis.cost import parse_input_shapes
+
     metric = load_metric(args.metric)  # a bad metric fails before the pipeline runs
+    input_shapes = parse_input_shapes(args.input_shape)
     progress = not args.quiet and sys.stderr.isatty()
     result = optimize(args.input, target=args.target, pipeline=args.pipeline,
                       calibration=args.calibration, verify=args.verify, strict=args.strict,
-                      progress=progress, data=args.data, floor=_floor(args))
+                      progress=progress, data=args.data, floor=_floor(args), input_shapes=input_shapes)
     report = result.report
     comparison = None
     if args.report or args.data or args.max_drop is not None:
@@ -202,8 +228,20 @@ def cmd_optimize(args) -> int:
             report["notes"].append(note)
         comparison = add_measurements(report, args.input, result.model, data=args.data, metric=metric,
                                       max_drop=args.max_drop, latency=bool(args.report),
-                                      progress=progress, providers=providers)
+                                      progress=progress, providers=providers, input_shapes=input_shapes)
     gate = comparison.get("gate") if comparison else None
+    if args.validate_ep:
+        from onnxopt.measure.validate_ep import validate_on_providers
+
+        validation = validate_on_providers(args.input, result.model, list(result.target.runtime.execution_providers),
+                                           data=args.data, metric=metric, max_drop=args.max_drop,
+                                           input_shapes=input_shapes)
+        report["validate_ep"] = validation["runs"]
+        report["notes"].extend(n for n in validation["notes"] if n not in report["notes"])
+        failed = [r for r in validation["runs"] if r.get("gate") and not r["gate"]["passed"]]
+        if failed and (gate is None or gate["passed"]):  # the first failed gate is the one reported
+            gate = failed[0]["gate"] | {"provider": failed[0]["provider"]}
+            comparison = {"metric": failed[0]["metric"], "gate": gate}
     if gate and not gate["passed"]:
         if not args.quiet:
             print(_summary_table(report | {"input_bytes": Path(args.input).stat().st_size}))
@@ -241,6 +279,12 @@ def _summary_table(report: dict) -> str:
                if p["status"] in ("failed", "rolled-back")]
     if fidelity_line(report):
         lines.append(fidelity_line(report))
+    for run in report.get("validate_ep", []):
+        if run["status"] == "ran":
+            m = run["metric"]
+            where = "" if run.get("all_nodes_on_provider", True) else " (some nodes on CPU)"
+            lines.append(f"validated on {run['provider']}{where}: {m['metric']} {m.get('value', float('nan')):.6g} "
+                         f"(drop {m['drop']:.3g})")
     lines.append(f"target {report['target']}; pipeline {report['pipeline']}")
     lines.append(f"changed by: {', '.join(changed) or 'nothing'}; {report['seconds']:.2f} s")
     for t in trouble:
@@ -291,6 +335,17 @@ def _cost_lines(cost: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_check(args) -> int:
+    from onnxopt.analysis.cost import parse_input_shapes
+    from onnxopt.analysis.target_check import check_model
+
+    if not Path(args.model).is_file():
+        raise UsageError(f"{args.model}: no such model file")
+    result = check_model(args.model, args.target, parse_input_shapes(args.input_shape))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.format())
+    return 0 if result.conforms else 3
+
+
 def cmd_passes(args) -> int:
     from onnxopt.pipeline.registry import all_passes
 
@@ -319,6 +374,11 @@ def cmd_targets(args) -> int:
     targets = [load_target(n) for n in names]
     if args.json:
         print(json.dumps([t.to_json() | {"source": t.source} for t in targets], indent=2))
+        return 0
+    if args.name:
+        (t,) = targets
+        print(f"# target '{t.name}' from {t.source}: the effective descriptor (after extends, with defaults)")
+        print(t.to_toml())
         return 0
     for t in targets:
         print(f"{t.name}: {t.description} ({t.source})")
@@ -350,7 +410,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "passes": cmd_passes,
+COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "check": cmd_check, "passes": cmd_passes,
             "targets": cmd_targets, "compare": cmd_compare}
 
 

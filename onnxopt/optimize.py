@@ -43,9 +43,15 @@ class OptimizeResult:
 def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSpec] | None = None,
          has_calibration: bool = False) -> tuple[Target, list[PassSpec], list[str]]:
     """(target, resolved specs, notes): the pipeline a run would execute."""
+    from onnxopt.target import WITHOUT_DATA_PIPELINE
+
     target = load_target(target)
     notes: list[str] = []
     text = pipeline if pipeline is not None else "default"
+    if pipeline is None and not has_calibration and WITHOUT_DATA_PIPELINE in target.pipelines:
+        text = WITHOUT_DATA_PIPELINE  # the target's own choice without data (gpu: float16)
+        notes.append(f"no calibration data: ran target '{target.name}' pipeline '{WITHOUT_DATA_PIPELINE}' "
+                     f"({target.pipelines[WITHOUT_DATA_PIPELINE]}); give --calibration for 'default'")
     specs = resolve(text, target.pipelines, target.passes)
     if not has_calibration:
         needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
@@ -88,18 +94,27 @@ def _probe(model: Model, ctx: PassContext, data: Any, held_back: list, held_from
 def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | os.PathLike | Target = "cpu",
              pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
              verify: bool = False, strict: bool = False, progress: bool = False,
-             seed: int = 0, data: Any = None, floor: Floor | None = None) -> OptimizeResult:
+             seed: int = 0, data: Any = None, floor: Floor | None = None,
+             input_shapes: dict[str, list[int]] | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
 
     ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
     ``data`` (same forms) is evaluation data: the floor judges lossy passes on a few of its
     batches. ``floor`` overrides the target's [floor] table (``Floor()``: no floor).
+    ``input_shapes`` ({name: dims}, `--input-shape`) fixes input shapes first (the
+    ``fix-shapes`` pass); a target with ``static_shapes`` refuses a model whose inputs stay
+    dynamic. The run ends with `onnxopt check` against the target (``report["check"]``).
     Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
     The input (file or proto) is never modified.
     """
     started = time.perf_counter()
     target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
     m = load(model)
+    if input_shapes:
+        shapes = [f"{name}:{','.join(map(str, dims))}" for name, dims in input_shapes.items()]
+        specs = [PassSpec("fix-shapes", {"shapes": shapes})] + specs
+    if target.capabilities.get("static_shapes"):
+        require_static_inputs(m, target, input_shapes or {})
     reference = Reference(m)
     floor = floor if floor is not None else target_floor(target)
     lossy = floor and any(not get_pass(s.name).lossless for s in specs)
@@ -131,6 +146,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     finally:
         gc.unfreeze()
     proto = m.to_proto()
+    from onnxopt.analysis.target_check import check_model
+
+    check = check_model(m, target, proto=proto)  # what the target still cannot run, reported
+    if not check.conforms:
+        ctx.notes.append(f"check: {check.summary()} (onnxopt check OUT --target {target.name} lists them)")
     pipeline_text = format_pipeline(specs)
     add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
                    source_sha256=m.source_sha256, **ctx.metadata)
@@ -147,6 +167,21 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "floor": floor.to_json() | ({"data": keeper.probe.source} if keeper and keeper.probed else {}),
         "chosen": dict(ctx.metadata),  # what "auto" settings found on this machine and chose
         "providers": ctx.resolved_providers,
+        "check": check.to_json(),
         "seconds": time.perf_counter() - started,
     }
     return OptimizeResult(model=proto, report=report, records=records, target=target)
+
+
+def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list[int]]) -> None:
+    """A target that needs static shapes refuses a model whose inputs stay dynamic, naming
+    each such input and the flag that fixes it."""
+    from onnxopt.analysis.shapes import is_static
+    from onnxopt.analysis.target_check import dynamic_input
+    from onnxopt.errors import UsageError
+
+    dynamic = [f"input '{t.name}': {dynamic_input(t.name, input_shapes.get(t.name, t.shape))}"
+               for t in m.graph.inputs if not is_static(input_shapes.get(t.name, t.shape))]
+    if dynamic:
+        raise UsageError(f"target '{target.name}' needs static shapes (capabilities.static_shapes): "
+                         + "; ".join(dynamic) + " (input_shapes= in the Python API)")

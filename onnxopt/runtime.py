@@ -39,13 +39,15 @@ def resolve_providers(requested: list[str] | None) -> tuple[list[str], str | Non
 
 
 def session(model: onnx.ModelProto | bytes | str, providers: list[str] | None = None, threads: int = 1,
-            level: str = "disable", arena: bool = True, spinning: bool = True):
+            level: str = "disable", arena: bool = True, spinning: bool = True, cpu_fallback: bool = True):
     """An InferenceSession of ``model`` (a proto, its bytes or a path).
 
     ``level``: "disable" (ORT_DISABLE_ALL: what onnxopt checks, exactly as written),
     "basic" or "all". ``threads`` 0 lets onnxruntime choose. ``arena=False`` frees each run's
     activations (flat memory over many batches); ``spinning=False`` keeps an idle session's
-    threads from spin-waiting on cores another session is timed on. Raises CannotRun.
+    threads from spin-waiting on cores another session is timed on. ``cpu_fallback=False``
+    makes a session whose nodes the first provider cannot all run fail to load instead of
+    running those nodes on the CPU provider. Raises CannotRun.
     """
     import onnxruntime as ort
 
@@ -62,6 +64,8 @@ def session(model: onnx.ModelProto | bytes | str, providers: list[str] | None = 
         opts.enable_mem_pattern = False
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not cpu_fallback:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if isinstance(model, onnx.ModelProto):
         try:
             model = model.SerializeToString()

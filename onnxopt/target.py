@@ -48,6 +48,16 @@ class MapOf:
 
 
 ANY_OPTION = "any-option"  # a pass option value: checked against the pass itself
+SCALAR = "scalar"  # a string, number or boolean (an attribute value in an op constraint)
+
+# [capabilities.ops.OP]: what the hardware runs of one op type (onnxopt/analysis/target_check.py)
+OP_CONSTRAINTS = Table({
+    "attributes": MapOf(ListOf(SCALAR)),
+    "constant_inputs": ListOf(int),
+    "nonnegative_inputs": ListOf(int),
+    "input_types": ListOf(str),
+    "per_channel_weights": bool,
+})
 
 SCHEMA = Table({
     "schema": int,
@@ -64,6 +74,10 @@ SCHEMA = Table({
         "bfloat16": bool,
         "int4": bool,
         "allowed_ops": ListOf(str),
+        "static_shapes": bool,
+        "integer_only": bool,
+        "tensor_types": ListOf(str),
+        "ops": MapOf(OP_CONSTRAINTS),
     }),
     "quantization": Table({
         "activations": str,
@@ -75,6 +89,7 @@ SCHEMA = Table({
             "granularity": str,
             "reduce_range": bool,
         })),
+        "weight_schemes": MapOf(str),
         "quantized_ops": ListOf(str),
         "unified_scale_ops": ListOf(str),
         "passthrough_ops": ListOf(str),
@@ -96,8 +111,9 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "runtime": {"execution_providers": ["CPUExecutionProvider"], "contrib_ops": False,
                 "intra_op_threads": 0},
-    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "allowed_ops": []},
-    "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {},
+    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "allowed_ops": [],
+                     "static_shapes": False, "integer_only": False, "tensor_types": [], "ops": {}},
+    "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {}, "weight_schemes": {},
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
                      "float_ops": [], "residual_add": False, "full_graph": False,
                      "quantize_outputs": True},
@@ -107,6 +123,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 REQUIRED_PIPELINES = ("lossless", "default")
+# What `optimize` runs without --pipeline and without calibration data, when the target
+# defines it (else `default` minus the passes that need data).
+WITHOUT_DATA_PIPELINE = "default-without-data"
 
 
 class Section(dict):
@@ -143,6 +162,46 @@ class Target:
     def to_json(self) -> dict:
         return json.loads(json.dumps(self.raw))
 
+    def to_toml(self) -> str:
+        """The effective descriptor (after ``extends``, defaults filled in) as TOML text that
+        loads back to the same target."""
+        import re
+
+        first = {k: self.raw[k] for k in ("schema", "name", "description") if k in self.raw}
+        return re.sub(r"\n{3,}", "\n\n", _toml_table(first | self.raw, ()))
+
+
+# -- writing -----------------------------------------------------------------------------------
+def _toml_key(key: str) -> str:
+    import re
+
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)  # TOML bare keys are ASCII
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(data: dict, path: tuple[str, ...]) -> str:
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    parts = []
+    if path and (lines or not data):  # a table of subtables only needs no header of its own
+        parts.append("\n[" + ".".join(map(_toml_key, path)) + "]")
+    parts += lines
+    text = "\n".join(parts)
+    for k, v in data.items():
+        if isinstance(v, dict):
+            text += "\n" + _toml_table(v, path + (k,))
+    return text.lstrip("\n") if not path else text
+
 
 # -- validation ------------------------------------------------------------------------------
 def _type_name(spec: Any) -> str:
@@ -157,6 +216,10 @@ def _validate(value: Any, spec: Any, where: str, file: str) -> None:
     from onnxopt.pipeline.registry import nearest
 
     if spec is ANY_OPTION:
+        return
+    if spec is SCALAR:
+        if not isinstance(value, (str, int, float, bool)):
+            raise TargetError(f"{file}: {where} must be a string, a number or true/false, not {value!r}")
         return
     if isinstance(spec, Table):
         if not isinstance(value, dict):
@@ -278,12 +341,8 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
         if pipeline not in data["pipelines"]:
             raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
     _check_quantization(data["quantization"], label)
-    cosine = data["floor"].get("min_cosine")
-    if cosine is not None and not -1.0 <= cosine <= 1.0:
-        raise TargetError(f"{label}: [floor] min_cosine = {cosine!r}: a cosine lies between -1 and 1")
-    ratio = data["floor"].get("max_latency_ratio")
-    if ratio is not None and ratio <= 0:
-        raise TargetError(f"{label}: [floor] max_latency_ratio = {ratio!r}: must be above 0 (1.0 = no slower)")
+    _check_capabilities(data["capabilities"], label)
+    _check_floor(data["floor"], label)
     _check_passes(data, label)
     target = Target(
         name=data["name"], description=data["description"], source=label,
@@ -311,28 +370,96 @@ def _check_quantization(q: dict, label: str) -> None:
     if q["bias_bits"] not in BIAS_BITS:
         raise TargetError(choice_error(label, "quantization", "bias_bits", q["bias_bits"], BIAS_BITS,
                                        "the passes take"))
-    schemes = q["schemes"]
-    for role, dtypes in (("activations", ACTIVATION_DTYPES), ("weights", WEIGHT_DTYPES)):
-        name = q[role]
-        if not name:
-            continue
-        if name not in schemes:
-            from onnxopt.pipeline.registry import nearest
+    roles = [("activations", q["activations"], "[quantization] activations", ACTIVATION_DTYPES),
+             ("weights", q["weights"], "[quantization] weights", WEIGHT_DTYPES)]
+    for op, name in q["weight_schemes"].items():
+        _check_op_name(op, label, "quantization.weight_schemes")
+        roles.append(("weights", name, f"[quantization.weight_schemes] {op}", WEIGHT_DTYPES))
+    for role, name, key, dtypes in roles:
+        if name:
+            _check_scheme(q["schemes"], role, name, key, dtypes, label)
 
-            hint = nearest(name, list(schemes))
-            raise TargetError(f"{label}: [quantization] {role} = '{name}' names no scheme"
-                              + (f"; did you mean '{hint}'?" if hint else "")
-                              + f" (schemes: {', '.join(schemes) or 'none'})")
-        table, where = schemes[name], f"quantization.schemes.{name}"
-        if "dtype" in table and table["dtype"] not in dtypes:
-            raise TargetError(choice_error(label, where, "dtype", table["dtype"], dtypes, f"{role} can be"))
-        granularity = table.get("granularity", "per_tensor").replace("-", "_")
-        if granularity not in GRANULARITIES:
-            raise TargetError(choice_error(label, where, "granularity", table["granularity"], GRANULARITIES,
-                                           "one of"))
-        if role == "activations" and granularity != "per_tensor":
-            raise TargetError(f"{label}: [{where}] granularity = '{table['granularity']}': activations are "
-                              "quantized per tensor (per_tensor)")
+
+def _check_scheme(schemes: dict, role: str, name: str, key: str, dtypes, label: str) -> None:
+    if name not in schemes:
+        from onnxopt.pipeline.registry import nearest
+
+        hint = nearest(name, list(schemes))
+        raise TargetError(f"{label}: {key} = '{name}' names no scheme"
+                          + (f"; did you mean '{hint}'?" if hint else "")
+                          + f" (schemes: {', '.join(schemes) or 'none'})")
+    table, where = schemes[name], f"quantization.schemes.{name}"
+    if "dtype" in table and table["dtype"] not in dtypes:
+        raise TargetError(choice_error(label, where, "dtype", table["dtype"], dtypes, f"{role} can be"))
+    granularity = table.get("granularity", "per_tensor").replace("-", "_")
+    if granularity not in GRANULARITIES:
+        raise TargetError(choice_error(label, where, "granularity", table["granularity"], GRANULARITIES,
+                                       "one of"))
+    if role == "activations" and granularity != "per_tensor":
+        raise TargetError(f"{label}: [{where}] granularity = '{table['granularity']}': activations are "
+                          "quantized per tensor (per_tensor)")
+
+
+# Element types a target can name in tensor_types / input_types (numpy's names).
+TENSOR_TYPES = ("float32", "float16", "bfloat16", "float64", "int4", "uint4", "int8", "uint8", "int16",
+                "uint16", "int32", "uint32", "int64", "uint64", "bool", "str")
+
+
+def _check_op_name(op: str, label: str, table: str) -> None:
+    """A default-domain op type must exist in ONNX (another domain's ops cannot be checked)."""
+    import onnx
+
+    domain, _, name = op.rpartition(":")
+    if domain not in ("", "ai.onnx") or onnx.defs.has(name):
+        return
+    from onnxopt.pipeline.registry import nearest
+
+    hint = nearest(name, sorted({s.name for s in onnx.defs.get_all_schemas() if s.domain in ("", "ai.onnx")}))
+    raise TargetError(f"{label}: [{table}] '{op}' is not an ONNX op" + (f"; did you mean '{hint}'?" if hint else "")
+                      + " (write 'domain:Op' for another domain's op)")
+
+
+def _check_types(types: list, label: str, table: str, key: str) -> None:
+    for t in types:
+        if t not in TENSOR_TYPES:
+            raise TargetError(choice_error(label, table, key, t, TENSOR_TYPES, "types are"))
+
+
+def _check_capabilities(c: dict, label: str) -> None:
+    """Op names are ONNX ops; constraint attributes are attributes of their op; types are known."""
+    import onnx
+
+    for op in c["allowed_ops"]:
+        _check_op_name(op, label, "capabilities")
+    _check_types(c["tensor_types"], label, "capabilities", "tensor_types")
+    for op, rules in c["ops"].items():
+        where = f"capabilities.ops.{op}"
+        _check_op_name(op, label, "capabilities.ops")
+        _check_types(rules.get("input_types", []), label, where, "input_types")
+        domain, _, name = op.rpartition(":")
+        if domain not in ("", "ai.onnx"):
+            continue
+        known = sorted(onnx.defs.get_schema(name).attributes)
+        for attr in rules.get("attributes", {}):
+            if attr not in known:
+                from onnxopt.pipeline.registry import nearest
+
+                hint = nearest(attr, known)
+                raise TargetError(f"{label}: [{where}.attributes] {name} has no attribute '{attr}'"
+                                  + (f"; did you mean '{hint}'?" if hint else "")
+                                  + f" (attributes: {', '.join(known) or 'none'})")
+        for key in ("constant_inputs", "nonnegative_inputs"):
+            if any(i < 0 for i in rules.get(key, [])):
+                raise TargetError(f"{label}: [{where}] {key}: input indices start at 0")
+
+
+def _check_floor(floor: dict, label: str) -> None:
+    cosine = floor.get("min_cosine")
+    if cosine is not None and not -1.0 <= cosine <= 1.0:
+        raise TargetError(f"{label}: [floor] min_cosine = {cosine!r}: a cosine lies between -1 and 1")
+    ratio = floor.get("max_latency_ratio")
+    if ratio is not None and ratio <= 0:
+        raise TargetError(f"{label}: [floor] max_latency_ratio = {ratio!r}: must be above 0 (1.0 = no slower)")
 
 
 def _check_passes(data: dict, label: str) -> None:

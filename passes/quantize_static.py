@@ -18,7 +18,10 @@ quantize-static
       float_ops          never quantized
       residual_add       Add of two activations gets Q/DQ on both inputs (TensorRT)
       quantize_outputs   quantize outputs too (onnxruntime's QDQ format) or inputs only
-      full_graph         every float tensor between graph input and output (NPU)
+      full_graph         every float tensor between graph input and output (NPU), and the
+                         constants data movement reads (an embedding table under Gather)
+      weight_schemes     op type -> the scheme of its constant weights instead of `weights`
+                         (QNN's MatMul takes per-tensor uint8 weights)
     With asymmetric activations, a Relu (or Clip(0, c)) after a quantized op is folded
     into the quantization of that op's output: Q with zero point at the lowest code clamps
     negatives exactly as Relu does (onnxruntime's quantizer does the same).
@@ -46,6 +49,7 @@ from onnxopt.errors import CalibrationError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable
+from onnxopt.ir.ops import data_input_indices
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.surgery import topological_order
 from onnxopt.ir.weights import WEIGHT_OPS, output_channel_axis
@@ -56,22 +60,11 @@ from onnxopt.quantization import scheme as qs
 
 logger = logging.getLogger(__name__)
 
-# Inputs that carry data (the rest are shapes, indices, parameters: never quantized here).
-DATA_INPUTS = {
-    "Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1), "Resize": (0,),
-    "Upsample": (0,), "Reshape": (0,), "Slice": (0,), "Pad": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
-    "Expand": (0,), "Tile": (0,), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,),
-    "Split": (0,), "Clip": (0,), "BatchNormalization": (0,), "InstanceNormalization": (0,),
-    "LayerNormalization": (0,), "PRelu": (0,), "TopK": (0,), "ReduceMean": (0,), "ReduceSum": (0,),
-    "ReduceMax": (0,), "ReduceMin": (0,), "Where": (1, 2), "MaxPool": (0,), "AveragePool": (0,),
-    "GlobalAveragePool": (0,), "GlobalMaxPool": (0,), "Transpose": (0,), "Flatten": (0,),
-    "DepthToSpace": (0,), "SpaceToDepth": (0,), "LpNormalization": (0,), "CumSum": (0,),
-}
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
 def data_inputs(node: gs.Node) -> tuple[int, ...]:
-    return DATA_INPUTS.get(node.op, tuple(range(len(node.inputs))))
+    return data_input_indices(node.op, len(node.inputs))
 
 
 @dataclass
@@ -239,6 +232,15 @@ class QuantizeStaticPass(Pass):
                     continue
                 x = node.inputs[0]
                 outs = [t for t in node.outputs if is_activation(t)]
+                if full and outs and isinstance(x, gs.Constant) and qdq.is_float_tensor(x):
+                    # A full integer graph quantizes a constant that data movement reads too
+                    # (an embedding table under Gather): the table in integer, the rows Q/DQ'd.
+                    done.add(id(node))
+                    plan.constants.append((node, 0))
+                    for t in outs:
+                        add(t, None, True)
+                    changed = True
+                    continue
                 if x.name not in plan.activations or not outs:
                     continue
                 done.add(id(node))
@@ -358,7 +360,10 @@ class QuantizeStaticPass(Pass):
             if dq is not None:
                 scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
                 inserted += 1
-        weights = self._quantize_weights(graph, names, plan, wt)
+        by_op = self._op_weight_schemes(ctx, wt, self.options.per_channel and model.opset >= qs.PER_CHANNEL_OPSET)
+        if by_op:
+            stats["weight_schemes"] = {op: f"{w.dtype} {w.granularity}" for op, w in by_op.items()}
+        weights = self._quantize_weights(graph, names, plan, wt, by_op)
         biases = self._quantize_biases(graph, names, plan, scales, weights) \
             if int(ctx.target.quantization.get("bias_bits", 32)) == 32 else 0
         constants = self._quantize_constants(graph, names, plan, act)
@@ -403,14 +408,27 @@ class QuantizeStaticPass(Pass):
             graph.outputs = [dq if t is tensor else t for t in graph.outputs]
         return dq
 
-    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme) -> dict:
+    def _op_weight_schemes(self, ctx, wt: qs.QuantScheme, per_channel_ok: bool) -> dict[str, qs.QuantScheme]:
+        """The target's per-op weight schemes ([quantization.weight_schemes]: QNN's MatMul takes
+        per-tensor uint8 weights); per-tensor when the option or the model's opset says so."""
+        q = ctx.target.quantization
+        out = {}
+        for op, name in q.get("weight_schemes", {}).items():
+            own = qs.scheme_from_table(q.get("schemes", {}).get(name), wt)
+            per_channel = own.per_channel and per_channel_ok
+            reduce = own.reduce_range if self.options.reduce_range == "target" else wt.reduce_range
+            out[op] = qs.QuantScheme(own.dtype, own.symmetric, "per_channel" if per_channel else "per_tensor", reduce)
+        return out
+
+    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme, by_op: dict) -> dict:
         done: dict = {}
         cache: dict = {}
         for node, index, axis in plan.weights:
             const = node.inputs[index]
-            key = (id(const), axis)
+            scheme = by_op.get(node.op, wt)
+            key = (id(const), axis, scheme)
             if key not in cache:
-                q, scale, zp, used = qs.quantize_weight(constant_value(const), wt, axis)
+                q, scale, zp, used = qs.quantize_weight(constant_value(const), scheme, axis)
                 dq = qdq.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
                 cache[key] = (dq, scale)
             dq, scale = cache[key]

@@ -251,3 +251,64 @@ def duplicate_nodes() -> onnx.ModelProto:
 
 BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph, layernorm_decomposed, gelu_erf,
             gelu_tanh, transpose_pairs, convtranspose_bn_grouped, shape_chain, noop_ops, duplicate_nodes]
+
+
+def tiny_transformer(seq=8, hidden=32, heads=2, ffn=64) -> onnx.ModelProto:
+    """One pre-norm encoder block as exporters write it: LayerNormalization, Q/K/V MatMul+Add,
+    Reshape/Transpose to heads, scaled QK^T, Softmax, MatMul with V, back to [1, seq, hidden],
+    output projection, residual Add, then LayerNormalization, an FFN with tanh-GELU written out
+    (x * 0.5 * (1 + tanh(0.79788 * (x + 0.044715 x^3)))) and a residual Add. Static shapes."""
+    r = rng(6)
+    d = hidden // heads
+
+    def w(*shape, scale=0.2):
+        return (r.standard_normal(shape) * scale).astype(np.float32)
+
+    inits = [init("ln1_g", r.uniform(0.8, 1.2, hidden).astype(np.float32)), init("ln1_b", w(hidden, scale=0.1)),
+             init("ln2_g", r.uniform(0.8, 1.2, hidden).astype(np.float32)), init("ln2_b", w(hidden, scale=0.1)),
+             init("heads_shape", np.array([1, seq, heads, d], np.int64)),
+             init("merge_shape", np.array([1, seq, hidden], np.int64)),
+             init("scale", np.array(1.0 / np.sqrt(d), np.float32)),
+             init("half", np.array(0.5, np.float32)), init("one", np.array(1.0, np.float32)),
+             init("k0", np.array(0.044715, np.float32)), init("k1", np.array(0.7978845608, np.float32))]
+    for name, (k, n) in {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden),
+                         "o": (hidden, hidden), "f1": (hidden, ffn), "f2": (ffn, hidden)}.items():
+        inits += [init(f"w_{name}", w(k, n)), init(f"b_{name}", w(n, scale=0.05))]
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln1_g", "ln1_b"], ["h"], axis=-1, epsilon=1e-5)]
+    for name in "qkv":
+        nodes += [helper.make_node("MatMul", ["h", f"w_{name}"], [f"{name}_mm"]),
+                  helper.make_node("Add", [f"{name}_mm", f"b_{name}"], [f"{name}_b"]),
+                  helper.make_node("Reshape", [f"{name}_b", "heads_shape"], [f"{name}_r"])]
+    nodes += [
+        helper.make_node("Transpose", ["q_r"], ["q_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v_r"], ["v_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_t"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx_m"]),
+        helper.make_node("MatMul", ["ctx_m", "w_o"], ["o_mm"]),
+        helper.make_node("Add", ["o_mm", "b_o"], ["o"]),
+        helper.make_node("Add", ["x", "o"], ["res1"]),
+        helper.make_node("LayerNormalization", ["res1", "ln2_g", "ln2_b"], ["h2"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h2", "w_f1"], ["f1_mm"]),
+        helper.make_node("Add", ["f1_mm", "b_f1"], ["f1"]),
+        helper.make_node("Mul", ["f1", "f1"], ["sq"]),
+        helper.make_node("Mul", ["sq", "f1"], ["cube"]),
+        helper.make_node("Mul", ["cube", "k0"], ["cube_k"]),
+        helper.make_node("Add", ["f1", "cube_k"], ["inner"]),
+        helper.make_node("Mul", ["inner", "k1"], ["inner_k"]),
+        helper.make_node("Tanh", ["inner_k"], ["th"]),
+        helper.make_node("Add", ["th", "one"], ["th1"]),
+        helper.make_node("Mul", ["f1", "half"], ["half_x"]),
+        helper.make_node("Mul", ["half_x", "th1"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "w_f2"], ["f2_mm"]),
+        helper.make_node("Add", ["f2_mm", "b_f2"], ["f2"]),
+        helper.make_node("Add", ["res1", "f2"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", [1, seq, hidden])], [tensor("y", [1, seq, hidden])], inits)
+
+
+BUILDERS.append(tiny_transformer)

@@ -116,11 +116,17 @@ def test_cli_bad_target_file_exit_2(tmp_path, capsys):
     ('[quantization]\nbias_bits = 16\n', r"\[quantization\] bias_bits = 16: the passes take 0, 32"),
     ('[quantization]\nactivations = "act_u16"\n', "activations = 'act_u16' names no scheme; did you mean 'act_u8'"),
     ('[quantization.schemes.w_s8]\nblock_size = 32\n', r"unknown key 'block_size'"),
-    ('[capabilities]\nstatic_shapes = true\n', r"unknown key 'static_shapes'"),
+    ('[capabilities]\nstatic_shape = true\n', r"unknown key 'static_shape'; did you mean 'static_shapes'"),
+    ('[capabilities]\nallowed_ops = ["Conv", "Relu6"]\n', r"'Relu6' is not an ONNX op; did you mean 'Relu'"),
+    ('[capabilities]\ntensor_types = ["fp8"]\n', r"tensor_types = 'fp8': types are float32"),
+    ('[capabilities.ops.Resize.attributes]\nmodes = ["nearest"]\n', r"Resize has no attribute 'modes'; did you mean 'mode'"),
+    ('[capabilities.ops.Resize]\nmax_rank = 4\n', r"\[capabilities.ops.Resize\]: unknown key 'max_rank'"),
+    ('[quantization.weight_schemes]\nMatMul = "w_u8"\n', r"weight_schemes\] MatMul = 'w_u8' names no scheme"),
 ])
 def test_values_no_pass_can_honor_are_refused_at_load(tmp_path, text, message):
     """Before: an int4 activation scheme made quantize-static raise KeyError mid-run (rolled
-    back, exit 0), and block_size, bias_bits != 32 or static_shapes were silently ignored."""
+    back, exit 0), and block_size or bias_bits != 32 were silently ignored; a misspelt op in
+    allowed_ops silently disallowed the op."""
     p = write(tmp_path, 'schema = 1\nname = "t"\nextends = "cpu"\n' + text)
     with pytest.raises(TargetError, match=message) as err:
         load_target(p)

@@ -199,7 +199,8 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
         sep = ":" if ":" in spec else "="
         name, _, dims = spec.rpartition(sep)
         try:
-            values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip() != ""]
+            parts = dims.split(",") if "," in dims else dims.split("x")  # 1,3,224,224 or 1x3x224x224
+            values = [int(d) for d in parts if d.strip() != ""]
         except ValueError:
             values = None
         if not name or values is None or any(v < 0 for v in values):

@@ -29,6 +29,11 @@ class TensorInfo:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape)
 
 
+def is_static(shape) -> bool:
+    """A known shape whose every dim is a number (not a symbol, not -1 or unknown)."""
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _np_dtype(elem_type: int) -> np.dtype | None:
     try:
@@ -125,9 +130,15 @@ def _collect(graph: onnx.GraphProto, out: dict) -> None:
                 _collect(sub, out)
 
 
+def tensor_infos(proto: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of ``proto``, subgraphs included, after inference
+    (which keeps the declared types it cannot improve)."""
+    shapes: dict[str, TensorInfo] = {}
+    _collect(infer(proto).graph, shapes)
+    return shapes
+
+
 @register_analysis("shapes")
 def infer_shapes(model, ctx) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor of the model, subgraphs included."""
-    shapes: dict[str, TensorInfo] = {}
-    _collect(infer(model.export()).graph, shapes)  # inference keeps the declared types it cannot improve
-    return shapes
+    return tensor_infos(model.export())

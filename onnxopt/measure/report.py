@@ -70,17 +70,21 @@ def measure(proto: onnx.ModelProto, input_shapes: dict | None = None, feeds: dic
 
 def add_measurements(report: dict, original, optimized: onnx.ModelProto, data=None,
                      metric: str | Callable = "cosine", max_drop: float | None = None,
-                     latency: bool = True, progress: bool = False, providers: list[str] | None = None) -> dict:
+                     latency: bool = True, progress: bool = False, providers: list[str] | None = None,
+                     input_shapes: dict | None = None) -> dict:
     """Add cost, fidelity and latency of ``original`` vs ``optimized`` to an optimize report
     (run on ``providers``, the target's resolved execution providers; default CPU).
 
-    Returns the comparison (``onnxopt.measure.compare``), whose ``gate`` the caller enforces.
+    ``input_shapes``: the shapes the optimized model's inputs were fixed to (random inputs
+    are made in those shapes). Returns the comparison (``onnxopt.measure.compare``), whose
+    ``gate`` the caller enforces.
     """
     from onnxopt.measure.compare import compare
     from onnxopt.ir.model import load
 
     comparison = compare(original, optimized, data=data, metric=metric, max_drop=max_drop,
-                         latency=latency, memory=latency, progress=progress, providers=providers)
+                         latency=latency, memory=latency, progress=progress, providers=providers,
+                         input_shapes=input_shapes)
     shapes = comparison.get("input_shapes")
     before_proto = load(original).to_proto() if not isinstance(original, onnx.ModelProto) else original
     feeds = _first_batch(before_proto, data)

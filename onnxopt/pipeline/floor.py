@@ -14,6 +14,10 @@ go back to what they were, fewest first, until the floor holds:
    kept, each result measured, then a bisection between the last two counts finds the
    fewest that hold the floor.
 
+On a target that computes in integer only (``capabilities.integer_only``) no layer can go
+back to float and a timing here says nothing of the hardware: the fidelity is measured and
+reported, nothing more.
+
 When keeping up to ``max_kept_fraction`` (three quarters) of its layers does not hold, or
 the pass has no such option, the pass is rolled back and the reason is reported: a pass
 that must leave most of the model as it was is not worth its overhead, and a later pass
@@ -91,6 +95,18 @@ class FloorKeeper:
         saved = (len(ctx.notes), dict(ctx.metadata))
         kept: list[str] = []
         problem = None
+        if ctx.target.capabilities.get("integer_only"):
+            # the hardware computes in integer only: no layer can go back to float, and this
+            # machine's timing says nothing of it; the fidelity is measured and said
+            if self.floor.fidelity_bound:
+                measured = self._measure(model)
+                report["after_pass"] = measured.to_json()
+                if not self.floor.holds(measured):
+                    ctx.notes.append(f"{cls.name}: {_describe(measured)} is below the fidelity floor "
+                                     f"({self.floor.describe()}); target '{ctx.target.name}' computes in "
+                                     "integer only, so no layer went back to float")
+            report["seconds"] = round(time.perf_counter() - start, 2)
+            return None
         if self.floor.fidelity_bound:
             problem, kept = self._hold_fidelity(cls, options, model, ctx, before, record, report, saved)
         if problem is None and cls.promises_speed and self.floor.max_latency_ratio is not None:
