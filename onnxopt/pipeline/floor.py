@@ -191,10 +191,12 @@ class FloorKeeper:
 
         good = _fewest(fast, len(regions), max(4, self.max_trials // 2)) if regions else None
         report["speed_trials"] = len(tried)
-        if good is None or good == len(regions):  # every region float: nothing of the pass pays
-            model.restore(after)
+        total = sum(len(r) for r in regions) + len(kept)
+        given = len(kept) + sum(len(r) for r in regions[:good]) if good is not None else total
+        if good is None or good == len(regions) or given > self.max_kept_fraction * total:
+            model.restore(after)  # (nearly) every region float: the pass does not pay here
             return (f"the model runs {speed.ratio:.2f}x the time it took before the pass, above the speed "
-                    f"floor ({limit:g}x), and no part of the pass pays for itself on this target")
+                    f"floor ({limit:g}x), and no large enough part of the pass pays for itself on this target")
         chosen, chosen_speed = tried[good]
         self._accept(chosen, ctx, saved, record, model)
         given_back = [k for region in regions[:good] for k in region]
