@@ -63,6 +63,8 @@ SCHEMA = Table({
         "float16": bool,
         "bfloat16": bool,
         "int4": bool,
+        "nm_sparsity": ListOf(str),
+        "channel_multiple": int,
         "allowed_ops": ListOf(str),
     }),
     "quantization": Table({
@@ -91,7 +93,8 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "runtime": {"execution_providers": ["CPUExecutionProvider"], "contrib_ops": False,
                 "intra_op_threads": 0},
-    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "allowed_ops": []},
+    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "nm_sparsity": [],
+                     "channel_multiple": 1, "allowed_ops": []},
     "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {},
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
                      "float_ops": [], "residual_add": False, "full_graph": False,
@@ -271,6 +274,7 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
         if pipeline not in data["pipelines"]:
             raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
     _check_quantization(data["quantization"], label)
+    _check_capabilities(data["capabilities"], label)
     _check_passes(data, label)
     target = Target(
         name=data["name"], description=data["description"], source=label,
@@ -319,6 +323,25 @@ def _check_quantization(q: dict, label: str) -> None:
         if role == "activations" and granularity != "per_tensor":
             raise TargetError(f"{label}: [{where}] granularity = '{table['granularity']}': activations are "
                               "quantized per tensor (per_tensor)")
+
+
+def parse_nm(text: str) -> tuple[int, int] | None:
+    """(n, m) of an "n:m" sparsity pattern (n of every m weights kept, 0 < n < m), else None."""
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return None
+    n, m = int(parts[0]), int(parts[1])
+    return (n, m) if 0 < n < m else None
+
+
+def _check_capabilities(c: dict, label: str) -> None:
+    """nm_sparsity holds "n:m" patterns; channel_multiple is a positive integer."""
+    for pattern in c["nm_sparsity"]:
+        if parse_nm(pattern) is None:
+            raise TargetError(f"{label}: [capabilities] nm_sparsity: '{pattern}' is not an 'n:m' pattern "
+                              "with 0 < n < m (such as '2:4')")
+    if c["channel_multiple"] < 1:
+        raise TargetError(f"{label}: [capabilities] channel_multiple = {c['channel_multiple']}: must be 1 or more")
 
 
 def _check_passes(data: dict, label: str) -> None:
