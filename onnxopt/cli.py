@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a pass that fails or breaks the model stops the run (exit 1 or 3)")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to OUT.onnx.data (automatic over 2 GB)")
+    p.add_argument("--masks", metavar="MASKS.npz",
+                   help="pruning masks of an earlier run (by initializer name) for the pruning passes to respect")
+    p.add_argument("--export-masks", metavar="MASKS.npz",
+                   help="write the masks the pruning passes left (by initializer name, True = kept)")
     _add_common(p)
 
     p = sub.add_parser("inspect", help="show a model's size, ops, interface",
@@ -145,6 +149,8 @@ def cmd_optimize(args) -> int:
     from onnxopt.measure.report import add_measurements, render, require_matplotlib
 
     _check_output(args.input, args.output)
+    if args.export_masks:
+        _check_output(args.input, args.export_masks)
     if args.report:
         _check_output(args.input, args.report)
         if args.report.lower().endswith((".html", ".htm")):
@@ -153,7 +159,7 @@ def cmd_optimize(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     result = optimize(args.input, target=args.target, pipeline=args.pipeline,
                       calibration=args.calibration, verify=args.verify, strict=args.strict,
-                      progress=progress)
+                      progress=progress, masks=args.masks)
     report = result.report
     comparison = None
     if args.report or args.data or args.max_drop is not None:
@@ -178,6 +184,11 @@ def cmd_optimize(args) -> int:
     report["output"] = args.output
     report["output_bytes"] = Path(args.output).stat().st_size
     report["input_bytes"] = Path(args.input).stat().st_size
+    if args.export_masks:
+        from onnxopt.optimize import save_masks
+
+        save_masks(result.masks, args.export_masks)
+        report["masks"] = {"file": args.export_masks, "weights": len(result.masks)}
     if args.report:
         _write_text_atomic(Path(args.report), render(report, args.report))
     if not args.quiet:

@@ -31,6 +31,7 @@ class OptimizeResult:
     report: dict[str, Any]
     records: list[PassRecord] = field(default_factory=list)
     target: Target | None = None
+    masks: dict[str, Any] = field(default_factory=dict)  # pruning masks by initializer name (True = kept)
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model atomically (external data when asked or over 2 GB)."""
@@ -64,11 +65,14 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
 def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | os.PathLike | Target = "cpu",
              pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
              verify: bool = False, strict: bool = False, progress: bool = False,
-             seed: int = 0) -> OptimizeResult:
+             seed: int = 0, masks: str | os.PathLike | dict | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
 
     ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
     Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
+    ``masks`` (an .npz path or a dict, initializer name -> bool array, True = kept) are
+    pruning masks of an earlier run that the pruning passes respect; ``.masks`` of the
+    result holds the masks this run's pruning passes left.
     The input (file or proto) is never modified.
     """
     started = time.perf_counter()
@@ -80,7 +84,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         from onnxopt.data.statistics import open_calibration
 
         calib = open_calibration(calibration, m, reference, threads=target.runtime.intra_op_threads)
-    ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed)
+    ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed,
+                      masks=load_masks(masks) if masks is not None else {})
     ctx.notes.extend(notes)
     for note in notes:
         logger.warning(note)
@@ -111,4 +116,37 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "providers": ctx.resolved_providers,
         "seconds": time.perf_counter() - started,
     }
-    return OptimizeResult(model=proto, report=report, records=records, target=target)
+    return OptimizeResult(model=proto, report=report, records=records, target=target, masks=dict(ctx.pruned_masks))
+
+
+def load_masks(source: str | os.PathLike | dict) -> dict:
+    """Pruning masks from an .npz file (arrays keyed by initializer name) or a dict."""
+    import numpy as np
+
+    from onnxopt.errors import UsageError
+
+    if isinstance(source, dict):
+        return {str(k): np.asarray(v).astype(bool) for k, v in source.items()}
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            return {k: data[k].astype(bool) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{source}: cannot read pruning masks ({exc})") from None
+
+
+def save_masks(masks: dict, path: str | os.PathLike) -> Path:
+    """Write masks as an .npz (arrays keyed by initializer name) atomically."""
+    import numpy as np
+
+    from onnxopt.errors import OutputError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v, dtype=bool) for k, v in masks.items()})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write masks ({exc.strerror or exc})") from None
+    return path

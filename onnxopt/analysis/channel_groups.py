@@ -49,11 +49,14 @@ UNARY = frozenset({
     "Softplus", "Softsign", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Identity",
     "Dropout", "Cast", "Floor", "Ceil", "Round", "Sin", "Cos", "Mish", "ThresholdedRelu", "Sign", "Not",
     "IsNaN", "IsInf", "Shrink",
+    "com.microsoft:Gelu", "com.microsoft:FastGelu", "com.microsoft:QuickGelu",
 })
 ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal", "Less",
     "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Mod",
 })
+SAME_SHAPE = frozenset({"LayerNormalization", "BatchNormalization", "InstanceNormalization", "Softmax",
+                        "LogSoftmax", "com.microsoft:SkipLayerNormalization"})
 POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                      "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin"})
@@ -158,11 +161,32 @@ def _product(dims) -> tuple | None:
     for d in dims:
         if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0:
             value *= int(d)
+        elif isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+            symbols.append(f"#{d}")  # a dim declared -1: unknown, but the same one on both sides
         elif isinstance(d, str) and d and not d.startswith("unk__"):
             symbols.append(d)
         else:
             return None
     return value, tuple(sorted(symbols))
+
+
+def _conv_spatial(node: gs.Node, spatial, kernel) -> tuple:
+    """Spatial output dims of a Conv (None where not computable)."""
+    n = len(spatial)
+    pads = list(node.attrs.get("pads", [0] * (2 * n)))
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    auto = str(node.attrs.get("auto_pad", "NOTSET"))
+    out = []
+    for i, (d, k) in enumerate(zip(spatial, kernel)):
+        if not isinstance(d, (int, np.integer)) or d < 0 or not isinstance(k, (int, np.integer)):
+            out.append(None)
+        elif auto in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-int(d) // strides[i]))
+        else:
+            span = dilations[i] * (int(k) - 1) + 1
+            out.append((int(d) + pads[i] + pads[i + n] - span) // strides[i] + 1)
+    return tuple(out)
 
 
 class ChannelGraph:
@@ -178,6 +202,7 @@ class ChannelGraph:
         self.producers: dict[str, tuple[gs.Node, np.ndarray]] = {}  # node name -> (node, atoms)
         self.blocks: list[list[np.ndarray]] = []
         self.skipped: list[tuple[str, str]] = []  # (node, reason) of layers left alone
+        self.derived: dict[str, tuple] = {}  # shapes of tensors shape inference left unknown
         uses: dict[int, int] = defaultdict(int)
         for node in graph.nodes:
             for t in node.inputs:
@@ -197,7 +222,42 @@ class ChannelGraph:
         info = self.shapes.get(t.name)
         if info is not None and info.shape is not None:
             return tuple(info.shape)
-        return tuple(t.shape) if t.shape is not None else None
+        if t.shape is not None:
+            return tuple(t.shape)
+        return self.derived.get(t.name)
+
+    def _derive(self, node: gs.Node) -> None:
+        """Shape inference stops at ops it has no schema for (contrib ops such as Gelu) and
+        leaves everything after them unknown: derive the output shape of the ops whose rule
+        needs one from their inputs' shapes (same shape, broadcast, x @ W, a permutation)."""
+        if not node.outputs or not node.outputs[0].name or self.shape(node.outputs[0]) is not None:
+            return
+        op = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}:{node.op}"
+        shapes = [self.shape(t) for t in node.inputs if t.name]
+        if not shapes or shapes[0] is None:
+            return
+        out = None
+        if op in UNARY or op in SAME_SHAPE:
+            out = shapes[0]
+        elif op in ELEMENTWISE and all(s is not None for s in shapes):
+            r = max(len(s) for s in shapes)
+            out = []
+            for o in range(r):
+                dims = {s[o - (r - len(s))] for s in shapes if o - (r - len(s)) >= 0} - {1}
+                if len(dims) > 1:
+                    return
+                out.append(dims.pop() if dims else 1)
+        elif op == "MatMul" and len(shapes) == 2 and shapes[1] is not None and min(len(shapes[0]), len(shapes[1])) >= 2:
+            a, b = shapes
+            out = (a[:-1] if len(a) >= len(b) else b[:-2] + a[-2:-1]) + (b[-1],)
+        elif op == "Transpose" and node.attrs.get("perm") is not None:
+            out = tuple(shapes[0][p] for p in node.attrs["perm"])
+        elif op == "Conv" and len(shapes) > 1 and shapes[1] is not None:
+            out = shapes[0][:1] + (shapes[1][0],) + _conv_spatial(node, shapes[0][2:], shapes[1][2:])
+        elif op in ("GlobalAveragePool", "GlobalMaxPool"):
+            out = shapes[0][:2] + (1,) * (len(shapes[0]) - 2)
+        if out is not None:
+            self.derived[node.outputs[0].name] = tuple(out)
 
     def rank(self, t: gs.Tensor) -> int | None:
         s = self.shape(t)
@@ -223,6 +283,7 @@ class ChannelGraph:
 
     # -- op rules ------------------------------------------------------------------------------
     def _visit(self, node: gs.Node) -> None:
+        self._derive(node)
         op = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}:{node.op}"
         handler = getattr(self, f"_op_{op}", None)
         if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and self._weight(node) is not None:
@@ -415,6 +476,12 @@ class ChannelGraph:
             return
         inputs = [t for t in node.inputs if t.name]
         self._broadcast(node, inputs, node.outputs[0])
+
+    def _op_Shape(self, node: gs.Node) -> None:
+        """Reads only the shape: whatever is computed from it follows the pruned tensor at
+        run time, so nothing to freeze and nothing to track."""
+
+    _op_Size = _op_Shape
 
     def _op_BatchNormalization(self, node: gs.Node) -> None:
         x, y = node.inputs[0], node.outputs[0]

@@ -1,0 +1,67 @@
+"""Mostly-zero weights stored as ONNX sparse initializers.
+
+A ``SparseTensorProto`` holds the non-zero values and their linear positions (``[NNZ]``
+int64 indices, ascending; the ONNX checker accepts no other index type). The indices go
+into ``int64_data``, which protobuf writes as varints (2-4 bytes for the positions of
+real weights instead of 8), so a weight that is about half zeros is already smaller on
+disk. It is not always smaller once compressed: zeros in a dense tensor compress very
+well. ``sparse_pays`` compares both (raw and zlib size) so a caller stores sparse only
+where the file gets smaller either way.
+
+onnxruntime turns sparse initializers back into dense tensors when the session is created
+(its kernels do not consume sparse tensors), so this saves file size and download size,
+not memory or time at run time. Sparse initializers are read and written by
+``onnxopt.ir.graph_io`` as graphsurgeon ``SparseValues`` constants; ``constant_value``
+returns None for them, so passes that run later leave them alone.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import SparseValues
+
+
+def sparse_proto(name: str, array: np.ndarray) -> onnx.SparseTensorProto:
+    """``array`` as a SparseTensorProto named ``name`` (linear int64 indices as varints)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    positions = np.flatnonzero(flat)
+    values = numpy_helper.from_array(flat[positions], name)
+    indices = helper.make_tensor("", onnx.TensorProto.INT64, [len(positions)], positions.tolist())
+    return helper.make_sparse_tensor(values, indices, list(array.shape))
+
+
+def sparse_constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A graphsurgeon constant that exports as a sparse initializer."""
+    return gs.Constant(name, SparseValues(sparse_proto(name, array)))
+
+
+def dense_array(proto: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense value of a SparseTensorProto with [NNZ] or [NNZ, rank] indices."""
+    values = numpy_helper.to_array(proto.values).reshape(-1)
+    indices = numpy_helper.to_array(proto.indices)
+    out = np.zeros(int(np.prod(proto.dims)), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), tuple(proto.dims))
+    out[indices.reshape(-1)] = values
+    return out.reshape(tuple(proto.dims))
+
+
+def encoded_sizes(array: np.ndarray) -> dict[str, int]:
+    """Bytes of ``array`` as a dense and as a sparse tensor, raw and zlib-compressed."""
+    dense = numpy_helper.from_array(np.ascontiguousarray(array), "w").SerializeToString()
+    sparse = sparse_proto("w", array).SerializeToString()
+    return {"dense": len(dense), "sparse": len(sparse),
+            "dense_compressed": len(zlib.compress(dense, 6)), "sparse_compressed": len(zlib.compress(sparse, 6))}
+
+
+def sparse_pays(array: np.ndarray) -> bool:
+    """Whether storing ``array`` sparse makes it smaller both written out and compressed."""
+    if array.size == 0 or np.count_nonzero(array) > 0.75 * array.size:
+        return False
+    s = encoded_sizes(array)
+    return s["sparse"] < s["dense"] and s["sparse_compressed"] <= s["dense_compressed"]
