@@ -8,8 +8,8 @@ toward the sparsity, so pruning can be iterated. Weights in Constant nodes are l
 (masks are keyed by initializer name: run ``lift-constants`` first).
 
 Zeros only make a model faster on hardware with sparse kernels: unstructured sparsity
-buys file size (``prune-magnitude`` stores a weight as an ONNX sparse initializer where
-that makes it smaller written out and compressed; onnxruntime densifies it at load), and
+buys file size (``prune-magnitude`` stores a mostly-zero weight as an ONNX sparse
+initializer where that makes it smaller; onnxruntime densifies it at load), and
 N:M sparsity is only offered for targets whose ``capabilities.nm_sparsity`` lists the
 pattern.
 """
@@ -99,8 +99,9 @@ class PruneMagnitudePass(Pass):
         op_types: list[str] = option(["Conv", "MatMul", "Gemm"], "ops whose constant weight is pruned")
         schedule: list[float] = option([], "prune in rounds to these sparsities (each round keeps the zeros "
                                            "of the one before); empty = one round to 'sparsity'")
-        storage: str = option("auto", "store pruned weights as ONNX sparse initializers: auto (where smaller "
-                                      "written out and gzip-compressed), dense, sparse", choices=("auto", "dense", "sparse"))
+        storage: str = option("auto", "store pruned weights as ONNX sparse initializers: auto (weights at least "
+                                      "75% zero, where that is smaller), dense, sparse",
+                              choices=("auto", "dense", "sparse"))
 
     def run(self, model, ctx) -> PassResult:
         o = self.options

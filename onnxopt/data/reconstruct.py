@@ -125,8 +125,9 @@ class _Plan:
         rel = copy.copy(gram)
         rel.xty = gram.xty[:, cols] - gram.xtx @ self.w0
         rel.sum_y = gram.sum_y[cols] - gram.sum_x @ self.w0
-        # fewer samples than inputs: shrink harder toward the current weight
-        delta, b = rel.solve(ridge=ridge + self.dim / max(gram.count, 1), bias=self.fit_bias)
+        # few samples per input: shrink harder toward the current weight, (inputs/samples)²
+        # (negligible with plenty of data, dominant when the system is underdetermined)
+        delta, b = rel.solve(ridge=ridge + (self.dim / max(gram.count, 1)) ** 2, bias=self.fit_bias)
         before = _error(gram, cols, self.w0, self.b0 if self.fit_bias else None)
         after = _error(gram, cols, self.w0 + delta, b)
         return self.w0 + delta, b, before, after
