@@ -159,8 +159,11 @@ def _choose(group: Group, score: np.ndarray, ratio: float, multiple: int, min_ke
             s = np.array([score[index[int(c)]] for c in block])
             removed.extend(int(block[i]) for i in np.argsort(s, kind="stable")[:per - keep_per])
         return np.array(removed), None
+    width = int(group.width[0]) if len(group.width) else 1
+    if width > 1:  # classes are heads of ``width`` channels: round the channel count
+        multiple //= int(np.gcd(multiple, width))
     if n < multiple:
-        return None, f"{n} channels, fewer than channel_multiple {multiple}"
+        return None, f"{n * width} channels, fewer than channel_multiple {multiple * width}"
     keep = kept_count(n, ratio, multiple, min_keep)
     frozen = int(group.frozen.sum())
     remove = min(n - keep, n - frozen)

@@ -8,7 +8,7 @@ from onnxopt.target import load_target, parse_nm
 
 def test_builtin_values():
     cpu, gpu, npu = (load_target(n).capabilities for n in ("cpu", "gpu", "npu"))
-    assert (cpu.nm_sparsity, cpu.channel_multiple) == ([], 1)
+    assert (cpu.nm_sparsity, cpu.channel_multiple) == ([], 8)
     assert (gpu.nm_sparsity, gpu.channel_multiple) == (["2:4"], 8)
     assert (npu.nm_sparsity, npu.channel_multiple) == ([], 32)
 

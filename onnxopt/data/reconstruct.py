@@ -9,9 +9,10 @@ streamed into a ``Gram`` (im2col patches for a Conv), then ``Gram.solve`` with t
 right-hand side taken relative to the current weight, so the ridge pulls the fit toward
 the weight it has (not toward zero) when there are fewer samples than inputs.
 
-Layers are refitted in topological order, in chunks whose Gram matrices fit a memory
-budget; the statistics of each chunk are collected on the model as the chunks before it
-left it, so each refit also absorbs the error of the layers before it. A fit that does
+Layers are refitted level by level (a layer after every refitted layer upstream of it),
+the independent layers of a level in one streamed run, in chunks whose Gram matrices fit
+a memory budget; each level's statistics are collected on the model as the levels before
+it left it, so each refit also absorbs the error of the layers before it. A fit that does
 not lower the squared error on the calibration data is not applied.
 
 ``refit_layers`` is what passes call (pruning's consumer reconstruction, the general
@@ -200,30 +201,54 @@ def refit_layers(model, ctx, fits: list[LayerFit], ridge: float = 1e-3,
             records.append({"layer": fit.node.name, "status": "skipped", "reason": plan.why})
             continue
         plans.append(plan)
-    chunk: list[_Plan] = []
-    used = 0
-    for plan in plans + [None]:
-        if plan is not None and (not chunk or used + plan.bytes() <= budget_bytes):
-            chunk.append(plan)
-            used += plan.bytes()
+    for level in _levels(model.graph, plans):
+        chunk: list[_Plan] = []
+        used = 0
+        for plan in level + [None]:
+            if plan is not None and (not chunk or used + plan.bytes() <= budget_bytes):
+                chunk.append(plan)
+                used += plan.bytes()
+                continue
+            if chunk:
+                records.extend(_fit_chunk(model, ctx, chunk, ridge, names))
+            chunk, used = ([plan], plan.bytes()) if plan is not None else ([], 0)
+    return records
+
+
+def _levels(graph: gs.Graph, plans: list[_Plan]) -> list[list[_Plan]]:
+    """The plans by depth: a layer comes after every refitted layer upstream of it, so its
+    statistics are collected on inputs those refits already changed; layers of one level
+    are independent and share one streamed run."""
+    from onnxopt.ir.surgery import topological_order
+
+    planned = {id(p.node): p for p in plans}
+    depth: dict[int, int] = {}
+    for node in topological_order(graph):
+        d = max((depth.get(id(t.inputs[0]), 0) for t in node.inputs if t.inputs), default=0)
+        depth[id(node)] = d + (1 if id(node) in planned else 0)
+    levels: dict[int, list[_Plan]] = {}
+    for p in plans:
+        levels.setdefault(depth[id(p.node)], []).append(p)
+    return [levels[k] for k in sorted(levels)]
+
+
+def _fit_chunk(model, ctx, chunk: list[_Plan], ridge: float, names: NameTable) -> list[dict]:
+    records = []
+    grams = ctx.calibration.reduce(model, [p.gram() for p in chunk])
+    changed = False
+    for p, g in zip(chunk, grams):
+        solved = p.solve(g, ridge)
+        if solved is None:
+            records.append({"layer": p.node.name, "status": "skipped",
+                            "reason": "no statistics (output not in the reference model?)"})
             continue
-        if chunk:
-            grams = ctx.calibration.reduce(model, [p.gram() for p in chunk])
-            changed = False
-            for p, g in zip(chunk, grams):
-                solved = p.solve(g, ridge)
-                if solved is None:
-                    records.append({"layer": p.node.name, "status": "skipped",
-                                    "reason": "no statistics (output not in the reference model?)"})
-                    continue
-                w, b, before, after = solved
-                if after >= before:
-                    records.append({"layer": p.node.name, "status": "worse", "error_change": after - before})
-                    continue
-                p.write(w, b, names)
-                changed = True
-                records.append({"layer": p.node.name, "status": "refitted", "error_change": after - before})
-            if changed:
-                ctx.calibration.invalidate()
-        chunk, used = ([plan], plan.bytes()) if plan is not None else ([], 0)
+        w, b, before, after = solved
+        if after >= before:
+            records.append({"layer": p.node.name, "status": "worse", "error_change": after - before})
+            continue
+        p.write(w, b, names)
+        changed = True
+        records.append({"layer": p.node.name, "status": "refitted", "error_change": after - before})
+    if changed:
+        ctx.calibration.invalidate()
     return records

@@ -15,6 +15,14 @@ from onnxopt.testing import assert_valid_and_equivalent, run_pass
 from tests import pruning_graphs as pg
 
 
+@pytest.fixture(scope="module")
+def any_width(tmp_path_factory):
+    """A cpu target that keeps any channel count (the built-in rounds to 8)."""
+    path = tmp_path_factory.mktemp("targets") / "any.toml"
+    path.write_text('schema = 1\nname = "any-width"\nextends = "cpu"\n[capabilities]\nchannel_multiple = 1\n')
+    return str(path)
+
+
 def _removal(cg, ratio):
     """The classes prune-channels removes at ``ratio`` when the chosen ones score lowest: the
     first ones of every prunable group (of every block for grouped convs)."""
@@ -38,21 +46,21 @@ def _feeds(model, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(pg.PATTERNS))
-def test_removing_zero_channels_is_exact(name):
+def test_removing_zero_channels_is_exact(name, any_width):
     model = pg.PATTERNS[name]()
     cg = channel_graph(load(model))
     removed = _removal(cg, 0.5)
     assert removed, "the pattern has something to prune"
     zeroed = pg.zero_channels(model, cg, removed)
-    pruned, result = run_pass("prune-channels", zeroed, ratio=0.5, criterion="l1", refit="off")
+    pruned, result = run_pass("prune-channels", zeroed, any_width, ratio=0.5, criterion="l1", refit="off")
     assert result.changed and result.stats["pruned_groups"] >= 1
     assert_valid_and_equivalent(zeroed, pruned, _feeds(model))  # same outputs, same output shapes
     assert model_cost(pruned).params < model_cost(zeroed).params
 
 
-def test_chain_params_and_macs_cut_by_the_expected_amounts():
+def test_chain_params_and_macs_cut_by_the_expected_amounts(any_width):
     model = pg.chain()
-    pruned, result = run_pass("prune-channels", model, ratio=0.5, criterion="l2", refit="off")
+    pruned, result = run_pass("prune-channels", model, any_width, ratio=0.5, criterion="l2", refit="off")
     before, after = model_cost(model), model_cost(pruned)
     # conv1 3->8 (k3, bias) becomes 3->4; BN 8 -> 4 (4 params each); conv2 8->4 becomes 4->4
     removed = 4 * 3 * 9 + 4 + 4 * 4 + 4 * 4 * 9
@@ -63,10 +71,10 @@ def test_chain_params_and_macs_cut_by_the_expected_amounts():
 
 
 @pytest.mark.parametrize("name", sorted(pg.REFUSALS))
-def test_must_not_fire(name):
+def test_must_not_fire(name, any_width):
     builder, reason = pg.REFUSALS[name]
     model = builder()
-    _, result = run_pass("prune-channels", model, ratio=0.5, refit="off")
+    _, result = run_pass("prune-channels", model, any_width, ratio=0.5, refit="off")
     assert not result.changed  # run_pass also checks the model was left alone
     text = " ".join(result.stats["left_alone_reasons"] + result.stats["layers_skipped"])
     assert reason in text
@@ -84,11 +92,11 @@ def test_channel_multiple_of_the_target():
     assert conv1.dims[0] == 16 and result.stats["channel_multiple"] == 8  # 24*0.7 = 16.8 -> 16
 
 
-def test_per_layer_ratio_and_bad_entries():
+def test_per_layer_ratio_and_bad_entries(any_width):
     model = pg.concat()
     cg = channel_graph(load(model))
     six = [g for g in cg.groups if len(g.classes) == 6][0].producers[0]
-    pruned, result = run_pass("prune-channels", model, ratio=0.5, refit="off", per_layer=[f"{six}=0"])
+    pruned, result = run_pass("prune-channels", model, any_width, ratio=0.5, refit="off", per_layer=[f"{six}=0"])
     assert result.stats["pruned_groups"] == 1
     from onnxopt.errors import PipelineError
 
@@ -96,7 +104,7 @@ def test_per_layer_ratio_and_bad_entries():
         run_pass("prune-channels", model, per_layer=["conv"])
 
 
-def _calibrated_ctx(model, target="cpu", batches=8, seed=1):
+def _calibrated_ctx(model, target, batches=8, seed=1):
     from onnxopt.data.statistics import open_calibration
 
     m = load(model)
@@ -121,11 +129,11 @@ def _error(ref, cand, feeds):
     return float(np.sum((a - b) ** 2) / np.sum(a ** 2))
 
 
-def test_refit_of_the_consumer_lowers_the_error():
+def test_refit_of_the_consumer_lowers_the_error(any_width):
     model = pg.chain()
     feeds = _feeds(model, seed=5)
-    plain, _ = run_pass("prune-channels", model, ratio=0.5, criterion="l2", refit="off")
-    m, ctx = _calibrated_ctx(model, batches=16)
+    plain, _ = run_pass("prune-channels", model, any_width, ratio=0.5, criterion="l2", refit="off")
+    m, ctx = _calibrated_ctx(model, any_width, batches=16)
     from onnxopt.pipeline.registry import get_pass
 
     result = get_pass("prune-channels")(ratio=0.5, criterion="l2", refit="on").run(m, ctx)
@@ -136,9 +144,9 @@ def test_refit_of_the_consumer_lowers_the_error():
 
 
 @pytest.mark.parametrize("criterion", ["activation", "taylor", "bn-scale", "l1"])
-def test_every_criterion_runs_and_prunes(criterion):
+def test_every_criterion_runs_and_prunes(criterion, any_width):
     model = pg.chain()
-    m, ctx = _calibrated_ctx(model)
+    m, ctx = _calibrated_ctx(model, any_width)
     from onnxopt.pipeline.registry import get_pass
 
     result = get_pass("prune-channels")(ratio=0.5, criterion=criterion, refit="off").run(m, ctx)
@@ -151,7 +159,7 @@ def test_data_criteria_need_calibration():
         run_pass("prune-channels", pg.chain(), criterion="activation")
 
 
-def test_activation_prefers_the_channels_that_carry_signal():
+def test_activation_prefers_the_channels_that_carry_signal(any_width):
     """Two channels of conv1 never fire (ReLU of a large negative bias): activation removes
     them though their weights are the largest."""
     model = pg.chain()
@@ -165,7 +173,7 @@ def test_activation_prefers_the_channels_that_carry_signal():
     b = numpy_helper.to_array(beta).copy()
     b[:2] = -1e4
     beta.CopyFrom(numpy_helper.from_array(b, beta.name))
-    m, ctx = _calibrated_ctx(model)
+    m, ctx = _calibrated_ctx(model, any_width)
     from onnxopt.pipeline.registry import get_pass
 
     get_pass("prune-channels")(ratio=0.25, criterion="activation", refit="off").run(m, ctx)
