@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import Pass, PassResult, option, register_pass
 from onnxopt.errors import PipelineError, TargetError, UsageError
 from onnxopt.ir.constants import constant_value
-from onnxopt.ir.sparse import sparse_constant, sparse_pays
+from onnxopt.ir.sparse import encoded_sizes, sparse_constant, sparse_pays
 from onnxopt.ir.weights import weight_axes
 from onnxopt.target import parse_nm
 
@@ -122,19 +122,22 @@ class PruneMagnitudePass(Pass):
             else:
                 _global_masks(weights, keep, target)
         zeroed = total = stored_sparse = 0
+        sizes = {"bytes_before": 0, "bytes_after": 0, "gzip_before": 0, "gzip_after": 0}
         for w in weights:
             mask = keep[id(w.tensor)]
             total += mask.size
             zeroed += int((~mask).sum())
             ctx.pruned_masks[w.tensor.name] = mask
             pruned = np.where(mask, w.values, np.zeros((), w.values.dtype)).astype(w.values.dtype)
-            if o.storage == "sparse" or (o.storage == "auto" and sparse_pays(pruned)):
+            sparse = o.storage == "sparse" or (o.storage == "auto" and sparse_pays(pruned))
+            _count_sizes(sizes, w.values, pruned, sparse)
+            if sparse:
                 _store_sparse(model, w.tensor, pruned)
                 stored_sparse += 1
             elif not np.array_equal(pruned, w.values):
                 w.tensor.values = pruned
         stats = {"weights": len(weights), "zeroed": zeroed, "sparsity": round(zeroed / total, 4) if total else 0.0,
-                 "stored_sparse": stored_sparse}
+                 "stored_sparse": stored_sparse, "weight_storage": sizes}
         if in_nodes:
             stats["left_in_constant_nodes"] = in_nodes
         changed = zeroed > 0 or stored_sparse > 0
@@ -185,6 +188,17 @@ def _global_masks(weights: list[_Weight], keep: dict, sparsity: float) -> None:
             mask[take] = False
             budget -= len(take)
         keep[id(w.tensor)] = mask.reshape(w.values.shape)
+
+
+def _count_sizes(sizes: dict, before: np.ndarray, after: np.ndarray, sparse: bool) -> None:
+    """Bytes of the pruned weights as written, raw and gzip-compressed, before and after (what
+    the report shows for the file: onnxruntime loads either form as a dense tensor)."""
+    old = encoded_sizes(before)
+    new = encoded_sizes(after)
+    sizes["bytes_before"] += old["dense"]
+    sizes["gzip_before"] += old["dense_compressed"]
+    sizes["bytes_after"] += new["sparse" if sparse else "dense"]
+    sizes["gzip_after"] += new["sparse_compressed" if sparse else "dense_compressed"]
 
 
 def _store_sparse(model, tensor: gs.Constant, values: np.ndarray) -> None:

@@ -142,3 +142,23 @@ def test_perturbing_one_channel_changes_exactly_the_predicted_consumer_columns()
 def test_kept_count_rounds_to_the_multiple():
     assert kept_count(64, 0.3) == 45 and kept_count(64, 0.3, 8) == 48 and kept_count(16, 0.3, 32) == 16
     assert kept_count(10, 0.99, 1, min_keep=2) == 2
+
+
+def test_split_sizes_as_an_attribute_before_opset_13():
+    import onnx
+
+    from tests.pruning_graphs import Builder, tensor
+
+    b = Builder(50)
+    h = b.node("Relu", [b.conv("x", 3, 8)])
+    p, q = b.node("Split", [h], n_out=2, axis=1)  # equal halves, no sizes given
+    b.node("Add", [b.conv(p, 4, 4, bias=False), b.conv(q, 4, 4, bias=False)])
+    model = b.model([tensor("x", [1, 3, 4, 4])], "y", [1, 4, 4, 4], opset=11)
+    m = load(model)
+    cg = channel_graph(m)
+    (g,) = [g for g in cg.groups if g.prunable]
+    cg.apply({int(g.classes[0]), int(g.classes[5])})
+    (split,) = [n for n in m.graph.nodes if n.op == "Split"]
+    assert split.attrs["split"] == [3, 3] and len(split.inputs) == 1
+    m.modified = True
+    onnx.checker.check_model(m.to_proto())

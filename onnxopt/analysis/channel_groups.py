@@ -1059,7 +1059,7 @@ class ChannelGraph:
     def _apply_split(self, m, mask, names):
         sizes, offsets = m.extra["sizes"], np.cumsum([0] + m.extra["sizes"])
         new = [int(mask[lo:hi].sum()) for lo, hi in zip(offsets[:-1], offsets[1:])]
-        if "split" in m.node.attrs:
+        if "split" in m.node.attrs or (self.graph.opset or 13) < 13:  # an attribute before opset 13
             m.node.attrs["split"] = new
         elif len(m.node.inputs) > 1 and m.node.inputs[1].name:
             replace_input(m.node, m.node.inputs[1], new_constant(names, m.node.inputs[1].name,

@@ -38,6 +38,8 @@ def test_layer_scope_zeroes_the_smallest_half_of_each_weight():
         assert kept.min() >= np.abs(w[p == 0]).max()  # the smallest went
         assert np.array_equal(ctx.pruned_masks[name], p != 0)
     assert result.stats["weights"] == 2 and result.stats["sparsity"] == pytest.approx(0.5, abs=0.01)
+    sizes = result.stats["weight_storage"]  # dense storage: same bytes, much smaller compressed
+    assert sizes["bytes_after"] == sizes["bytes_before"] and sizes["gzip_after"] < 0.75 * sizes["gzip_before"]
 
 
 def test_global_scope_normalizes_per_layer():
