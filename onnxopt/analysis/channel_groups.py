@@ -163,11 +163,34 @@ def _product(dims) -> tuple | None:
             value *= int(d)
         elif isinstance(d, (int, np.integer)) and not isinstance(d, bool):
             symbols.append(f"#{d}")  # a dim declared -1: unknown, but the same one on both sides
-        elif isinstance(d, str) and d and not d.startswith("unk__"):
+        elif isinstance(d, str) and d:  # a named dim (unk__N too: one unknown, same name)
             symbols.append(d)
         else:
             return None
     return value, tuple(sorted(symbols))
+
+
+def _resolve_target(shape_in, target: list) -> tuple | None:
+    """The output shape of a Reshape of ``shape_in`` to ``target`` (0 copies the input dim,
+    -1 takes what is left; dims may be symbols), or None when it cannot be told."""
+    if any(isinstance(e, int) and e < -1 for e in target) or sum(e == -1 for e in target) > 1:
+        return None
+    out = [shape_in[i] if (isinstance(e, int) and e == 0 and i < len(shape_in)) else e
+           for i, e in enumerate(target)]
+    if -1 in out:
+        total = _product(shape_in)
+        rest = _product([e for e in out if e != -1])
+        if total is None or rest is None or rest[0] == 0 or total[0] % rest[0]:
+            return None
+        symbols = list(total[1])
+        for sym in rest[1]:
+            if sym not in symbols:
+                return None
+            symbols.remove(sym)
+        if symbols:
+            return None
+        out[out.index(-1)] = total[0] // rest[0]
+    return tuple(out)
 
 
 def _conv_spatial(node: gs.Node, spatial, kernel) -> tuple:
@@ -802,15 +825,61 @@ class ChannelGraph:
         x = node.inputs[0]
         if not self.layout(x):
             return
-        shape_in, shape_out = self.shape(x), self.shape(node.outputs[0])
-        target = constant_value(node.inputs[1])
+        shape_in = self.shape(x)
+        target = self._target_entries(node, node.inputs[1])
         if target is None:
             self._freeze_inputs(node, f"Reshape '{node.name}': target shape is computed at run time")
             return
+        shape_out = _resolve_target(shape_in, [e[0] for e in target]) if shape_in is not None else None
+        if shape_out is None:
+            shape_out = self.shape(node.outputs[0])
         if shape_in is None or shape_out is None:
             self._freeze_inputs(node, f"Reshape '{node.name}': shapes unknown")
             return
-        self._reshape(node, shape_in, shape_out, [int(v) for v in target.reshape(-1)])
+        self._reshape(node, shape_in, shape_out, target)
+
+    def _target_entries(self, reshape: gs.Node, t: gs.Tensor) -> list[tuple] | None:
+        """A Reshape target as entries (value, where): value an int, or a dim of another
+        tensor (``Unsqueeze(Gather(Shape(s), k))``, as exporters build dynamic targets);
+        where = (node, input index, position) of the constant that holds an int entry."""
+        value = constant_value(t)
+        if value is not None:  # rewritten in a copy for this Reshape when shared
+            return [(int(v), (reshape, 1, i)) for i, v in enumerate(value.reshape(-1))]
+        node = t.inputs[0] if t.inputs else None
+        if node is None or node.op != "Concat":
+            return None
+        entries = []
+        for j, part in enumerate(node.inputs):
+            v = constant_value(part)
+            if v is not None:
+                # a Concat read by other nodes too cannot change for this Reshape alone
+                where = (node, j, None) if len(t.outputs) > 1 else (node, j, 0)
+                entries.extend((int(x), (node, j, i) if where[2] is not None else None)
+                               for i, x in enumerate(v.reshape(-1)))
+                continue
+            dim = self._dim_of(part)
+            if dim is None:
+                return None
+            entries.append((dim, None))
+        return entries
+
+    def _dim_of(self, t: gs.Tensor):
+        """The dim ``Unsqueeze(Gather(Shape(s), k))`` (or without the Unsqueeze) reads."""
+        node = t.inputs[0] if t.inputs else None
+        if node is not None and node.op == "Unsqueeze":
+            t = node.inputs[0]
+            node = t.inputs[0] if t.inputs else None
+        if node is None or node.op != "Gather" or not node.inputs[0].inputs:
+            return None
+        shape_node = node.inputs[0].inputs[0]
+        k = constant_value(node.inputs[1])
+        if shape_node.op != "Shape" or k is None or k.size != 1 or len(shape_node.attrs):
+            return None
+        shp = self.shape(shape_node.inputs[0])
+        if shp is None or not -len(shp) <= int(k) < len(shp):
+            return None
+        d = shp[int(k)]
+        return d if isinstance(d, str) or (isinstance(d, (int, np.integer)) and d >= 0) else None
 
     def _reshape(self, node: gs.Node, shape_in, shape_out, target) -> None:
         """Map each tracked axis of a reshape: kept whole, merged with inner axes (each atom
@@ -859,11 +928,15 @@ class ChannelGraph:
                     ok = False
                 if ok and b not in busy:
                     if target is not None:
-                        entry = target[b] if b < len(target) else None
-                        if entry == 0 and not (d == c and b == axis):
+                        entry, where = target[b] if b < len(target) else (None, None)
+                        if isinstance(entry, int) and entry == 0 and not (d == c and b == axis):
                             ok = False
-                        elif entry is not None and entry > 0:
-                            self._add("shape", node, 1, b, new)
+                        elif isinstance(entry, int) and entry > 0 and where is not None:
+                            self._add("shape", where[0], where[1], where[2], new)
+                        elif isinstance(entry, int) and entry > 0:
+                            ok = False  # held by a target other nodes read too
+                        elif not isinstance(entry, int):
+                            ok = False  # a dim read at run time cannot follow the pruning
                     if ok:
                         busy[b] = axis
                         self._set(y, b, new)
