@@ -266,10 +266,13 @@ class ChannelGraph:
             r = max(len(s) for s in shapes)
             out = []
             for o in range(r):
-                dims = {s[o - (r - len(s))] for s in shapes if o - (r - len(s)) >= 0} - {1}
-                if len(dims) > 1:
+                dims = [s[o - (r - len(s))] for s in shapes if o - (r - len(s)) >= 0]
+                known = {d for d in dims if isinstance(d, (int, np.integer))} - {1}
+                if len(known) > 1:
                     return
-                out.append(dims.pop() if dims else 1)
+                # a fixed size wins; else the first named dim (they must agree at run time)
+                named = [d for d in dims if d != 1 and d is not None]
+                out.append(known.pop() if known else (named[0] if named else (1 if 1 in dims else None)))
         elif op == "MatMul" and len(shapes) == 2 and shapes[1] is not None and min(len(shapes[0]), len(shapes[1])) >= 2:
             a, b = shapes
             out = (a[:-1] if len(a) >= len(b) else b[:-2] + a[-2:-1]) + (b[-1],)
@@ -279,6 +282,9 @@ class ChannelGraph:
             out = shapes[0][:1] + (shapes[1][0],) + _conv_spatial(node, shapes[0][2:], shapes[1][2:])
         elif op in ("GlobalAveragePool", "GlobalMaxPool"):
             out = shapes[0][:2] + (1,) * (len(shapes[0]) - 2)
+        elif op == "Reshape" and len(node.inputs) > 1:
+            target = self._target_entries(node, node.inputs[1])
+            out = _resolve_target(shapes[0], [e[0] for e in target]) if target else None
         if out is not None:
             self.derived[node.outputs[0].name] = tuple(out)
 
@@ -482,6 +488,8 @@ class ChannelGraph:
                               "no analysed layer produces")
                     ok = False
                 else:
+                    reason = (f"{node.op} '{node.name}' ties axis {o} to '{t.name}', whose size there "
+                              f"({d}) is neither {size} nor 1")
                     ok = False
             if not ok:
                 for _, _, lay in entries:
