@@ -355,6 +355,8 @@ class ChannelGraph:
         axes = weight_axes(node, 1, len(wshape)) if wshape else None
         if axes is None or (op == "MatMul" and len(wshape) != 2):
             why = why or f"weight '{w.name}' has no channel axes"
+        if op == "Gemm" and int(node.attrs.get("transA", 0)):
+            why = why or "transA=1"
         xl = self.layout(x)
         if why is not None:
             for axis, layout in xl.items():
@@ -370,10 +372,8 @@ class ChannelGraph:
         x_rank = self.rank(x)
         if x_rank is None:
             x_rank = len(x.shape) if x.shape is not None else (2 if op == "Gemm" else None)
-        in_axis = {"Conv": 1, "ConvTranspose": 1}.get(op)
-        if op == "Gemm":
-            in_axis = 0 if int(node.attrs.get("transA", 0)) else 1
-        elif op == "MatMul":
+        in_axis = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1}.get(op)
+        if op == "MatMul":
             in_axis = x_rank - 1 if x_rank else None
         groups = axes.groups
         depthwise = op == "Conv" and axes.is_depthwise(wshape)
