@@ -56,8 +56,8 @@ class PruneChannelsPass(Pass):
         criterion: str = option("auto", "channel importance (auto: activation with calibration data, else l2)",
                                 choices=CRITERIA)
         min_keep: int = option(1, "keep at least this many channels in every group")
-        per_layer: list[str] = option([], "ratios for some layers: 'NAME=RATIO' (NAME: a producer node name "
-                                          "or an fnmatch pattern; first match wins; 0 leaves the group alone)")
+        per_layer: list[str] = option([], "ratios for some layers: 'NAME=RATIO', quoted in pipeline text (NAME: "
+                                          "a producer node name or fnmatch pattern; first match wins; 0 = left alone)")
         refit: str = option("auto", "least-squares refit of each pruned tensor's consumers against the original "
                                     "model (auto: when calibration data is given)", choices=("auto", "on", "off"))
         ridge: float = option(1e-3, "ridge of the refit, relative to the mean input energy")

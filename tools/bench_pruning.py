@@ -158,6 +158,18 @@ CALIB_SENTENCES = [
 ]
 
 
+def calibration_sentences(count: int = 128, seed: int = 7) -> list[str]:
+    """The sixteen sentences above and more made from them: each sentence's first half
+    joined to another's second half (different words from the evaluation sentences)."""
+    rng = np.random.default_rng(seed)
+    halves = [(s.split()[:len(s.split()) // 2], s.split()[len(s.split()) // 2:]) for s in CALIB_SENTENCES]
+    out = list(CALIB_SENTENCES)
+    while len(out) < count:
+        a, b = rng.integers(len(halves), size=2)
+        out.append(" ".join(halves[a][0] + halves[b][1]))
+    return out
+
+
 def minilm_feeds(sentences: list[str]) -> dict:
     from models import SEQ  # tools/bench/models.py
     from tokenizers import Tokenizer
@@ -184,11 +196,11 @@ def model_data(name: str, work: Path):
         from models import SENTENCES
 
         calib = work / "minilm.calib.npz"
-        c = minilm_feeds(CALIB_SENTENCES)
-        np.savez(calib, **{k: v.reshape(4, 4, -1) for k, v in c.items()})
+        c = minilm_feeds(calibration_sentences())
+        np.savez(calib, **{k: v.reshape(16, 8, -1) for k, v in c.items()})
         return MODELS / "minilm_l6.onnx", calib, [minilm_feeds(SENTENCES)], None
     calib_feeds, _ = ppocr_data(name, 1, 16)
-    feeds, labels = ppocr_data(name, 2, 16)
+    feeds, labels = ppocr_data(name, 2, 32)
     calib = work / f"{name}.calib.npz"
     np.savez(calib, **{"x": np.stack([f["x"] for f in calib_feeds])})
     return MODELS / f"{name}.onnx", calib, feeds, labels
