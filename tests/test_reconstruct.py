@@ -73,3 +73,43 @@ def test_a_layer_the_reference_does_not_have_is_skipped():
                                        current, ctx.reference)
     (record,) = refit_layers(current, ctx, [LayerFit(current.graph.nodes[0])])
     assert record["status"] == "skipped" and "reference" in record["reason"]
+
+
+def test_transposed_conv_patches_reproduce_the_op():
+    """The Conv over the spread input with the flipped kernel equals the ConvTranspose."""
+    from onnxopt.data.reconstruct import _flip, transposed_conv_patches
+    from onnxopt.runtime import session
+
+    r = np.random.default_rng(3)
+    w = r.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    x = r.standard_normal((1, 3, 5, 6)).astype(np.float32)
+    for attrs, out in (({"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, [10, 12]),
+                       ({"strides": [2, 1], "pads": [0, 1, 2, 0]}, [9, 7]), ({}, [7, 8])):
+        model = make_model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)],
+                           [tensor("x", [1, 3, 5, 6])], [tensor("y", [1, 4] + out)], [init("w", w)])
+        y = session(model).run(None, {"x": x})[0]
+        node = load(model).graph.nodes[0]
+        rows = transposed_conv_patches(node).rows(x)  # [N·H'·W', C·k·k]
+        got = rows @ _flip(w).reshape(4, -1).T
+        np.testing.assert_allclose(got.reshape(y.shape[2], y.shape[3], 4).transpose(2, 0, 1)[None], y,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_perturbed_transposed_conv_is_fitted_back():
+    r = np.random.default_rng(4)
+    w = r.standard_normal((3, 4, 2, 2)).astype(np.float32)
+    b = r.standard_normal(4).astype(np.float32)
+
+    def model(wm, bm):
+        return make_model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2])],
+                          [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 4, 8, 8])], [init("w", wm), init("b", bm)])
+
+    reference = load(model(w, b))
+    current = load(model(w * 0.5, b - 1))
+    batches = [{"x": r.standard_normal((2, 3, 4, 4)).astype(np.float32)} for _ in range(10)]
+    ctx = PassContext(target=load_target("cpu"), reference=Reference(reference))
+    ctx.calibration = open_calibration(Reader(batches), current, ctx.reference)
+    (record,) = refit_layers(current, ctx, [LayerFit(current.graph.nodes[0])], ridge=1e-6)
+    assert record["status"] == "refitted"
+    np.testing.assert_allclose(constant_value(current.graph.nodes[0].inputs[1]), w, atol=5e-3)
+    np.testing.assert_allclose(constant_value(current.graph.nodes[0].inputs[2]), b, atol=5e-3)

@@ -63,6 +63,29 @@ def conv_patches(node: gs.Node) -> Patches | None:
     return Patches(kernel, strides, pads, dilations)
 
 
+def transposed_conv_patches(node: gs.Node) -> Patches | None:
+    """A ConvTranspose (group 1, explicit pads, 1-D or 2-D, no ``output_shape``) as the Conv it
+    equals: over its input spread out by the strides, padded by dilation·(k−1) − pad (plus
+    output_padding at the end), with the kernel flipped and its channel axes swapped."""
+    attrs = node.attrs
+    if str(attrs.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") or int(attrs.get("group", 1)) != 1 \
+            or "output_shape" in attrs:
+        return None
+    kernel = tuple(int(k) for k in node.inputs[1].shape[2:])
+    n = len(kernel)
+    if n not in (1, 2):
+        return None
+    pads = [int(p) for p in attrs.get("pads", [0] * (2 * n))]
+    strides = tuple(int(s) for s in attrs.get("strides", [1] * n))
+    dilations = tuple(int(d) for d in attrs.get("dilations", [1] * n))
+    extra = [int(p) for p in attrs.get("output_padding", [0] * n)]
+    begin = [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:n])]
+    end = [d * (k - 1) - p + e for d, k, p, e in zip(dilations, kernel, pads[n:], extra)]
+    if min(begin + end) < 0:
+        return None
+    return Patches(kernel, (1,) * n, tuple(begin + end), dilations, strides)
+
+
 class _Plan:
     """How one layer maps to a Gram (X rows, Y columns) and back to its weights."""
 
@@ -85,9 +108,21 @@ class _Plan:
             self.x_axis = self.y_axis = 1
             self.fit_bias = True
             return
+        if node.op == "ConvTranspose":
+            self.patches = transposed_conv_patches(node)
+            if self.patches is None:
+                self.why = "grouped, auto_pad, output_shape or 3-D transposed convolution"
+                return
+            w = constant_value(node.inputs[1])  # [C, M, k…] -> the equal Conv's [M, C, k…]
+            self.w0 = _flip(w).reshape(w.shape[1], -1).T.astype(np.float64)
+            self.b0 = constant_value(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 \
+                and node.inputs[2].name else np.zeros(w.shape[1])
+            self.x_axis = self.y_axis = 1
+            self.fit_bias = True
+            return
         layer = dense_layer(node)
         if layer is None:
-            self.why = "not a Conv or a dense MatMul/Gemm"
+            self.why = "not a Conv, ConvTranspose or dense MatMul/Gemm"
             return
         self.layer = layer
         self.w0 = layer.weight_kn().astype(np.float64)
@@ -135,9 +170,13 @@ class _Plan:
 
     def write(self, w: np.ndarray, b: np.ndarray | None, names: NameTable) -> None:
         node = self.node
-        if node.op == "Conv":
+        if node.op in ("Conv", "ConvTranspose"):
             old = constant_value(node.inputs[1])
-            _set(node, 1, w.T.reshape(old.shape).astype(old.dtype), names)
+            if node.op == "Conv":
+                _set(node, 1, w.T.reshape(old.shape).astype(old.dtype), names)
+            else:
+                conv_shape = (old.shape[1], old.shape[0]) + old.shape[2:]
+                _set(node, 1, _flip(w.T.reshape(conv_shape)).astype(old.dtype), names)
             if b is not None:
                 if len(node.inputs) > 2 and node.inputs[2].name:
                     _set(node, 2, b.astype(old.dtype), names)
@@ -162,6 +201,12 @@ class _Plan:
             add, const = self.bias_add
             index = next(i for i, t in enumerate(add.inputs) if t is const)
             _set(add, index, (constant_value(const) + b).astype(dtype), names)
+
+
+def _flip(w: np.ndarray) -> np.ndarray:
+    """A ConvTranspose kernel [C, M, k…] as its equal Conv's [M, C, k…] (and back: it is its
+    own inverse): channel axes swapped, kernel flipped."""
+    return np.ascontiguousarray(np.flip(np.swapaxes(w, 0, 1), axis=tuple(range(2, w.ndim))))
 
 
 def _set(node: gs.Node, index: int, values: np.ndarray, names: NameTable) -> None:
