@@ -432,6 +432,9 @@ def main(argv=None) -> int:
     p.add_argument("--write", type=Path)
     p.add_argument("--section", default="Pruning (issue 15)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--render", type=Path, metavar="RESULTS.json",
+                   help="measure nothing: write the tables of an earlier run's --json (of these --models)")
+    p.add_argument("--note", default="", help="a line to add under the command (with --render: the run's load)")
     args = p.parse_args(argv)
     from harness import machine, write_section
 
@@ -443,16 +446,22 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()
-    for name in args.models.split(","):
-        log(f"== {name}")
-        rows.extend(bench(name, args, work, log))
+    if args.render:
+        wanted = args.models.split(",")
+        rows = [r for r in json.loads(args.render.read_text()) if r["model"] in wanted]
+        rows.sort(key=lambda r: wanted.index(r["model"]))
+    else:
+        for name in args.models.split(","):
+            log(f"== {name}")
+            rows.extend(bench(name, args, work, log))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     body = "\n".join([
         f"`python tools/bench_pruning.py --ratio {args.ratio} --sparsity {args.sparsity} --runs {args.runs}"
         f"{' --models ' + args.models if args.models != ','.join(DEFAULT) else ''} --write BENCHMARKS.md`",
-        "", f"{datetime.date.today()}; {machine()}; load average {load_before[0]:.1f} before, "
-            f"{os.getloadavg()[0]:.1f} after.", "",
+        "", f"{datetime.date.today()}; {machine()}; " + (args.note if args.render else
+                                                          f"load average {load_before[0]:.1f} before, "
+                                                          f"{os.getloadavg()[0]:.1f} after.") + "", "",
         f"Channel pruning at ratio {args.ratio}: ratios against the original model, latency with 1 thread "
         "(interleaved with the original, median of pair ratios), SNR of the worst output on the evaluation "
         "inputs. `onnxopt` = `lossless,prune-channels{ratio=…}` (activation criterion, least-squares refit of "
