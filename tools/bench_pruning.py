@@ -456,9 +456,14 @@ def main(argv=None) -> int:
             rows.extend(bench(name, args, work, log))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
+    models = f" --models {args.models}" if args.models != ",".join(DEFAULT) else ""
+    command = (f"`python tools/bench_pruning.py --ratio {args.ratio} --sparsity {args.sparsity} --runs {args.runs}"
+               f"{models} --write BENCHMARKS.md`")
+    if args.render:
+        command = (f"`python tools/bench_pruning.py --ratio {args.ratio} --sparsity {args.sparsity} --runs "
+                   f"{args.runs}{models} --json results.json`, tables by `--render results.json`")
     body = "\n".join([
-        f"`python tools/bench_pruning.py --ratio {args.ratio} --sparsity {args.sparsity} --runs {args.runs}"
-        f"{' --models ' + args.models if args.models != ','.join(DEFAULT) else ''} --write BENCHMARKS.md`",
+        command,
         "", f"{datetime.date.today()}; {machine()}; " + (args.note if args.render else
                                                           f"load average {load_before[0]:.1f} before, "
                                                           f"{os.getloadavg()[0]:.1f} after.") + "", "",
