@@ -181,3 +181,18 @@ def test_activation_prefers_the_channels_that_carry_signal(any_width):
     conv1 = [t for t in out.graph.initializer if len(t.dims) == 4 and t.dims[1] == 3][0]
     kept = numpy_helper.to_array(conv1)
     assert kept.shape[0] == 6 and np.abs(kept).max() < 50 * 0.3 * 5  # the two big rows are gone
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_graphs_stay_valid_with_their_output_shapes(seed, any_width):
+    """The fuzz generator's random DAGs (Conv, MatMul, Gemm, BN, residual adds, Concat,
+    Split, Reshape, Transpose, …) pruned at any width: valid, runnable, same output shapes."""
+    from onnxopt.measure import verify
+    from tests.test_fuzz import random_model
+
+    model = random_model(seed, 12)
+    feeds, expected = verify.run(model)
+    pruned, _ = run_pass("prune-channels", model, any_width, ratio=0.5, criterion="l2", refit="off")
+    onnx.checker.check_model(pruned)
+    _, got = verify.run(pruned, feeds)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
