@@ -171,16 +171,9 @@ def calibration_sentences(count: int = 128, seed: int = 7) -> list[str]:
 
 
 def minilm_feeds(sentences: list[str]) -> dict:
-    from models import SEQ  # tools/bench/models.py
-    from tokenizers import Tokenizer
+    from models import _minilm_inputs  # tools/bench/models.py
 
-    tok = Tokenizer.from_file(str(MODELS / "minilm_l6_tokenizer" / "tokenizer.json"))
-    tok.enable_truncation(SEQ)
-    tok.enable_padding(length=SEQ)
-    enc = tok.encode_batch(sentences)
-    ids = np.array([e.ids for e in enc], np.int64)
-    mask = np.array([e.attention_mask for e in enc], np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return _minilm_inputs(sentences)
 
 
 def model_data(name: str, work: Path):
