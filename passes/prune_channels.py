@@ -80,7 +80,6 @@ class PruneChannelsPass(Pass):
         left_alone, pruned_groups, channels_before, channels_removed = [], 0, 0, 0
         for group in cg.groups:
             ratio = _ratio_for(group, overrides, o.ratio)
-            n = int(len(group.classes))
             channels_before += int(group.width.sum())
             if not group.prunable:
                 left_alone.append(_why(group, "; ".join(group.reasons[:2])))

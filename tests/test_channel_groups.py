@@ -117,7 +117,7 @@ def test_perturbing_one_channel_changes_exactly_the_predicted_consumer_columns()
     from onnxopt.runtime import session
 
     model = pg.concat()
-    m, cg = load(model), channel_graph(load(model))
+    cg = channel_graph(load(model))
     (consumer,) = [x for x in cg.members if x.kind == "in"]
     cat_name = consumer.node.inputs[0].name
     probe = onnx.ModelProto()

@@ -1,8 +1,7 @@
 """Least-squares reconstruction of a layer against the reference model (onnxopt/data/reconstruct.py)."""
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxopt.data.reconstruct import LayerFit, refit_layers
 from onnxopt.data.statistics import open_calibration

@@ -1138,7 +1138,7 @@ class ChannelGraph:
         self._replace(m, v, names)
 
     def _apply_split(self, m, mask, names):
-        sizes, offsets = m.extra["sizes"], np.cumsum([0] + m.extra["sizes"])
+        offsets = np.cumsum([0] + m.extra["sizes"])
         new = [int(mask[lo:hi].sum()) for lo, hi in zip(offsets[:-1], offsets[1:])]
         if "split" in m.node.attrs or (self.graph.opset or 13) < 13:  # an attribute before opset 13
             m.node.attrs["split"] = new

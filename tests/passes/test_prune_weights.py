@@ -11,7 +11,6 @@ from onnxopt.pipeline.context import PassContext
 from onnxopt.pipeline.registry import get_pass
 from onnxopt.runtime import session
 from onnxopt.target import load_target
-from onnxopt.testing import run_pass
 from tests import pruning_graphs as pg
 
 
