@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "back to CPU with a note; a result that fails there exits 3")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to OUT.onnx.data (automatic over 2 GB)")
+    p.add_argument("--masks", metavar="MASKS.npz",
+                   help="pruning masks of an earlier run (by initializer name) for the pruning passes to respect")
+    p.add_argument("--export-masks", metavar="MASKS.npz",
+                   help="write the masks the pruning passes left (by initializer name, True = kept)")
     _add_common(p)
 
     p = sub.add_parser("inspect", help="show a model's size, ops, interface",
@@ -157,14 +161,15 @@ def _floor_value(text: str):
 
 
 def _floor(args):
-    """The run's fidelity floor: the target's, with the command line's bounds over it."""
+    """The run's floor: the command line's bounds over the target's (for its default
+    pipeline; another pipeline has none of its own)."""
     if args.min_snr_db is None and args.min_cosine is None and args.max_latency_ratio is None:
         return None  # the target's
     from onnxopt.measure.fidelity import Floor
     from onnxopt.optimize import target_floor
     from onnxopt.target import load_target
 
-    base = target_floor(load_target(args.target))
+    base = target_floor(load_target(args.target)) if args.pipeline in (None, "default") else Floor()
 
     def pick(given, default):
         return default if given is None else (None if given == "off" else given)
@@ -204,6 +209,8 @@ def cmd_optimize(args) -> int:
     from onnxopt.measure.report import add_measurements, render, require_matplotlib
 
     _check_output(args.input, args.output)
+    if args.export_masks:
+        _check_output(args.input, args.export_masks)
     if args.report:
         _check_output(args.input, args.report)
         if args.report.lower().endswith((".html", ".htm")):
@@ -215,7 +222,8 @@ def cmd_optimize(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     result = optimize(args.input, target=args.target, pipeline=args.pipeline,
                       calibration=args.calibration, verify=args.verify, strict=args.strict,
-                      progress=progress, data=args.data, floor=_floor(args), input_shapes=input_shapes)
+                      progress=progress, data=args.data, floor=_floor(args), input_shapes=input_shapes,
+                      masks=args.masks)
     report = result.report
     comparison = None
     if args.report or args.data or args.max_drop is not None:
@@ -252,6 +260,11 @@ def cmd_optimize(args) -> int:
     report["output"] = args.output
     report["output_bytes"] = Path(args.output).stat().st_size
     report["input_bytes"] = Path(args.input).stat().st_size
+    if args.export_masks:
+        from onnxopt.optimize import save_masks
+
+        save_masks(result.masks, args.export_masks)
+        report["masks"] = {"file": args.export_masks, "weights": len(result.masks)}
     if args.report:
         _write_text_atomic(Path(args.report), render(report, args.report))
     if not args.quiet:

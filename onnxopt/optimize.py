@@ -34,6 +34,7 @@ class OptimizeResult:
     report: dict[str, Any]
     records: list[PassRecord] = field(default_factory=list)
     target: Target | None = None
+    masks: dict[str, Any] = field(default_factory=dict)  # pruning masks by initializer name (True = kept)
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model atomically (external data when asked or over 2 GB)."""
@@ -95,16 +96,21 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
              pipeline: str | list[PassSpec] | None = None, calibration: Any = None,
              verify: bool = False, strict: bool = False, progress: bool = False,
              seed: int = 0, data: Any = None, floor: Floor | None = None,
-             input_shapes: dict[str, list[int]] | None = None) -> OptimizeResult:
+             input_shapes: dict[str, list[int]] | None = None,
+             masks: str | os.PathLike | dict | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` with ``pipeline`` (a name from the target or text).
 
     ``calibration`` is an .npz path, a folder of them, or an object with ``get_next()``.
     ``data`` (same forms) is evaluation data: the floor judges lossy passes on a few of its
-    batches. ``floor`` overrides the target's [floor] table (``Floor()``: no floor).
+    batches. ``floor`` bounds every lossy pass; by default the target's [floor] table bounds
+    its default pipeline, and other pipelines run without one (``Floor()``: no floor).
     ``input_shapes`` ({name: dims}, `--input-shape`) fixes input shapes first (the
     ``fix-shapes`` pass); a target with ``static_shapes`` refuses a model whose inputs stay
     dynamic. The run ends with `onnxopt check` against the target (``report["check"]``).
     Returns an OptimizeResult with ``.model`` (onnx.ModelProto), ``.report`` and ``.save()``.
+    ``masks`` (an .npz path or a dict, initializer name -> bool array, True = kept) are
+    pruning masks of an earlier run that the pruning passes respect; ``.masks`` of the
+    result holds the masks this run's pruning passes left.
     The input (file or proto) is never modified.
     """
     started = time.perf_counter()
@@ -116,7 +122,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     if target.capabilities.get("static_shapes"):
         require_static_inputs(m, target, input_shapes or {})
     reference = Reference(m)
-    floor = floor if floor is not None else target_floor(target)
+    if floor is None:  # the target's floor holds its own pipeline; a pipeline asked for by name holds none
+        floor = target_floor(target) if pipeline in (None, "default") else Floor()
     lossy = floor and any(not get_pass(s.name).lossless for s in specs)
     held_back: list = []
     held_from = ""
@@ -129,7 +136,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         if lossy and data is None:  # the floor is judged on batches calibration does not see
             source, held_back, held_from = hold_back(source)
         calib = Calibration(source=source, reference=reference, threads=target.runtime.intra_op_threads)
-    ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed)
+    ctx = PassContext(target=target, calibration=calib, reference=reference, seed=seed,
+                      masks=load_masks(masks) if masks is not None else {})
     ctx.notes.extend(notes)
     for note in notes:
         logger.warning(note)
@@ -170,7 +178,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "check": check.to_json(),
         "seconds": time.perf_counter() - started,
     }
-    return OptimizeResult(model=proto, report=report, records=records, target=target)
+    return OptimizeResult(model=proto, report=report, records=records, target=target, masks=dict(ctx.pruned_masks))
 
 
 def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list[int]]) -> None:
@@ -185,3 +193,36 @@ def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list
     if dynamic:
         raise UsageError(f"target '{target.name}' needs static shapes (capabilities.static_shapes): "
                          + "; ".join(dynamic) + " (input_shapes= in the Python API)")
+
+
+def load_masks(source: str | os.PathLike | dict) -> dict:
+    """Pruning masks from an .npz file (arrays keyed by initializer name) or a dict."""
+    import numpy as np
+
+    from onnxopt.errors import UsageError
+
+    if isinstance(source, dict):
+        return {str(k): np.asarray(v).astype(bool) for k, v in source.items()}
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            return {k: data[k].astype(bool) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{source}: cannot read pruning masks ({exc})") from None
+
+
+def save_masks(masks: dict, path: str | os.PathLike) -> Path:
+    """Write masks as an .npz (arrays keyed by initializer name) atomically."""
+    import numpy as np
+
+    from onnxopt.errors import OutputError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v, dtype=bool) for k, v in masks.items()})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write masks ({exc.strerror or exc})") from None
+    return path

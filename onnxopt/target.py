@@ -73,6 +73,9 @@ SCHEMA = Table({
         "float16": bool,
         "bfloat16": bool,
         "int4": bool,
+        "nm_sparsity": ListOf(str),
+        "channel_multiple": int,
+        "aligned_channels": bool,
         "allowed_ops": ListOf(str),
         "static_shapes": bool,
         "integer_only": bool,
@@ -111,7 +114,8 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "runtime": {"execution_providers": ["CPUExecutionProvider"], "contrib_ops": False,
                 "intra_op_threads": 0},
-    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "allowed_ops": [],
+    "capabilities": {"float16": False, "bfloat16": False, "int4": False, "nm_sparsity": [],
+                     "channel_multiple": 1, "aligned_channels": False, "allowed_ops": [],
                      "static_shapes": False, "integer_only": False, "tensor_types": [], "ops": {}},
     "quantization": {"activations": "", "weights": "", "bias_bits": 32, "schemes": {}, "weight_schemes": {},
                      "quantized_ops": [], "unified_scale_ops": [], "passthrough_ops": [],
@@ -342,6 +346,7 @@ def load_target(name_or_path: str | os.PathLike) -> Target:
             raise TargetError(f"{label}: [pipelines] must define '{pipeline}'")
     _check_quantization(data["quantization"], label)
     _check_capabilities(data["capabilities"], label)
+    _check_sparsity_and_channels(data["capabilities"], label)
     _check_floor(data["floor"], label)
     _check_passes(data, label)
     target = Target(
@@ -460,6 +465,25 @@ def _check_floor(floor: dict, label: str) -> None:
     ratio = floor.get("max_latency_ratio")
     if ratio is not None and ratio <= 0:
         raise TargetError(f"{label}: [floor] max_latency_ratio = {ratio!r}: must be above 0 (1.0 = no slower)")
+
+
+def parse_nm(text: str) -> tuple[int, int] | None:
+    """(n, m) of an "n:m" sparsity pattern (n of every m weights kept, 0 < n < m), else None."""
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return None
+    n, m = int(parts[0]), int(parts[1])
+    return (n, m) if 0 < n < m else None
+
+
+def _check_sparsity_and_channels(c: dict, label: str) -> None:
+    """nm_sparsity holds "n:m" patterns; channel_multiple is a positive integer."""
+    for pattern in c["nm_sparsity"]:
+        if parse_nm(pattern) is None:
+            raise TargetError(f"{label}: [capabilities] nm_sparsity: '{pattern}' is not an 'n:m' pattern "
+                              "with 0 < n < m (such as '2:4')")
+    if c["channel_multiple"] < 1:
+        raise TargetError(f"{label}: [capabilities] channel_multiple = {c['channel_multiple']}: must be 1 or more")
 
 
 def _check_passes(data: dict, label: str) -> None:

@@ -2,7 +2,8 @@
 
 Hardware that computes channels in blocks (an NPU's 32-wide vector depth, a GPU's tensor cores
 in groups of 8) pads a layer with an unaligned number of output channels anyway; the target
-says so with ``capabilities.channel_multiple``, and `onnxopt check` reports such layers. This
+says so with ``capabilities.aligned_channels`` and ``channel_multiple``, and `onnxopt check`
+reports such layers. This
 pass makes the padding part of the model, exactly: the producer (Conv, ConvTranspose, Gemm, or
 MatMul with a constant 2-D weight) gets zero filters and zero biases, the ops between it and
 the next weight layers get their per-channel parameters padded (BatchNormalization with scale
@@ -94,13 +95,17 @@ class AlignChannelsPass(Pass):
 
     @dataclass
     class Options:
-        multiple: int = option(0, "channel multiple (0 = the target's capabilities.channel_multiple)")
+        multiple: int = option(0, "channel multiple (0 = the target's capabilities.channel_multiple when "
+                                  "the target needs aligned channels: capabilities.aligned_channels)")
         max_growth: float = option(2.0, "leave a layer alone if padding would grow its channels more than this")
 
     def run(self, model, ctx) -> PassResult:
-        multiple = self.options.multiple or int(ctx.target.capabilities.get("channel_multiple", 1) or 1)
+        caps = ctx.target.capabilities
+        multiple = self.options.multiple or (int(caps.get("channel_multiple", 1) or 1)
+                                             if caps.get("aligned_channels") else 1)
         if multiple <= 1:
-            return PassResult(changed=False, stats={"skipped": "no channel multiple (capabilities.channel_multiple)"})
+            return PassResult(changed=False, stats={"skipped": "the target needs no aligned channels "
+                                                              "(capabilities.aligned_channels)"})
         graph = model.graph
         shapes = ctx.analysis("shapes", model)
         names = NameTable.of(graph)

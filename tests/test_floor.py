@@ -159,11 +159,14 @@ def test_the_target_sets_the_floor_and_the_report_says_where_the_data_came_from(
     model = log_after_matmul()
     target = tmp_path / "t.toml"
     target.write_text('schema = 1\nname = "strict"\nextends = "cpu"\n[floor]\nmin_snr_db = 15.0\n')
-    result = onnxopt.optimize(model, target=str(target), pipeline="quantize-static",
-                              calibration=npz(tmp_path, model), data=npz(tmp_path, model, "eval.npz", seed=1))
+    result = onnxopt.optimize(model, target=str(target), calibration=npz(tmp_path, model),
+                              data=npz(tmp_path, model, "eval.npz", seed=1))  # its default pipeline
+    explicit = onnxopt.optimize(model, target=str(target), pipeline="quantize-static",
+                                calibration=npz(tmp_path, model))
+    assert explicit.report["floor"] == {"min_snr_db": None, "min_cosine": None, "max_latency_ratio": None}
     assert result.report["floor"]["min_snr_db"] == 15.0
     assert result.report["floor"]["data"] == "4 batch(es) of the evaluation data"
-    (p,) = result.report["passes"]
+    (p,) = [p for p in result.report["passes"] if p["name"] == "quantize-static"]
     fid = p["fidelity"]
     assert {"floor", "data", "after_pass", "trials", "sensitivity_trials", "seconds"} <= set(fid)
     if p["status"] == "changed":

@@ -21,16 +21,8 @@ from tests.graphs import tiny_transformer
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "examples" / "digits_cnn.onnx"
 DIGITS_CALIB = REPO / "examples" / "digits_calib.npz"
-# The channel alignment the issue gives each target; the pruning issue adds the key to the
-# built-in files (then these equal what the files say).
-ALIGNMENT = {"gpu": 8, "npu": 32}
-
-
 def builtin(name):
-    t = load_target(name)
-    if name in ALIGNMENT:
-        t.capabilities.setdefault("channel_multiple", ALIGNMENT[name])
-    return t
+    return load_target(name)
 
 
 def outputs(proto, feeds):
@@ -179,17 +171,10 @@ def readme_target() -> str:
 
 
 def test_readme_microcontroller_target_loads_and_the_digits_cnn_conforms(tmp_path):
-    from onnxopt.target import SCHEMA
 
-    text = readme_target()
-    has_key = "channel_multiple" in SCHEMA.keys["capabilities"].keys
-    if not has_key:  # until the pruning issue's schema key lands: set it on the loaded target
-        text = re.sub(r"\nchannel_multiple = \d+[^\n]*", "", text)
     path = tmp_path / "mcu.toml"
-    path.write_text(text)
+    path.write_text(readme_target())
     t = load_target(path)
-    if not has_key:
-        t.capabilities["channel_multiple"] = 4
     assert t.name == "mcu" and t.capabilities.static_shapes and t.capabilities.integer_only
     assert t.capabilities.channel_multiple == 4
     with pytest.raises(onnxopt.OnnxoptError, match="--input-shape image:1,1,8,8"):

@@ -17,7 +17,8 @@ The target is data: ``check_model`` reads its capabilities and knows no target b
     dynamic-shape          with ``static_shapes``: a graph input whose shape is not fixed (the
                            finding names the ``--input-shape`` flag), or a node whose inputs have
                            fixed shapes but whose output shape is not fixed or not known
-    unaligned-channels     ``channel_multiple`` > 1: a Conv/ConvTranspose/Gemm/MatMul whose
+    unaligned-channels     with ``aligned_channels`` (the hardware needs it, not only runs
+                           faster with it) and ``channel_multiple`` > 1: a Conv/ConvTranspose/Gemm/MatMul whose
                            weight gives a number of output channels that is not a multiple of
                            it. Counts the graph's interface fixes are left alone: a layer whose
                            output reaches a graph output without another weight layer between
@@ -172,7 +173,9 @@ class _Checker:
         self.rules = self.caps.get("ops", {}) or {}
         self.integer_only = bool(self.caps.get("integer_only", False))
         self.types = set(self.caps.get("tensor_types", []))
-        self.multiple = int(self.caps.get("channel_multiple", 1) or 1)
+        # channel_multiple alone is where kernels run fastest (pruning rounds to it); only a
+        # target that needs aligned channels has unaligned ones reported
+        self.multiple = int(self.caps.get("channel_multiple", 1) or 1) if self.caps.get("aligned_channels") else 1
         # float types are reported once, as float-compute, on an integer-only target
         self.skip_types = FLOAT_TYPES if self.integer_only else frozenset()
         self.findings: list[Finding] = []
@@ -402,7 +405,8 @@ def check_model(model, target, input_shapes: dict[str, list[int]] | None = None,
         m = load(proto)
     caps = target.capabilities
     needs_shapes = bool(caps.get("static_shapes") or caps.get("integer_only") or caps.get("tensor_types")
-                        or caps.get("ops") or int(caps.get("channel_multiple", 1) or 1) > 1)
+                        or caps.get("ops") or (caps.get("aligned_channels")
+                                               and int(caps.get("channel_multiple", 1) or 1) > 1))
     infos = tensor_infos(proto or m.to_proto()) if needs_shapes else {}
     checker = _Checker(target, infos, m.opset or 1)
     nodes = 0

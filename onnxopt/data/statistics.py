@@ -320,16 +320,26 @@ class ChannelMoments(Reducer):
 @dataclass(frozen=True)
 class Patches:
     """The im2col view of a Conv's input: each output position becomes a row of C·k·k values
-    in the order of the Conv's weight (channel, then kernel rows, then columns)."""
+    in the order of the Conv's weight (channel, then kernel rows, then columns).
+
+    ``input_strides`` > 1 first spreads the input out with zeros between its pixels: the
+    view of a transposed convolution, which is a Conv over that spread input with its kernel
+    flipped and its channel axes swapped."""
 
     kernel_shape: tuple[int, ...]
     strides: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)  # begin..., end... as in ONNX
     dilations: tuple[int, ...] = (1, 1)
+    input_strides: tuple[int, ...] = (1, 1)
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """[N·H'·W', C·kh·kw] rows of a [N, C, H, W] (or [N, C, L]) input."""
         x = np.asarray(x)
+        if any(s > 1 for s in self.input_strides):
+            spread = np.zeros(x.shape[:2] + tuple((d - 1) * s + 1 for d, s in zip(x.shape[2:], self.input_strides)),
+                              dtype=x.dtype)
+            spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.input_strides)] = x
+            x = spread
         one_d = x.ndim == 3
         if one_d:
             x = x[:, :, None, :]

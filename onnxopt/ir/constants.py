@@ -65,6 +65,8 @@ def is_constant(tensor: gs.Tensor) -> bool:
 def exact_array(tensor: gs.Constant) -> np.ndarray | None:
     """The value of an initializer, or None when numpy cannot hold it exactly (or it is sparse)."""
     values = tensor._values
+    if isinstance(values, gs.ir.tensor.SparseValues):  # a LazyValues over a SparseTensorProto
+        return None
     if isinstance(values, gs.ir.tensor.LazyValues):
         proto = values.tensor
         if proto.data_type not in EXACT_TYPES or proto.data_location == onnx.TensorProto.EXTERNAL:

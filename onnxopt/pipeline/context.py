@@ -49,6 +49,12 @@ class PassContext:
     # What passes found out and chose where the target leaves a setting to "auto" (a probe
     # of the machine): written to the report and to the output model's metadata.
     metadata: dict[str, str] = field(default_factory=dict)
+    # Pruning masks keyed by initializer name (True = weight kept). ``masks``: given to the
+    # run by its caller (``--masks``: an earlier run's), which pruning passes respect;
+    # ``pruned_masks``: the masks the pruning passes of this run leave, for the caller to
+    # write (``--export-masks``). Passes never read or write mask files themselves.
+    masks: dict[str, Any] = field(default_factory=dict)
+    pruned_masks: dict[str, Any] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _providers: list[str] | None = field(default=None, repr=False)
 
@@ -100,11 +106,12 @@ class PassContext:
     # -- rollback --------------------------------------------------------------------------
     def checkpoint(self) -> tuple:
         """What a pass can add to the context, for ``rollback`` when the pass is undone."""
-        return dict(self.metadata),
+        return dict(self.metadata), dict(self.pruned_masks)
 
     def rollback(self, state: tuple) -> None:
         """Forget what the undone pass chose, and every analysis and statistic of the model it
         left (the model is back as it was; notes stay, they may say why)."""
-        (metadata,) = state
+        metadata, masks = state
         self.metadata = dict(metadata)
+        self.pruned_masks = dict(masks)
         self.invalidate()

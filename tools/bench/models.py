@@ -82,13 +82,13 @@ SENTENCES = [
 SEQ = 32
 
 
-def _minilm_inputs() -> dict[str, np.ndarray]:
+def _minilm_inputs(sentences: list[str] = SENTENCES) -> dict[str, np.ndarray]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(MODELS / "minilm_l6_tokenizer" / "tokenizer.json"))
     tok.enable_truncation(SEQ)
     tok.enable_padding(length=SEQ)
-    enc = tok.encode_batch(SENTENCES)
+    enc = tok.encode_batch(sentences)
     ids = np.array([e.ids for e in enc], np.int64)
     mask = np.array([e.attention_mask for e in enc], np.int64)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
