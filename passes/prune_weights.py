@@ -26,13 +26,11 @@ from onnxopt import Pass, PassResult, option, register_pass
 from onnxopt.errors import PipelineError, TargetError, UsageError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.sparse import encoded_sizes, sparse_constant, sparse_pays
-from onnxopt.ir.weights import weight_axes
+from onnxopt.ir.surgery import replace_input
+from onnxopt.ir.weights import WEIGHT_OPS, weight_axes
 from onnxopt.target import parse_nm
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
 
 @dataclass
 class _Weight:
@@ -205,9 +203,7 @@ def _store_sparse(model, tensor: gs.Constant, values: np.ndarray) -> None:
     """Every reader of ``tensor`` reads the same values from a sparse initializer."""
     sparse = sparse_constant(tensor.name, values)
     for node in list(tensor.outputs):
-        for i, t in enumerate(node.inputs):
-            if t is tensor:
-                node.inputs[i] = sparse
+        replace_input(node, tensor, sparse)
 
 
 @register_pass("prune-nm")
