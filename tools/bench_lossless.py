@@ -31,9 +31,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ["loadsave", "onnxopt", "graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer"]
+TOOLS = ["loadsave", "onnxopt", "graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "ort-basic"]
 REAL_MODELS = ["ppocr_mobile_v2_cls.onnx", "ppocr_v4_det.onnx", "ppocr_v4_rec.onnx",
                "silero_vad_16k_op15.onnx", "silero_vad_16k_sequence.onnx", "minilm_l6.onnx"]
+# The exported test models of issue 19 (tools/zoo/export_zoo.py): dynamic axes, NHWC
+# layout, decomposed LayerNorm at opset 14, LSTM.
+ZOO_MODELS = ["vit_b_16_dynbatch.onnx", "convnext_tiny_dynbatch.onnx", "swin_t_dynbatch.onnx",
+              "detector_dynhw.onnx", "nhwc_resnet.onnx", "crnn_lstm.onnx", "tiny_transformer.onnx"]
 
 
 # -- child side: one tool on one model ----------------------------------------------------------
@@ -178,6 +182,10 @@ def main() -> None:
     ap.add_argument("--pipeline", default="lossless", help="onnxopt pipeline (default: lossless)")
     ap.add_argument("--models", default=str(REPO / ".models"), help="folder of the real models")
     ap.add_argument("--no-real", action="store_true", help="skip the real models")
+    ap.add_argument("--zoo", nargs="?", const=",".join(m.removesuffix(".onnx") for m in ZOO_MODELS),
+                    metavar="NAMES", help="also the exported test models of .models/zoo/ (all of "
+                    "issue 19's, or the comma-separated NAMES)")
+    ap.add_argument("--only", metavar="NAMES", help="only the real models whose names start with one of NAMES")
     ap.add_argument("--chains", default="10000,30000,100000", help="chain sizes ('' for none)")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
@@ -203,11 +211,19 @@ def main() -> None:
     models: list[Path] = []
     if not args.no_real:
         for name in REAL_MODELS:
+            if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+                continue
             p = (Path(args.models) / name).resolve()
             if p.exists():
                 models.append(p)
             else:
                 print(f"# skipped {name}: not in {args.models}", file=sys.stderr)
+    for name in (args.zoo.split(",") if args.zoo else []):
+        p = (Path(args.models) / "zoo" / f"{name.strip()}.onnx").resolve()
+        if p.exists():
+            models.append(p)
+        else:
+            print(f"# skipped zoo model {name}: not in {args.models}/zoo", file=sys.stderr)
     for n in [int(s) for s in args.chains.split(",") if s.strip()]:
         p = workdir / f"chain{n // 1000}k.onnx"
         if not p.exists():
