@@ -47,7 +47,7 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
     if not has_calibration:
         from onnxopt.pipeline.registry import get_pass
 
-        needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
+        needing = [s.name for s in specs if not s.is_group and get_pass(s.name).needs_calibration]
         if needing:
             if pipeline is None:  # the default pipeline: drop what needs data, and say so
                 specs = [s for s in specs if s.name not in needing]

@@ -59,6 +59,32 @@ def constant_key(t: gs.Constant) -> tuple | None:
     return None
 
 
+_SAMPLE = 64  # bytes read from each of a few places of a large constant
+
+
+def _sample_key(t: gs.Constant) -> tuple | None:
+    """A cheap key two equal constants share: their encoding, size and some of their bytes."""
+    values = t._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        proto = values.tensor
+        if proto.data_location != 0:
+            return None
+        # typed fields (float_data, ...) hold small tensors: sampled through numpy, so both
+        # encodings of one value get one key
+        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+    elif isinstance(values, np.ndarray):
+        if values.dtype.kind in "OUS":
+            return None
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
+    else:
+        return None
+    n = len(data)
+    if n <= 4 * _SAMPLE:
+        return (n, bytes(data))
+    mid = n // 2
+    return (n, bytes(data[:_SAMPLE]), bytes(data[mid:mid + _SAMPLE]), bytes(data[-_SAMPLE:]))
+
+
 def _attr_key(value):
     """A hashable key for an attribute value; None when it cannot be compared exactly."""
     if isinstance(value, gs.Graph):
@@ -99,7 +125,9 @@ class EliminateDuplicatePass(Pass):
 
     @staticmethod
     def merge_constants(graphs: list[gs.Graph], protected: set[int]) -> int:
-        # Group by (dtype, shape, size) first so only candidates that could match get hashed.
+        # Group by (dtype, shape) first, then by a sample of the bytes, so that only
+        # constants that could match are hashed whole (weights of equal shape in every layer
+        # of a transformer differ in their first bytes already).
         by_size: dict[tuple, list[gs.Constant]] = defaultdict(list)
         seen = set()
         for g in graphs:
@@ -112,16 +140,24 @@ class EliminateDuplicatePass(Pass):
         for group in by_size.values():
             if len(group) < 2:
                 continue
-            first: dict[tuple, gs.Constant] = {}
+            by_sample: dict[tuple, list[gs.Constant]] = defaultdict(list)
             for t in group:
-                key = constant_key(t)
-                if key is None:
+                sample = _sample_key(t)
+                if sample is not None:
+                    by_sample[sample].append(t)
+            for candidates in by_sample.values():
+                if len(candidates) < 2:
                     continue
-                keep = first.setdefault(key, t)
-                if keep is t:
-                    continue
-                rewire(t, keep)
-                merged += 1
+                first: dict[tuple, gs.Constant] = {}
+                for t in candidates:
+                    key = constant_key(t)
+                    if key is None:
+                        continue
+                    keep = first.setdefault(key, t)
+                    if keep is t:
+                        continue
+                    rewire(t, keep)
+                    merged += 1
         return merged
 
     @staticmethod

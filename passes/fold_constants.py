@@ -61,6 +61,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxopt.analysis.shape_rules import MAX_VALUE
 from onnxopt.analysis.shapes import ShapeFacts, symbolic_shapes
 from onnxopt.ir.constants import EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, is_default_domain
 from onnxopt.ir.graph_io import import_graph
@@ -144,13 +145,14 @@ class FoldConstantsPass(Pass):
         for round_ in range(8):
             facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
             folder = _Folder(model, facts, self.options.max_bytes, stats, inline_ifs)
-            evaluated_before = stats["evaluated_nodes"]
+            small_before = stats["evaluated_small_values"]
             round_changed, again = folder.fold_all()
             changed |= round_changed
             stats["rounds"] = round_ + 1
-            # Values computed by evaluation (a pads vector built through a rank-2 Reshape,
-            # which the analysis never tracks) make more shapes and values known: infer again.
-            again = again or stats["evaluated_nodes"] > evaluated_before
+            # Small values computed by evaluation (a pads vector built through a rank-2
+            # Reshape, which the analysis never tracks; Resize scales) may make more shapes
+            # and values known: infer again.
+            again = again or stats["evaluated_small_values"] > small_before
             if not (round_changed and again):
                 break
             _drop_shapes(ctx)
@@ -481,7 +483,8 @@ class _Folder:
             if o.name:
                 self.known[id(o)] = results[o.name]
         folded[id(node)] = node
-        self.stats["evaluated_nodes"] += 1
+        if any(v.size <= MAX_VALUE for v in values):
+            self.stats["evaluated_small_values"] += 1
         return True
 
     def batch_model(self, nodes: list[gs.Node]) -> tuple[onnx.ModelProto, dict]:

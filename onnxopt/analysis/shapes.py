@@ -383,6 +383,17 @@ class _Engine:
         return outs
 
 
+def known_shape(tensor: gs.Tensor, model, ctx) -> tuple | None:
+    """The shape of ``tensor`` with an int for each static dim and None for each symbolic
+    one; None when even the rank is unknown. From the constant itself, else from the
+    ``symbolic-shapes`` analysis (declared shapes are never read)."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(int(d) for d in tensor.shape)
+    facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
+    shape = facts.shape(tensor.name)
+    return None if shape is None else tuple(d if type(d) is int else None for d in shape)
+
+
 def _constant_dtype(t: gs.Constant) -> np.dtype | None:
     values = t._values
     if isinstance(values, gs.ir.tensor.LazyValues):

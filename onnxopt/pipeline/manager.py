@@ -9,6 +9,11 @@ that raises or breaks the model is rolled back to the snapshot, with what it put
 context, and reported; ``strict`` makes that fatal (PassFailedError, exit 1, for a pass
 that raised or lied; VerificationError, exit 3, for a pass that broke the model). After a
 change, cached analyses and activation statistics the pass does not preserve are dropped.
+
+A ``fixed-point`` group (``onnxopt.pipeline.text``) runs its passes round after round until
+a round changes nothing, at most ``max_rounds`` rounds. A pass is not run again while the
+model is the one it left (the digest the manager takes anyway says so): the last round
+costs a digest comparison per pass. Each run is a record, with its round number.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     verified: str | None = None  # "equal" | "skipped: …" | None (not asked)
+    round: int | None = None  # the round of its fixed-point group (None outside groups)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -85,6 +91,9 @@ class PassManager:
         bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
+            if spec.is_group:
+                self._run_group(spec, model, ctx)
+                continue
             if ctx.calibration is not None:  # one streamed run for a block of calibrating passes
                 from onnxopt.data.statistics import gather_requests
 
@@ -92,6 +101,42 @@ class PassManager:
             self.records.append(self._run_one(spec, model, ctx))
         bar.close()
         return self.records
+
+    # -- fixed-point groups ----------------------------------------------------------------
+    def _run_group(self, group: PassSpec, model: Model, ctx: PassContext) -> bool:
+        """Run ``group``'s passes round after round until none changes the model; returns
+        whether any did."""
+        from onnxopt.pipeline.text import GROUPS
+
+        max_rounds = int(group.options.get("max_rounds", GROUPS[group.name]["max_rounds"][1]))
+        left: dict[int, object] = {}  # index in the body -> digest of the model it last left
+        changed_any = False
+        for round_ in range(1, max_rounds + 1):
+            changed = False
+            for i, spec in enumerate(group.body):
+                if left.get(i) == self._current_digest(model):
+                    continue  # nothing changed since this pass last ran
+                if spec.is_group:
+                    changed |= self._run_group(spec, model, ctx)
+                else:
+                    record = self._run_one(spec, model, ctx)
+                    record.round = round_
+                    self.records.append(record)
+                    changed |= record.status == "changed"
+                left[i] = self._current_digest(model)
+            changed_any |= changed
+            if not changed:
+                return changed_any
+        if any(left.get(i) != self._current_digest(model) for i in range(len(group.body))):
+            note = f"{group.name}: stopped after max_rounds={max_rounds} with passes still changing the model"
+            ctx.notes.append(note)
+            logger.info(note)
+        return changed_any
+
+    def _current_digest(self, model: Model):
+        if self._digest is None or self._digest[0] is not model.graph:
+            self._digest = (model.graph, model_digest(model))
+        return self._digest[1]
 
     # -- one pass --------------------------------------------------------------------------
     def _run_one(self, spec: PassSpec, model: Model, ctx: PassContext) -> PassRecord:

@@ -206,7 +206,9 @@ def if_model(cond_nodes, cond_inits, cond_input=()):
 def test_folds_inside_a_branch_with_outer_constants():
     proto = if_model([], [], [tensor("cond", [], TensorProto.BOOL)])
     out, result = run_pass("fold-constants", proto)
-    assert result.stats["folded_nodes"] == 1 and result.stats["subgraphs_visited"] == 2
+    # both branches visited in every round (a second round looks for what the folded
+    # small value makes known)
+    assert result.stats["folded_nodes"] == 1 and result.stats["subgraphs_visited"] == 2 * result.stats["rounds"]
     then_g = {a.name: a.g for a in out.graph.node[0].attribute}["then_branch"]
     assert [n.op_type for n in then_g.node] == ["Add"]
     for cond in (True, False):
@@ -296,7 +298,7 @@ def test_folds_a_loop_invariant_inside_a_loop_body():
     proto = make_model(nodes, [tensor("n", [], TensorProto.INT64), tensor("x", [3])], [tensor("y", [3])],
                        [init("w", np.float32([1, 2, 3]))])
     out, result = run_pass("fold-constants", proto)
-    assert result.stats["folded_nodes"] == 1 and result.stats["subgraphs_visited"] == 1
+    assert result.stats["folded_nodes"] == 1 and result.stats["subgraphs_visited"] == result.stats["rounds"]
     body_out = out.graph.node[0].attribute[0].g
     assert [n.op_type for n in body_out.node] == ["Add", "Identity"]
     check(proto, out, {"n": np.array(3, np.int64), "x": np.float32([0, 1, 2])})
