@@ -16,6 +16,13 @@ reshape-target
     Assumed, as every peer does: where a -1 replaces a symbolic element, the product of the
     other dims is not 0 at run time (an empty batch would make the -1 ambiguous).
 
+reshape-chain
+    Two reshape-like nodes in a row (Reshape, Flatten, Squeeze, Unsqueeze, and a Transpose
+    that only moves dims of size 1, which keeps the elements in order), the first read only
+    by the second, become one Reshape of the first one's input, to a constant target built
+    as above from the second one's output shape (LSTM's [T, 2, 1, H] -> Transpose(0,2,1,3)
+    -> Reshape [0, 0, -1] is Reshape [0, 1, 256] when the batch is 1).
+
 same-value
     Integer tensors of rank <= 1 computed by nodes whose values the analysis knows to be
     equal (``Shape(x)`` and ``Shape(y)`` of tensors of provably equal shape, a Concat that
@@ -79,6 +86,9 @@ class FoldShapesPass(Pass):
             for node in order:
                 if is_op(node, "Reshape") and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
                     self.fold_reshape(node, facts, names, stats)
+            for node in order:
+                if node.outputs and self.reshape_like(node, facts):
+                    self.merge_chain(node, graph, outputs, facts, names, stats)
             first: dict[tuple, gs.Tensor] = {}
             for node in order:
                 if not node.outputs or node.op == "Constant":
@@ -110,6 +120,51 @@ class FoldShapesPass(Pass):
         const = gs.Constant(names(f"{target.name}_folded"), np.array(folded, dtype=np.int64))
         node.inputs[1] = const
         stats["reshape_target"] += 1
+
+    @staticmethod
+    def reshape_like(node: gs.Node, facts) -> bool:
+        """Reorders no element: Reshape, Flatten, Squeeze, Unsqueeze, or a Transpose moving
+        only dims of size 1."""
+        if not node.inputs or len([o for o in node.outputs if o.name]) != 1:
+            return False
+        if is_op(node, "Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            return True
+        if not is_op(node, "Transpose"):
+            return False
+        shape = facts.shape(node.inputs[0].name)
+        perm = node.attrs.get("perm")
+        if shape is None:
+            return False
+        perm = list(perm) if perm is not None else list(range(len(shape)))[::-1]
+        moved = [a for a in perm if shape[a] != 1]
+        return moved == sorted(moved)
+
+    def merge_chain(self, node: gs.Node, graph: gs.Graph, outputs: set, facts, names: NameTable,
+                    stats: Counter) -> None:
+        """``node`` after another reshape-like node read by nothing else: one Reshape."""
+        src = node.inputs[0]
+        first = src.inputs[0] if src.inputs else None
+        if first is None or not self.reshape_like(first, facts) or len(src.outputs) != 1 or id(src) in outputs:
+            return
+        if not any(n is first for n in graph.nodes):
+            return  # from an enclosing graph
+        x, out = first.inputs[0], node.outputs[0]
+        in_shape, out_shape = facts.shape(x.name), facts.shape(out.name)
+        if in_shape is None or out_shape is None or any(d == 0 for d in out_shape):
+            return  # a static 0 would read as "copy" in a Reshape target
+        target = reshape_target(in_shape, tuple(out_shape), 0)
+        if target is None:
+            return
+        const = gs.Constant(names(f"{out.name}_shape"), np.array(target, dtype=np.int64))
+        # the second node becomes the Reshape (it keeps its output tensor and its place)
+        node.op, node.domain = "Reshape", None
+        node.attrs.clear()
+        node.inputs[0] = x
+        if len(node.inputs) > 1:
+            node.inputs[1] = const
+        else:
+            node.inputs.append(const)
+        stats["reshape_chain"] += 1
 
     @staticmethod
     def value_key(t: gs.Tensor, facts) -> tuple | None:
