@@ -252,3 +252,53 @@ def test_rollbacks_stay_right_when_snapshots_are_reused():
     model, records = run(["lift-constants", "test-raise", "lift-constants"], const_chain())
     assert [r.status for r in records] == ["changed", "failed", "unchanged"]
     assert [n.op for n in model.graph.nodes] == ["Mul", "Add"]
+
+
+# -- fixed-point groups ----------------------------------------------------------------------
+@register_pass("test-rename-until")
+class RenameUntilPass(Pass):
+    """Appends '_' to the first node's name until it has ``times`` of them (lossless: names only)."""
+
+    lossless = True
+
+    @dataclass
+    class Options:
+        times: int = option(3, "how many underscores to reach")
+
+    def run(self, model, ctx):
+        node = model.graph.nodes[0]
+        if node.name.count("_") >= self.options.times:
+            return PassResult(False, {})
+        node.name += "_"
+        return PassResult(True, {})
+
+
+def test_fixed_point_repeats_until_a_round_changes_nothing():
+    from onnxopt.pipeline.text import resolve
+
+    specs = resolve("fixed-point(test-rename-until{times=3},eliminate-dead-code)")
+    model, records = run(specs, const_chain())
+    names = [(r.name, r.round, r.status) for r in records]
+    # rounds 1-3 rename; round 4 renames nothing. eliminate-dead-code runs in rounds 1-3 (the
+    # model changed after it each time) and is skipped in round 4: the model is the one it left.
+    assert names[-1] == ("test-rename-until", 4, "unchanged")
+    assert [n for n in names if n[0] == "eliminate-dead-code"] == [("eliminate-dead-code", k, "unchanged")
+                                                                 for k in (1, 2, 3)]
+    assert model.graph.nodes[0].name.count("_") == 3
+
+
+def test_fixed_point_stops_at_max_rounds_and_says_so():
+    from onnxopt.pipeline.text import resolve
+
+    specs = resolve("fixed-point{max_rounds=2}(test-rename-until{times=9})")
+    model = load(const_chain())
+    ctx = PassContext(target=load_target("cpu"))
+    records = PassManager(specs).run(model, ctx)
+    assert [r.round for r in records] == [1, 2]
+    assert any("max_rounds=2" in note for note in ctx.notes)
+
+
+def test_lossless_pipelines_are_fixed_points():
+    for name in ("cpu", "gpu", "npu"):
+        text = load_target(name).pipelines["lossless"]
+        assert "fixed-point(" in text and "eliminate-dead-code" in text

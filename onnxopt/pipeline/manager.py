@@ -11,9 +11,9 @@ that raised or lied; VerificationError, exit 3, for a pass that broke the model)
 change, cached analyses and activation statistics the pass does not preserve are dropped.
 
 A ``fixed-point`` group (``onnxopt.pipeline.text``) runs its passes round after round until
-a round changes nothing, at most ``max_rounds`` rounds. A pass is not run again while the
-model is the one it left (the digest the manager takes anyway says so): the last round
-costs a digest comparison per pass. Each run is a record, with its round number.
+a round changes nothing, at most ``max_rounds`` rounds. A pass that found nothing to do is
+not run again until the model changes (the digest the manager takes anyway says so): the
+last round costs a digest comparison per pass. Each run is a record, with its round number.
 """
 
 from __future__ import annotations
@@ -109,25 +109,31 @@ class PassManager:
         from onnxopt.pipeline.text import GROUPS
 
         max_rounds = int(group.options.get("max_rounds", GROUPS[group.name]["max_rounds"][1]))
-        left: dict[int, object] = {}  # index in the body -> digest of the model it last left
+        # index in the body -> digest of the model a run of it left unchanged (a pass that
+        # changed the model may change more when run again: it always runs in the next round)
+        idle: dict[int, object] = {}
         changed_any = False
         for round_ in range(1, max_rounds + 1):
             changed = False
             for i, spec in enumerate(group.body):
-                if left.get(i) == self._current_digest(model):
-                    continue  # nothing changed since this pass last ran
+                if idle.get(i) == self._current_digest(model):
+                    continue  # it found nothing to do in this very model already
                 if spec.is_group:
-                    changed |= self._run_group(spec, model, ctx)
+                    did = self._run_group(spec, model, ctx)
                 else:
                     record = self._run_one(spec, model, ctx)
                     record.round = round_
                     self.records.append(record)
-                    changed |= record.status == "changed"
-                left[i] = self._current_digest(model)
+                    did = record.status == "changed"
+                changed |= did
+                if did:
+                    idle.pop(i, None)
+                else:
+                    idle[i] = self._current_digest(model)
             changed_any |= changed
             if not changed:
                 return changed_any
-        if any(left.get(i) != self._current_digest(model) for i in range(len(group.body))):
+        if any(idle.get(i) != self._current_digest(model) for i in range(len(group.body))):
             note = f"{group.name}: stopped after max_rounds={max_rounds} with passes still changing the model"
             ctx.notes.append(note)
             logger.info(note)

@@ -17,8 +17,8 @@ White space between tokens is ignored. Example::
     lossless,quantize-static{calibration=percentile,percentile=99.99,ops=[Conv,MatMul]}
 
 An element with a parenthesized pipeline is a group. The one group is ``fixed-point``:
-its passes run in order, round after round, until a round changes nothing (a pass whose
-input did not change since it last ran is not run again), at most ``max_rounds`` rounds
+its passes run in order, round after round, until a round changes nothing (a pass that
+found nothing to do is not run again until the model changes), at most ``max_rounds`` rounds
 (default 4). Only lossless passes may be in it (repeating a lossy pass would compound its
 loss)::
 

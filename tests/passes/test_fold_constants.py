@@ -302,3 +302,14 @@ def test_folds_a_loop_invariant_inside_a_loop_body():
     body_out = out.graph.node[0].attribute[0].g
     assert [n.op_type for n in body_out.node] == ["Add", "Identity"]
     check(proto, out, {"n": np.array(3, np.int64), "x": np.float32([0, 1, 2])})
+
+
+def test_a_lying_declared_shape_is_not_folded():
+    """value_info says [1, 3] for a tensor of shape [batch, 3]: Shape stays (folding it to
+    [1, 3] would break every batch but 1)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    proto = make_model(nodes, [tensor("x", ["batch", 3])], [tensor("y", ["batch", 3])])
+    proto.graph.value_info.append(tensor("r", [1, 3]))
+    out, result = run_pass("fold-constants", proto)
+    assert not result.changed and op_histogram(out)["Shape"] == 1
