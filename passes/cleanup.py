@@ -35,6 +35,7 @@ class LiftConstantsPass(Pass):
     """Turn Constant nodes into initializers, so every weight lives in one place."""
 
     lossless = True
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # same tensors, same names
 
     def run(self, model, ctx) -> PassResult:
         lifted = 0
@@ -76,6 +77,7 @@ class EliminateDeadCodePass(Pass):
     """Remove nodes and initializers that no graph output depends on."""
 
     lossless = True
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the tensors left keep theirs
 
     def run(self, model, ctx) -> PassResult:
         nodes_before, tensors_before = _size(model.graph)

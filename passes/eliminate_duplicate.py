@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from onnxopt.pipeline.pass_api import Pass, PassResult
 from onnxopt.pipeline.registry import register_pass
 
+from onnxopt.ir.constants import per_values
 from onnxopt.ir.ops import NONDETERMINISTIC
 from onnxopt.ir.surgery import detach_nodes, rewire, topological_order
 
@@ -112,7 +113,7 @@ class EliminateDuplicatePass(Pass):
     """Merge identical initializers and nodes that compute the same thing."""
 
     lossless = True
-    preserves = frozenset({"shapes"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # merged tensors had equal shapes
 
     def run(self, model, ctx) -> PassResult:
         graphs = list(model.graphs())
@@ -142,7 +143,7 @@ class EliminateDuplicatePass(Pass):
                 continue
             by_sample: dict[tuple, list[gs.Constant]] = defaultdict(list)
             for t in group:
-                sample = _sample_key(t)
+                sample = per_values(t, "sample-key", _sample_key)
                 if sample is not None:
                     by_sample[sample].append(t)
             for candidates in by_sample.values():
@@ -150,7 +151,7 @@ class EliminateDuplicatePass(Pass):
                     continue
                 first: dict[tuple, gs.Constant] = {}
                 for t in candidates:
-                    key = constant_key(t)
+                    key = per_values(t, "constant-key", constant_key)
                     if key is None:
                         continue
                     keep = first.setdefault(key, t)

@@ -63,7 +63,8 @@ from onnx import numpy_helper
 
 from onnxopt.analysis.shape_rules import MAX_VALUE
 from onnxopt.analysis.shapes import ShapeFacts, symbolic_shapes
-from onnxopt.ir.constants import EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, is_default_domain
+from onnxopt.ir.constants import (EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, has_exact_value,
+                                  is_default_domain)
 from onnxopt.ir.graph_io import import_graph
 from onnxopt.ir.ops import BOOL_RESULT, ELEMENTWISE, NONDETERMINISTIC
 from onnxopt.ir.surgery import detach_nodes, topological_order
@@ -142,20 +143,29 @@ class FoldConstantsPass(Pass):
     def fold(self, model, ctx, inline_ifs: bool) -> tuple[bool, dict]:
         stats: dict[str, int] = defaultdict(int)
         changed = False
+        facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
         for round_ in range(8):
-            facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
             folder = _Folder(model, facts, self.options.max_bytes, stats, inline_ifs)
             small_before = stats["evaluated_small_values"]
             round_changed, again = folder.fold_all()
             changed |= round_changed
             stats["rounds"] = round_ + 1
+            if not round_changed:
+                break
             # Small values computed by evaluation (a pads vector built through a rank-2
             # Reshape, which the analysis never tracks; Resize scales) may make more shapes
-            # and values known: infer again.
-            again = again or stats["evaluated_small_values"] > small_before
-            if not (round_changed and again):
-                break
-            _drop_shapes(ctx)
+            # and values known: infer again, incrementally from what was folded.
+            if stats["evaluated_small_values"] > small_before or again:
+                if again:  # inlined If branches or sizes unknown: everything afresh
+                    facts = symbolic_shapes(model)
+                else:
+                    facts = symbolic_shapes(model, previous=facts, changed=folder.folded_names)
+                if ctx is not None:
+                    ctx.invalidate(frozenset(a for a in ctx.cached_analyses
+                                             if a not in ("shapes", "symbolic-shapes")))
+                    ctx.provide("symbolic-shapes", facts)
+                continue
+            break
         stats["folded_nodes"] += 0
         return changed, {k: v for k, v in stats.items() if v or k == "folded_nodes"}
 
@@ -206,6 +216,7 @@ class _Folder:
         self.blocked_here = False
         self.outputs = graph_output_ids(model)
         self.body_outputs = self.outputs - {id(t) for t in model.graph.outputs}
+        self.folded_names: set[str] = set()  # outputs replaced by constants
 
     # -- driver --------------------------------------------------------------------------
     def fold_all(self) -> tuple[bool, bool]:
@@ -245,6 +256,10 @@ class _Folder:
             self.known[key] = value
         return value
 
+    def is_known(self, t: gs.Tensor) -> bool:
+        """``value_of(t) is not None``, without reading a weight that is not needed."""
+        return id(t) in self.known or has_exact_value(t)
+
     # -- one graph -----------------------------------------------------------------------
     def fold_graph(self, graph: gs.Graph) -> tuple[bool, bool]:
         """Fold every foldable node of ``graph``; returns (changed, some node had no size)."""
@@ -257,7 +272,7 @@ class _Folder:
             if self.known_values(node) is not None:
                 ready.append(node)
                 continue
-            unknown = {id(t): t for t in node.inputs if t.name and self.value_of(t) is None}
+            unknown = {id(t): t for t in node.inputs if t.name and not self.is_known(t)}
             if not unknown:
                 ready.append(node)
             elif all(t.inputs and self.candidate(t.inputs[0]) for t in unknown.values()):
@@ -603,6 +618,7 @@ class _Folder:
                 continue
             self.stats["folded_nodes"] += 1
             for o in outputs_of[id(node)]:
+                self.folded_names.add(o.name)
                 if id(o) not in self.outputs:
                     o.to_constant(self.known[id(o)])
                     continue

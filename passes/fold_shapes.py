@@ -75,6 +75,8 @@ class FoldShapesPass(Pass):
     """Turn symbolic Reshape targets into constants (0 copies, -1 infers) and compute equal shape values once."""
 
     lossless = True
+    # every tensor keeps its shape (a Reshape's output is what its target said it was)
+    preserves = frozenset({"shapes", "symbolic-shapes"})
 
     def run(self, model, ctx) -> PassResult:
         facts = ctx.analysis("symbolic-shapes", model)

@@ -551,10 +551,25 @@ def _slice_params(v: View, rank: int):
     return list(starts), list(ends), norm, steps
 
 
+def slice_range(dim: int, start: int, end: int, step: int) -> range:
+    """The indices ONNX Slice takes from an axis of size ``dim`` (its clamping, which
+    differs from Python's for a negative step and a start below -dim: ONNX clamps the
+    start to 0, Python's slice makes the range empty)."""
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    else:
+        start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return range(start, end, step)
+
+
 def _slice_dim(dim: Dim, start: int, end: int, step: int) -> Dim | None:
     """Length of dim[start:end:step] (ONNX clamping), symbolic where it can be."""
     if type(dim) is int:
-        return len(range(*slice(start, end, step).indices(dim)))
+        return len(slice_range(dim, start, end, step))
     big = 1 << 62
     if step == 1 and start >= 0 and end >= big:
         return D.sub(dim, start) if start == 0 else D.opaque(f"slice({dim}, {start}:)", True)
@@ -581,7 +596,7 @@ def _slice(v: View):
     value = None
     x = v.value(0)
     if x is not None and len(s) == 1 and axes == [0]:
-        value = tuple(x[starts[0]:ends[0]:steps[0]])
+        value = tuple(x[i] for i in slice_range(len(x), starts[0], ends[0], steps[0]))
         if len(value) != out[0]:
             value = None
     return [(tuple(out), dt, value)]
@@ -991,3 +1006,131 @@ def _rnn(v: View):
 
 
 RULES["LSTM"] = RULES["GRU"] = RULES["RNN"] = _rnn
+
+
+# --------------------------------------------------------------------------- small arrays
+# Ops computed exactly on small integer (and bool) constants of any rank, with numpy and the
+# ONNX semantics spelled out (integer Div truncates, Slice clamps as ONNX does): a pads
+# vector built as F.pad does (Reshape [-1, 2], reversed, Transpose, Reshape [-1]) is then
+# known in the same walk, so the shapes after it are too.
+ARRAY_OPS = frozenset({
+    "Identity", "Reshape", "Transpose", "Slice", "Concat", "Gather", "Squeeze", "Unsqueeze", "Cast",
+    "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Equal", "Less", "Greater", "LessOrEqual",
+    "GreaterOrEqual", "Not", "And", "Or", "Where", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten",
+})
+
+
+def evaluate_small(v: View, arrays: list) -> list[Out] | None:
+    """The node's output (shape, dtype, value, array) from its inputs' known ``arrays``
+    (None for an absent input), or None when it is not one of ARRAY_OPS' simple cases."""
+    from onnxopt.analysis.shapes import np_dtype
+
+    op = v.op
+    a = arrays[0] if arrays else None
+    if op in ("Add", "Sub", "Mul", "Div", "Mod", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+              "And", "Or"):
+        x, y = arrays[0], arrays[1]
+        if x.dtype != y.dtype:
+            return None
+        if op == "Div":
+            if np.any(y == 0):
+                return None
+            q = np.floor_divide(x, y)
+            out = np.where((q < 0) & (q * y != x), q + 1, q).astype(x.dtype)  # truncate toward 0
+        elif op == "Mod":
+            if v.attr("fmod", 0) or np.any(y == 0):
+                return None
+            out = np.mod(x, y)
+        else:
+            out = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Equal": np.equal, "Less": np.less,
+                   "Greater": np.greater, "LessOrEqual": np.less_equal, "GreaterOrEqual": np.greater_equal,
+                   "And": np.logical_and, "Or": np.logical_or}[op](x, y)
+    elif op in ("Identity", "Neg", "Abs", "Not"):
+        out = {"Identity": lambda t: t, "Neg": np.negative, "Abs": np.abs, "Not": np.logical_not}[op](a)
+    elif op == "Where":
+        out = np.where(arrays[0], arrays[1], arrays[2])
+    elif op == "Cast":
+        to = np_dtype(v.attr("to"))
+        if to is None or to.kind not in "iub":
+            return None
+        out = a.astype(to)
+    elif op == "Reshape":
+        target = [int(t) for t in arrays[1].reshape(-1)]
+        allowzero = v.attr("allowzero", 0)
+        dims = [a.shape[i] if t == 0 and not allowzero and i < a.ndim else t for i, t in enumerate(target)]
+        out = a.reshape(dims)
+    elif op == "Flatten":
+        axis = v.attr("axis", 1)
+        axis = axis + a.ndim if axis < 0 else axis
+        out = a.reshape(int(np.prod(a.shape[:axis], dtype=np.int64)), -1)
+    elif op == "Transpose":
+        perm = v.attr("perm")
+        out = np.transpose(a, perm if perm is None else list(perm))
+    elif op == "Slice":
+        if v.opset < 10:
+            return None
+        starts, ends = [int(t) for t in arrays[1].reshape(-1)], [int(t) for t in arrays[2].reshape(-1)]
+        axes = [int(t) for t in arrays[3].reshape(-1)] if len(arrays) > 3 and arrays[3] is not None \
+            else list(range(len(starts)))
+        steps = [int(t) for t in arrays[4].reshape(-1)] if len(arrays) > 4 and arrays[4] is not None \
+            else [1] * len(starts)
+        index = [slice(None)] * a.ndim
+        for st, en, ax, sp in zip(starts, ends, axes, steps):
+            ax = ax + a.ndim if ax < 0 else ax
+            if sp == 0 or not 0 <= ax < a.ndim:
+                return None
+            index[ax] = list(slice_range(a.shape[ax], st, en, sp))
+        out = a
+        for ax, idx in enumerate(index):
+            if not isinstance(idx, slice):
+                out = np.take(out, np.array(idx, dtype=np.int64), axis=ax)
+    elif op == "Concat":
+        parts = [x for x in arrays if x is not None]
+        out = np.concatenate(parts, axis=v.attr("axis", 0))
+    elif op == "Gather":
+        idx = arrays[1]
+        axis = v.attr("axis", 0)
+        axis = axis + a.ndim if axis < 0 else axis
+        if np.any(idx < -a.shape[axis]) or np.any(idx >= a.shape[axis]):
+            return None
+        out = np.take(a, idx.astype(np.int64), axis=axis)
+    elif op in ("Squeeze", "Unsqueeze"):
+        axes = v.attr("axes") if v.opset < 13 else (None if len(arrays) < 2 or arrays[1] is None
+                                                     else [int(t) for t in arrays[1].reshape(-1)])
+        if op == "Squeeze":
+            out = np.squeeze(a) if axes is None else np.squeeze(a, axis=tuple(axes))
+        else:
+            if axes is None:
+                return None
+            rank = a.ndim + len(axes)
+            out = np.expand_dims(a, tuple(x + rank if x < 0 else x for x in axes))
+    elif op == "Range":
+        start, limit, delta = (x.reshape(()).item() for x in arrays[:3])
+        if delta == 0 or max(-(-(limit - start) // delta), 0) > MAX_VALUE:
+            return None
+        out = np.arange(start, limit, delta, dtype=a.dtype)
+    elif op == "ConstantOfShape":
+        from onnxopt.ir.constants import exact_array
+
+        fill = v.attr("value")
+        fill = exact_array(fill) if fill is not None and hasattr(fill, "_values") else np.zeros(1, np.float32)
+        if fill is None or fill.dtype.kind not in "iub" or int(np.prod(a)) > MAX_VALUE:
+            return None
+        out = np.full([int(t) for t in a.reshape(-1)], fill.reshape(-1)[0], dtype=fill.dtype)
+    elif op == "Expand":
+        shape = np.broadcast_shapes(a.shape, tuple(int(t) for t in arrays[1].reshape(-1)))
+        if int(np.prod(shape)) > MAX_VALUE:
+            return None
+        out = np.broadcast_to(a, shape).copy()
+    elif op == "Tile":
+        reps = [int(t) for t in arrays[1].reshape(-1)]
+        if a.size * int(np.prod(reps)) > MAX_VALUE:
+            return None
+        out = np.tile(a, reps)
+    else:
+        return None
+    out = np.asarray(out)
+    if out.size > MAX_VALUE:
+        return None
+    value = tuple(int(x) for x in out.reshape(-1)) if out.ndim <= 1 else None
+    return [(tuple(int(d) for d in out.shape), out.dtype, value, out)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analysis import dims as D
-from onnxopt.analysis.shape_rules import MAX_VALUE, RULES, View
+from onnxopt.analysis.shape_rules import ARRAY_OPS, MAX_VALUE, RULES, View, evaluate_small
+from onnxopt.ir.constants import per_values
 from onnxopt.ir.surgery import topological_order
 from onnxopt.pipeline.context import register_analysis
 
@@ -157,12 +159,15 @@ class _NodeView(View):
 
 
 class _Engine:
-    def __init__(self, model):
+    def __init__(self, model, previous: ShapeFacts | None = None, changed: set[str] | None = None):
         self.model = model
         self.opset = model.opset or onnx.defs.onnx_opset_version()
         self.facts = ShapeFacts()
         self.by_text: dict[str, D.Dim] = {}  # dim_param text handed to onnx -> the dim
-        self.stats = {"rules": 0, "onnx": 0, "unknown": 0}
+        self.stats = {"rules": 0, "onnx": 0, "unknown": 0, "kept": 0}
+        # Incremental mode: facts of a node whose inputs did not change are taken over.
+        self.previous = previous
+        self.changed = changed if changed is not None else set()
 
     # -- seeds -----------------------------------------------------------------------------
     def seed_input(self, t: gs.Tensor) -> None:
@@ -171,6 +176,9 @@ class _Engine:
         if isinstance(t, gs.Constant):
             self.seed_constant(t)
             return
+        if self.previous is not None and t.name in self.previous.shapes:
+            self.keep(t.name)
+            return
         shape = None
         if t.shape is not None:
             shape = tuple(d if isinstance(d, int) and d >= 0 else
@@ -178,16 +186,7 @@ class _Engine:
         self.set(t.name, shape, np_dtype(t.dtype), None)
 
     def seed_constant(self, t: gs.Constant) -> None:
-        from onnxopt.ir.constants import exact_array
-
-        shape = tuple(int(d) for d in t.shape)
-        dtype = _constant_dtype(t)
-        value = array = None
-        if int(np.prod(shape, dtype=np.int64)) <= MAX_VALUE:
-            array = exact_array(t)
-            if array is not None and array.ndim <= 1 and array.dtype.kind in "iub":
-                value = tuple(int(x) for x in array.reshape(-1))
-        self.set(t.name, shape, dtype, value, array)
+        self.set(t.name, *_constant_facts(t))
 
     def set(self, name, shape, dtype, value, array=None) -> None:
         facts = self.facts
@@ -200,6 +199,16 @@ class _Engine:
         if array is not None:
             facts.arrays[name] = array
 
+    def keep(self, name: str) -> None:
+        """Take over the previous facts of ``name``."""
+        prev, facts = self.previous, self.facts
+        facts.shapes[name] = prev.shapes[name]
+        facts.dtypes[name] = prev.dtypes.get(name)
+        if name in prev.values:
+            facts.values[name] = prev.values[name]
+        if name in prev.arrays:
+            facts.arrays[name] = prev.arrays[name]
+
     # -- the walk --------------------------------------------------------------------------
     def graph(self, graph: gs.Graph) -> None:
         for t in graph.inputs:
@@ -207,7 +216,39 @@ class _Engine:
         for node in topological_order(graph):
             self.node(node)
 
+    def unaffected(self, node: gs.Node) -> bool:
+        """In incremental mode: nothing this node reads changed, and its facts are known."""
+        prev, changed = self.previous, self.changed
+        if node.op in ("If", "Loop", "Scan") or not node.outputs:
+            return False
+        for t in node.outputs:
+            if t.name and t.name not in prev.shapes:
+                return False
+        for t in node.inputs:
+            if t.name in changed or (isinstance(t, gs.Constant) and t.name not in prev.shapes):
+                return False
+        return True
+
     def node(self, node: gs.Node) -> None:
+        if self.previous is not None:
+            if self.unaffected(node):
+                for t in node.outputs:
+                    if t.name:
+                        self.keep(t.name)
+                self.stats["kept"] += 1
+                return
+            self.compute(node)
+            prev, facts = self.previous, self.facts
+            for t in node.outputs:
+                name = t.name
+                if name and (prev.shapes.get(name) != facts.shapes.get(name)
+                             or prev.dtypes.get(name) != facts.dtypes.get(name)
+                             or prev.values.get(name) != facts.values.get(name)):
+                    self.changed.add(name)
+            return
+        self.compute(node)
+
+    def compute(self, node: gs.Node) -> None:
         outs = None
         default = node.domain in _DEFAULT
         try:
@@ -216,7 +257,11 @@ class _Engine:
             elif default and node.op in ("If", "Loop", "Scan"):
                 outs = self.control_flow(node)
             elif default and node.op in RULES:
-                outs = RULES[node.op](_NodeView(node, self))
+                view = _NodeView(node, self)
+                if node.op in ARRAY_OPS:
+                    outs = self.small_arrays(view)
+                if outs is None:
+                    outs = RULES[node.op](view)
                 if outs is not None:
                     self.stats["rules"] += 1
         except Exception as exc:  # a rule's bug must not stop the analysis: fall back
@@ -228,8 +273,8 @@ class _Engine:
             if not t.name:
                 continue
             if outs is not None and i < len(outs):
-                shape, dtype, value = outs[i]
-                self.set(t.name, None if shape is None else tuple(shape), dtype, value)
+                shape, dtype, value, *array = outs[i]
+                self.set(t.name, None if shape is None else tuple(shape), dtype, value, *array)
             else:
                 self.set(t.name, None, None, None)
 
@@ -251,6 +296,21 @@ class _Engine:
         ints = tuple(int(x) for x in value.reshape(-1)) if value.dtype.kind in "iub" and value.ndim <= 1 \
             and value.size <= MAX_VALUE else None
         return [(tuple(value.shape), value.dtype, ints)]
+
+    def small_arrays(self, view: _NodeView):
+        """``evaluate_small`` when every input is a known small int/bool array."""
+        arrays = []
+        for i in range(len(view.node.inputs)):
+            if not view.has(i):
+                arrays.append(None)
+                continue
+            a = view.array(i)
+            if a is None or a.dtype.kind not in "iub":
+                return None
+            arrays.append(a)
+        if not arrays or arrays[0] is None:
+            return None
+        return evaluate_small(view, arrays)
 
     # -- If / Loop / Scan ------------------------------------------------------------------
     def control_flow(self, node: gs.Node):
@@ -394,6 +454,37 @@ def known_shape(tensor: gs.Tensor, model, ctx) -> tuple | None:
     return None if shape is None else tuple(d if type(d) is int else None for d in shape)
 
 
+def _constant_facts(t: gs.Constant) -> tuple:
+    """(shape, dtype, value, array) of a constant, read once per values object."""
+    return per_values(t, "shape-facts", _read_constant_facts)
+
+
+def _read_constant_facts(t: gs.Constant) -> tuple:
+    shape = tuple(int(d) for d in t.shape)
+    dtype = _constant_dtype(t)
+    value = array = None
+    if math.prod(shape) <= MAX_VALUE:
+        array = _small_array(t)
+        if array is not None and array.ndim <= 1 and array.dtype.kind in "iub":
+            value = tuple(int(x) for x in array.reshape(-1))
+    return shape, dtype, value, array
+
+
+def _small_array(t: gs.Constant) -> np.ndarray | None:
+    """``exact_array(t)`` of a small constant, reading raw bytes directly when it can
+    (numpy_helper.to_array's checks cost more than the tensor: Swin has 11k such reads)."""
+    from onnxopt.ir.constants import EXACT_TYPES, exact_array
+
+    values = t._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        proto = values.tensor
+        np_type = EXACT_TYPES.get(proto.data_type)
+        if np_type is not None and proto.HasField("raw_data") and proto.data_location == onnx.TensorProto.DEFAULT:
+            return np.frombuffer(proto.raw_data, dtype=np.dtype(np_type).newbyteorder("<")).reshape(
+                tuple(proto.dims)).astype(np_type, copy=False)
+    return exact_array(t)
+
+
 def _constant_dtype(t: gs.Constant) -> np.dtype | None:
     values = t._values
     if isinstance(values, gs.ir.tensor.LazyValues):
@@ -401,9 +492,14 @@ def _constant_dtype(t: gs.Constant) -> np.dtype | None:
     return np_dtype(getattr(values, "dtype", None))
 
 
-def symbolic_shapes(model) -> ShapeFacts:
-    """The symbolic shape facts of every tensor of ``model`` (subgraphs included)."""
-    engine = _Engine(model)
+def symbolic_shapes(model, previous: ShapeFacts | None = None, changed: set[str] | None = None) -> ShapeFacts:
+    """The symbolic shape facts of every tensor of ``model`` (subgraphs included).
+
+    Incrementally, after an edit that kept every tensor's meaning but made the tensors named
+    in ``changed`` known better (folded into constants): the facts of ``previous`` are
+    taken over for every node that reads nothing changed (the walk then costs a few lookups
+    per node)."""
+    engine = _Engine(model, previous, set(changed or ()) if previous is not None else None)
     engine.graph(model.graph)
     logger.debug("symbolic shapes: %s", engine.stats)
     return engine.facts

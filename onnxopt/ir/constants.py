@@ -11,6 +11,9 @@ represent.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any, Callable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -29,6 +32,31 @@ EXACT_DTYPES = frozenset(np.dtype(t) for t in EXACT_TYPES.values())
 
 def is_default_domain(node: gs.Node) -> bool:
     return node.domain in (None, "", "ai.onnx")
+
+
+# (id(values), kind) -> (weak reference to the values, result). See ``per_values``.
+_PER_VALUES: dict[tuple, tuple] = {}
+
+
+def per_values(constant: gs.Constant, kind: str, compute: Callable[[gs.Constant], Any]) -> Any:
+    """``compute(constant)``, remembered for as long as the constant's values object lives.
+
+    Values are never changed in place (passes build new arrays and new constants), so what
+    was read from them once stays true: analyses and passes that run after every change
+    (symbolic shapes, duplicate detection) read each weight once per process, not per run.
+    """
+    values = constant._values
+    key = (id(values), kind)
+    hit = _PER_VALUES.get(key)
+    if hit is not None and hit[0]() is values:
+        return hit[1]
+    result = compute(constant)
+    try:
+        ref = weakref.ref(values, lambda _, key=key: _PER_VALUES.pop(key, None))
+    except TypeError:  # values that cannot be referenced weakly are not remembered
+        return result
+    _PER_VALUES[key] = (ref, result)
+    return result
 
 
 def constant_tensor(tensor: gs.Tensor) -> gs.Constant | None:
@@ -60,6 +88,24 @@ def is_constant(tensor: gs.Tensor) -> bool:
         return True
     node = tensor.inputs[0] if tensor.inputs else None
     return node is not None and node.op == "Constant" and is_default_domain(node)
+
+
+def has_exact_value(tensor: gs.Tensor) -> bool:
+    """Whether ``constant_value(tensor)`` would give a value, decided without reading it
+    (a pass scanning every node asks this of every weight)."""
+    if isinstance(tensor, gs.Constant):
+        values = tensor._values
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            proto = values.tensor
+            return proto.data_type in EXACT_TYPES and proto.data_location != onnx.TensorProto.EXTERNAL
+        return exact_array(tensor) is not None  # already an array: no reading involved
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "Constant" or not is_default_domain(node) or len(node.attrs) != 1:
+        return False
+    (key, value), = node.attrs.items()
+    if key == "value" and isinstance(value, gs.Constant):
+        return has_exact_value(value)
+    return key in ("value_float", "value_floats", "value_int", "value_ints")
 
 
 def exact_array(tensor: gs.Constant) -> np.ndarray | None:

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -43,15 +43,25 @@ class Model:
     a pass can touch and ``restore`` undoes it all.
     """
 
-    def __init__(self, proto: onnx.ModelProto, path: Path | None = None, sha256: str | None = None):
+    def __init__(self, proto: onnx.ModelProto, path: Path | None = None,
+                 sha256: str | Callable[[], str] | None = None):
         self._template = proto
         self.path = path
-        self.source_sha256 = sha256 or _sha256_of_proto(proto)
+        self._sha256 = sha256  # the hash, a function that gives it (computed lazily), or None
         self.graph: gs.Graph = graph_io.import_graph(proto)
         self.opset_import: list[tuple[str, int]] = [(imp.domain, imp.version) for imp in proto.opset_import]
         # Set by the pass manager when a pass reports a change; until then the original
         # proto is what gets written.
         self.modified = False
+
+    @property
+    def source_sha256(self) -> str:
+        """sha256 of the file the model was read from (of its serialized proto otherwise)."""
+        if callable(self._sha256):
+            self._sha256 = self._sha256()
+        elif self._sha256 is None:
+            self._sha256 = _sha256_of_proto(self._template)
+        return self._sha256
 
     # -- opsets ----------------------------------------------------------------------------
     @property
