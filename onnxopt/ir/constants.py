@@ -52,7 +52,7 @@ def per_values(constant: gs.Constant, kind: str, compute: Callable[[gs.Constant]
         return hit[1]
     result = compute(constant)
     try:
-        ref = weakref.ref(values, lambda _, key=key: _PER_VALUES.pop(key, None))
+        ref = weakref.ref(values, lambda _, key=key, cache=_PER_VALUES: cache.pop(key, None))
     except TypeError:  # values that cannot be referenced weakly are not remembered
         return result
     _PER_VALUES[key] = (ref, result)
