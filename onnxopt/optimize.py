@@ -6,7 +6,6 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,35 @@ from onnxopt.target import Target, load_target
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class OptimizeResult:
-    """The optimized model, what was done to it, and a way to write it."""
+    """The optimized model, what was done to it, and a way to write it.
 
-    model: onnx.ModelProto
-    report: dict[str, Any]
-    records: list[PassRecord] = field(default_factory=list)
-    target: Target | None = None
+    ``model`` (an onnx.ModelProto, with the provenance metadata) is built on first use;
+    ``save`` without it writes the optimized graph straight to the file, weight by weight,
+    so the model is never held twice in memory (the CLI saves this way)."""
+
+    def __init__(self, model: Model | onnx.ModelProto, report: dict[str, Any],
+                 records: list[PassRecord] | None = None, target: Target | None = None,
+                 provenance: dict[str, str] | None = None):
+        self._source = model if isinstance(model, Model) else None
+        self._proto = model if isinstance(model, onnx.ModelProto) else None
+        self.report = report
+        self.records = records or []
+        self.target = target
+        self.provenance = provenance or {}
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._proto is None:
+            self._proto = self._source.to_proto()
+            add_provenance(self._proto, **self.provenance)
+        return self._proto
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model atomically (external data when asked or over 2 GB)."""
-        return save(self.model, path, external_data=external_data)
+        if self._proto is not None or self._source is None:
+            return save(self.model, path, external_data=external_data)
+        return self._source.save(path, external_data=external_data, **self.provenance)
 
 
 def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSpec] | None = None,
@@ -93,10 +109,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         records = manager.run(m, ctx)
     finally:
         gc.unfreeze()
-    proto = m.to_proto()
     pipeline_text = format_pipeline(specs)
-    add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
-                   source_sha256=m.source_sha256, **ctx.metadata)
+    provenance = dict(version=__version__, pipeline=pipeline_text, target=target.name,
+                      source_sha256=m.source_sha256, **ctx.metadata)
     report = {
         "onnxopt_version": __version__,
         "target": target.name,
@@ -111,4 +126,4 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "providers": ctx.resolved_providers,
         "seconds": time.perf_counter() - started,
     }
-    return OptimizeResult(model=proto, report=report, records=records, target=target)
+    return OptimizeResult(m, report=report, records=records, target=target, provenance=provenance)

@@ -1,7 +1,8 @@
 """Reading and making constants: the one way a pass gets a weight's value.
 
 A constant is an initializer (``gs.Constant``) or the output of a ``Constant`` node
-(``value``, ``value_float(s)``, ``value_int(s)``). Values are read without caching them on
+(``value``, ``value_float(s)``, ``value_int(s)``). An initializer whose data stayed in an
+external file is read through a read-only map of that file. Values are read without caching them on
 the tensor: graphsurgeon's ``.values`` replaces the lazily loaded TensorProto by the array,
 which changes how the model is written (raw_data instead of float_data) although nothing
 was rewritten. Only values numpy holds exactly are returned (bool, integers, float16/32/64);
@@ -18,6 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+
+from onnxopt.ir.storage import external_array, external_span
 
 # TensorProto element types whose values numpy holds exactly.
 EXACT_TYPES = {
@@ -97,7 +100,9 @@ def has_exact_value(tensor: gs.Tensor) -> bool:
         values = tensor._values
         if isinstance(values, gs.ir.tensor.LazyValues):
             proto = values.tensor
-            return proto.data_type in EXACT_TYPES and proto.data_location != onnx.TensorProto.EXTERNAL
+            if proto.data_type not in EXACT_TYPES:
+                return False
+            return proto.data_location != onnx.TensorProto.EXTERNAL or external_span(proto) is not None
         return exact_array(tensor) is not None  # already an array: no reading involved
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or node.op != "Constant" or not is_default_domain(node) or len(node.attrs) != 1:
@@ -113,8 +118,11 @@ def exact_array(tensor: gs.Constant) -> np.ndarray | None:
     values = tensor._values
     if isinstance(values, gs.ir.tensor.LazyValues):
         proto = values.tensor
-        if proto.data_type not in EXACT_TYPES or proto.data_location == onnx.TensorProto.EXTERNAL:
+        if proto.data_type not in EXACT_TYPES:
             return None
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            # a read-only map of the file: the weight is read only where a pass reads it
+            return external_array(proto, EXACT_TYPES[proto.data_type])
         return numpy_helper.to_array(proto)
     if isinstance(values, np.ndarray):
         if values.dtype not in EXACT_DTYPES:

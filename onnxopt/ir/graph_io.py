@@ -701,12 +701,15 @@ class _Scope:
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto,
-                 opset_import: list[onnx.OperatorSetIdProto] | None = None) -> onnx.ModelProto:
+                 opset_import: list[onnx.OperatorSetIdProto] | None = None,
+                 initializers: list | None = None) -> onnx.ModelProto:
     """A new ModelProto: ``graph`` as its graph, everything else from ``template`` (with
     ``opset_import`` instead of the template's when given).
 
     ``template`` is not modified. Unchanged parts of the graph are written back from the
-    protos they were imported from.
+    protos they were imported from. With an ``initializers`` list, the main graph's dense
+    initializers are appended to it (in the order they would have) instead of being copied
+    into the new proto: ``storage.write_model`` writes them from where they are.
     """
     model = onnx.ModelProto()
     for desc, value in template.ListFields():
@@ -723,7 +726,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto,
         model.opset_import.extend(opset_import)
     used_domains: set[str] = set()
     with _no_gc():
-        _export_graph(graph, model.graph, None, used_domains)
+        _export_graph(graph, model.graph, None, used_domains, initializers)
     _add_new_functions(model, graph)
     _sync_opsets(model, graph, used_domains)
     return model
@@ -757,7 +760,8 @@ def _sync_opsets(model: onnx.ModelProto, graph: gs.Graph, used_domains: set[str]
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
-def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, used_domains: set[str]) -> None:
+def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, used_domains: set[str],
+                  initializers_out: list | None = None) -> None:
     source = _source_of(graph)
     src_proto = source.proto if source is not None else None
 
@@ -846,7 +850,10 @@ def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, us
             dense.append((_rank_key(init_rank, name, len(constants)), proto))
     dense.sort(key=lambda item: item[0])
     sparse.sort(key=lambda item: item[0])
-    gp.initializer.extend([proto for _, proto in dense])
+    if initializers_out is not None:
+        initializers_out.extend(proto for _, proto in dense)
+    else:
+        gp.initializer.extend([proto for _, proto in dense])
     gp.sparse_initializer.extend([proto for _, proto in sparse])
 
     input_info = source.input_info if source is not None else {}
