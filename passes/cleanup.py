@@ -35,6 +35,7 @@ class LiftConstantsPass(Pass):
     """Turn Constant nodes into initializers, so every weight lives in one place."""
 
     lossless = True
+    requires_ops = frozenset({"Constant"})
     preserves = frozenset({"shapes", "symbolic-shapes"})  # same tensors, same names
 
     def run(self, model, ctx) -> PassResult:

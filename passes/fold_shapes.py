@@ -75,6 +75,8 @@ class FoldShapesPass(Pass):
     """Turn symbolic Reshape targets into constants (0 copies, -1 infers) and compute equal shape values once."""
 
     lossless = True
+    # symbolic int values start at Shape/Size; the rewrites act on reshape-like ops
+    requires_ops = frozenset({"Shape", "Size", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
     # every tensor keeps its shape (a Reshape's output is what its target said it was)
     preserves = frozenset({"shapes", "symbolic-shapes"})
 

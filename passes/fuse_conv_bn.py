@@ -436,5 +436,6 @@ class FuseConvBnPass(RewritePass):
     """Fold inference BatchNormalization and per-channel constant Add/Sub/Mul/Div into the Conv before or after them."""
 
     lossless = True
+    requires_ops = frozenset({"Conv", "ConvTranspose"})
     rules = (FoldBatchNormIntoConv(), FoldAddIntoConvBias(), FoldSubIntoConvBias(), FoldMulIntoConv(),
              FoldDivIntoConv(), FoldScaleIntoConvInput(), FoldShiftIntoConvInput())

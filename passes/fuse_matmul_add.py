@@ -168,4 +168,5 @@ class FuseMatMulAddPass(RewritePass):
     """Turn MatMul + Add (2-D input, constant weight and bias) and Gemm + Add into one Gemm."""
 
     lossless = True
+    requires_ops = frozenset({"MatMul", "Gemm"})
     rules = (FuseMatMulAdd(), FuseGemmAdd())

@@ -405,6 +405,7 @@ class FuseLayerNormPass(Pass):
     """Fuse decomposed layer normalization (ReduceMean/Sub/Pow/Sqrt/Div, affine) into LayerNormalization."""
 
     lossless = True
+    requires_ops = frozenset({"ReduceMean", "LayerNormalization"})
 
     @dataclass
     class Options:
@@ -602,6 +603,7 @@ class FuseGeluPass(Pass):
     """Fuse the erf and tanh GELU subgraphs into Gelu (opset 20) or onnxruntime's contrib op."""
 
     lossless = True
+    requires_ops = frozenset({"Erf", "Tanh"})
 
     @dataclass
     class Options:

@@ -95,4 +95,5 @@ class FuseSlicesPass(RewritePass):
     """Merge a Slice of a Slice on disjoint axes into one Slice."""
 
     lossless = True
+    requires_ops = frozenset({"Slice"})
     rules = (MergeSlicePair(),)

@@ -99,4 +99,5 @@ class FuseTransposesPass(RewritePass):
 
     lossless = True
     preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused Transpose writes the same tensor
+    requires_ops = frozenset({"Transpose"})
     rules = (FoldTransposePair(),)

@@ -403,6 +403,7 @@ class PushTransposesPass(Pass):
     """Push Transposes down through ops that commute with them until inverse pairs cancel."""
 
     lossless = True
+    requires_ops = frozenset({"Transpose"})
 
     def run(self, model, ctx) -> PassResult:
         facts = ctx.analysis("symbolic-shapes", model)

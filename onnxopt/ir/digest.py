@@ -34,31 +34,37 @@ def _graph_parts(graph: gs.Graph, parts: list) -> None:
     seen: set[int] = set()
     add = parts.append
     Constant = gs.Constant
+    value = _value
 
-    def tensor(t) -> None:
-        key = id(t)
-        if key in seen:
-            return
-        seen.add(key)
-        if type(t) is Constant or isinstance(t, Constant):
-            add((t.name, id(t._values), str(t.export_dtype), tuple(t.shape)))
-        else:
-            shape = t.shape
-            add((t.name, str(t.dtype), tuple(shape) if shape is not None else None))
+    def tensors(ts) -> None:
+        # inlined in the node loop's spirit: one call per list, not per tensor
+        for t in ts:
+            key = id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            d = t.__dict__
+            if type(t) is Constant or isinstance(t, Constant):
+                shape = t.shape
+                add((d["name"], id(d["_values"]), d.get("_export_dtype"), tuple(shape) if shape is not None else None))
+            else:
+                shape = d.get("shape")
+                add((d["name"], d.get("dtype"), tuple(shape) if shape is not None else None))
 
     add(("graph", graph.name, tuple([t.name for t in graph.inputs]), tuple([t.name for t in graph.outputs])))
-    for t in graph.inputs:
-        tensor(t)
-    for t in graph.outputs:
-        tensor(t)
+    tensors(graph.inputs)
+    tensors(graph.outputs)
     for node in graph.nodes:
         inputs, outputs, attrs = node.inputs, node.outputs, node.attrs
+        if attrs:
+            items = attrs.items()
+            attr_part = tuple([(k, value(v, parts)) for k, v in (sorted(items) if len(attrs) > 1 else items)])
+        else:
+            attr_part = ()
         add((node.op, node.domain, node.name, tuple([t.name for t in inputs]), tuple([t.name for t in outputs]),
-             tuple([(k, _value(v, parts)) for k, v in sorted(attrs.items())]) if attrs else ()))
-        for t in inputs:
-            tensor(t)
-        for t in outputs:
-            tensor(t)
+             attr_part))
+        tensors(inputs)
+        tensors(outputs)
     unread = getattr(graph, "unused_initializers", None)
     if unread:
         parts.append(("unread", tuple(unread)))

@@ -77,6 +77,7 @@ class PassManager:
         self._snapshot_of: gs.Graph | None = None  # the live graph that snapshot was taken of
         self._digest: tuple[gs.Graph, str] | None = None  # (graph, its digest) as last taken
         self._counts: tuple | None = None  # (graph, nodes, params) as last counted
+        self._ops: tuple | None = None  # (digest, op types) as last seen
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
@@ -123,7 +124,8 @@ class PassManager:
                 else:
                     record = self._run_one(spec, model, ctx)
                     record.round = round_
-                    self.records.append(record)
+                    if record.status != "skipped" or round_ == 1:
+                        self.records.append(record)
                     did = record.status == "changed"
                 changed |= did
                 if did:
@@ -139,6 +141,13 @@ class PassManager:
             logger.info(note)
         return changed_any
 
+    def _op_types(self, model: Model) -> set[str]:
+        """Op types of every graph of the model (default domain and others), as last seen."""
+        digest = self._current_digest(model)
+        if self._ops is None or self._ops[0] != digest:
+            self._ops = (digest, {op for _, op in op_types(model.graph)})
+        return self._ops[1]
+
     def _current_digest(self, model: Model):
         if self._digest is None or self._digest[0] is not model.graph:
             self._digest = (model.graph, model_digest(model))
@@ -149,6 +158,15 @@ class PassManager:
         cls = get_pass(spec.name)
         pass_ = cls(**spec.options)
         record = PassRecord(spec.name, dict(spec.options))
+        if cls.requires_ops and not (cls.requires_ops & self._op_types(model)):
+            # nothing it could change: not run (no snapshot, no digest)
+            record.status = "skipped"
+            record.stats = {"reason": "none of " + ", ".join(sorted(cls.requires_ops)) + " in the model"}
+            if self._counts is None or self._counts[0] is not model.graph:
+                self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
+            record.nodes_before = record.nodes_after = self._counts[1]
+            record.params_before = record.params_after = self._counts[2]
+            return record
         if self._counts is None or self._counts[0] is not model.graph:
             self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
         record.nodes_before, record.params_before = self._counts[1:]

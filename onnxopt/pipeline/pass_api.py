@@ -75,6 +75,9 @@ class Pass:
     # define ``calibration_requests(model, ctx) -> list[Reducer]``: the manager gathers the
     # requests of a block of calibrating passes so that one streamed run serves them.
     needs_calibration: ClassVar[bool] = False
+    # Op types (default domain) without which the pass cannot change anything: when the
+    # model (every graph) has none of them, the manager does not run it. Empty: always run.
+    requires_ops: ClassVar[frozenset[str]] = frozenset()
 
     @dataclass
     class Options:
