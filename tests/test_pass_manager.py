@@ -310,3 +310,28 @@ def test_a_pass_whose_ops_are_absent_is_not_run():
     assert rec.status == "skipped" and rec.stats == {"reason": "none of Constant in the model"}
     model, (rec,) = run(["lift-constants"], const_chain())
     assert rec.status == "changed"
+
+
+@register_pass("test-raise-late")
+class RaiseLatePass(Pass):
+    """Renames every node, then raises (a buggy pass that leaves edits behind)."""
+
+    lossless = True
+
+    def run(self, model, ctx):
+        for node in model.graph.nodes:
+            node.name = "garbage"
+        raise RuntimeError("late boom")
+
+
+def test_rollback_in_a_group_replays_the_passes_before_it():
+    from onnxopt.pipeline.text import resolve
+
+    # inside a group one snapshot serves every pass: after the failure the model is what
+    # the passes before it made of it (Constants lifted, then one rename), nothing more
+    specs = resolve("fixed-point(lift-constants,test-rename-until{times=1},test-raise-late)")
+    model, records = run(specs, const_chain())
+    statuses = [(r.name, r.status) for r in records]
+    assert ("test-raise-late", "failed") in statuses and ("lift-constants", "changed") in statuses
+    assert [n.op for n in model.graph.nodes] == ["Mul", "Add"]  # lifted
+    assert model.graph.nodes[0].name.count("_") >= 1 and "garbage" not in [n.name for n in model.graph.nodes]

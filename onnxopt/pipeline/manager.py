@@ -78,6 +78,8 @@ class PassManager:
         self._digest: tuple[gs.Graph, str] | None = None  # (graph, its digest) as last taken
         self._counts: tuple | None = None  # (graph, nodes, params) as last counted
         self._ops: tuple | None = None  # (digest, op types) as last seen
+        self._journal: list[PassSpec] | None = None  # passes run since the snapshot (in groups)
+        self._in_group = 0
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
@@ -110,6 +112,18 @@ class PassManager:
         from onnxopt.pipeline.text import GROUPS
 
         max_rounds = int(group.options.get("max_rounds", GROUPS[group.name]["max_rounds"][1]))
+        self._in_group += 1
+        try:
+            return self._rounds(group, max_rounds, model, ctx)
+        finally:
+            self._in_group -= 1
+            if not self._in_group and self._journal is not None:
+                # outside groups a snapshot is valid only if nothing changed since it
+                if self._journal:
+                    self._snapshot = None
+                self._journal = None
+
+    def _rounds(self, group: PassSpec, max_rounds: int, model: Model, ctx: PassContext) -> bool:
         # index in the body -> digest of the model a run of it left unchanged (a pass that
         # changed the model may change more when run again: it always runs in the next round)
         idle: dict[int, object] = {}
@@ -171,9 +185,13 @@ class PassManager:
             self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
         record.nodes_before, record.params_before = self._counts[1:]
         # A snapshot stays valid while passes leave the model as it was (the digest proves
-        # it): copy only after a change.
-        if self._snapshot is None or self._snapshot_of is not model.graph:
+        # it): copy only after a change. Inside a fixed-point group it stays valid across
+        # changes too, with the passes that changed the model since in a journal: a rollback
+        # restores it and replays them (passes are deterministic), so a group of lossless
+        # passes costs one graph copy, not one per change.
+        if self._snapshot is None or (self._journal is None and self._snapshot_of is not model.graph):
             self._snapshot, self._snapshot_of = model.snapshot(), model.graph
+            self._journal = [] if self._in_group else None
         snapshot = self._snapshot
         if self._digest is None or self._digest[0] is not model.graph:
             self._digest = (model.graph, model_digest(model))
@@ -228,7 +246,10 @@ class PassManager:
                 raise VerificationError(f"pass '{spec.name}' broke the model: {problem}")
         elif changed:
             model.modified = True
-            self._snapshot = None
+            if self._journal is not None:
+                self._journal.append(spec)
+            else:
+                self._snapshot = None
             self._digest = (model.graph, digest_after)
             record.status = "changed"
             ctx.invalidate(cls.preserves)
@@ -241,7 +262,18 @@ class PassManager:
 
     def _restore(self, model: Model, snapshot: ModelState, digest: str, ctx: PassContext, ctx_state) -> None:
         model.restore(snapshot)
-        self._snapshot = None  # the snapshot is the live model now
+        journal = self._journal or []
+        self._snapshot = self._journal = None  # the snapshot is the live model now
+        if journal:  # bring the snapshot to the state before the failed pass
+            notes = list(ctx.notes)
+            for spec in journal:
+                ctx.invalidate()
+                get_pass(spec.name)(**spec.options).run(model, ctx)
+            ctx.notes[:] = notes
+            replayed = model_digest(model)
+            if replayed != digest:
+                logger.warning("replaying %d pass(es) after a rollback did not give the same model", len(journal))
+            digest = replayed
         self._digest = (model.graph, digest)
         ctx.rollback(ctx_state)
 
