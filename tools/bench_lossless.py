@@ -84,7 +84,7 @@ def run_tool(tool: str, src: Path, workdir: Path, pipeline: str, timeout: float)
     # /usr/bin/time reports the peak RSS of its own child. Reading our child's rusage
     # directly would not do: Linux carries the forking parent's RSS into the child's
     # ru_maxrss, and this parent holds the models it counts.
-    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file),
+    cmd = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file),
            sys.executable, str(Path(__file__).resolve()), "--child", tool, str(src), str(dst),
            "--pipeline", pipeline]
     start = time.perf_counter()
@@ -97,9 +97,12 @@ def run_tool(tool: str, src: Path, workdir: Path, pipeline: str, timeout: float)
         proc.communicate()
         return {"tool": tool, "status": f"timeout after {timeout:.0f} s", "peak_rss_mb": None}
     wall = time.perf_counter() - start
-    last = rss_file.read_text().split()[-1:] if rss_file.exists() else []
+    last = rss_file.read_text().split()[-3:] if rss_file.exists() else []
     row = {"tool": tool, "wall": wall,
-           "peak_rss_mb": int(last[0]) / 1024 if last and last[0].isdigit() else None}
+           "peak_rss_mb": int(last[0]) / 1024 if last and last[0].isdigit() else None,
+           # CPU time (user + system) of the process: less sensitive than wall time to the
+           # other jobs of a shared machine
+           "cpu": float(last[1]) + float(last[2]) if len(last) == 3 else None}
     code = proc.returncode  # time exits with its child's status (128+N for a signal)
     if code != 0 or not dst.exists():
         last = (err.strip().splitlines() or ["?"])[-1]
@@ -291,9 +294,11 @@ def main() -> None:
             if row.get("peak_rss_mb"):
                 row["rss_x_bytes"] = row["peak_rss_mb"] * 2**20 / row["bytes"]
             if tool == "loadsave" and row["status"] == "ok":
-                base = row["wall"]
+                base = row["wall"], row.get("cpu")
             if base and row.get("wall"):
-                row["x_loadsave"] = row["wall"] / base
+                row["x_loadsave"] = row["wall"] / base[0]
+                if base[1] and row.get("cpu"):
+                    row["cpu_x_loadsave"] = row["cpu"] / base[1]
             if tool == "onnxopt" and args.check and row["status"] == "ok":
                 row["check"] = check_equal(model, row["output"])
             rows.append(row)
@@ -306,8 +311,9 @@ def main() -> None:
                       f"bytes {row['bytes'] / 1e6:9.1f} MB  wall {wall:>9}  rss {rss}  "
                       f"rss/bytes {row.get('rss_x_bytes', 0):5.2f}", flush=True)
                 continue
+            cpu = f"cpu {row['cpu']:.2f} s ({row['cpu_x_loadsave']:.1f}x)" if row.get("cpu_x_loadsave") else ""
             print(f"{model.name:<30} {tool:<14} {row['status'][:40]:<12} wall {wall:>9} "
-                  f"(work {work:>8}) {ratio:>6}  rss {rss}  "
+                  f"(work {work:>8}) {ratio:>6} {cpu} rss {rss}  "
                   f"nodes {nodes_in} -> {row.get('nodes', '-')}"
                   + (f"  [{row['check']}]" if "check" in row else ""), flush=True)
     if args.json:
@@ -321,7 +327,8 @@ def _secs(row: dict) -> str:
     if row["status"] != "ok":
         return row["status"].split(":")[0]
     ratio = f" ({row['x_loadsave']:.1f}x)" if "x_loadsave" in row else ""
-    return f"{row['wall']:.2f}{ratio}"
+    cpu = f", cpu {row['cpu_x_loadsave']:.1f}x" if "cpu_x_loadsave" in row else ""
+    return f"{row['wall']:.2f}{ratio}{cpu}"
 
 
 def lossless_table(rows: list[dict]) -> str:
