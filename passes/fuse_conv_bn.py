@@ -437,5 +437,6 @@ class FuseConvBnPass(RewritePass):
 
     lossless = True
     requires_ops = frozenset({"Conv", "ConvTranspose"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the conv writes the folded op's tensor
     rules = (FoldBatchNormIntoConv(), FoldAddIntoConvBias(), FoldSubIntoConvBias(), FoldMulIntoConv(),
              FoldDivIntoConv(), FoldScaleIntoConvInput(), FoldShiftIntoConvInput())

@@ -169,4 +169,5 @@ class FuseMatMulAddPass(RewritePass):
 
     lossless = True
     requires_ops = frozenset({"MatMul", "Gemm"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the Gemm writes the Add's tensor
     rules = (FuseMatMulAdd(), FuseGemmAdd())

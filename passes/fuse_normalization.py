@@ -406,6 +406,7 @@ class FuseLayerNormPass(Pass):
 
     lossless = True
     requires_ops = frozenset({"ReduceMean", "LayerNormalization"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused op writes the root's tensor
 
     @dataclass
     class Options:
@@ -604,6 +605,7 @@ class FuseGeluPass(Pass):
 
     lossless = True
     requires_ops = frozenset({"Erf", "Tanh"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused op writes the root's tensor
 
     @dataclass
     class Options:

@@ -96,4 +96,5 @@ class FuseSlicesPass(RewritePass):
 
     lossless = True
     requires_ops = frozenset({"Slice"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the merged Slice writes the same tensor
     rules = (MergeSlicePair(),)
