@@ -333,18 +333,15 @@ def write_model(model: onnx.ModelProto, initializers: list, path: str | os.PathL
         if not external_data:
             inline_external_data(model)
             pieces = [_serialized(t) for t in initializers]
-            content = _splice(model, pieces)
-            if len(content) < _ONE_MESSAGE_LIMIT:
-                with open(tmp_dir / path.name, "wb") as f:
-                    f.write(content)
+            if _write_spliced(tmp_dir / path.name, model, pieces):
                 return False
-            del content, pieces  # over 2 GB after all: external data
+            del pieces  # over 2 GB after all: external data
         with open(tmp_dir / data_name, "wb") as data_file:
             light = [_to_data_file(t, data_file, data_name, threshold) for t in initializers]
             for t in model_tensors(model):
                 _to_data_file(t, data_file, data_name, threshold, in_place=True)
-        with open(tmp_dir / path.name, "wb") as f:
-            f.write(_splice(model, [t.SerializeToString(deterministic=True) for t in light]))
+        _write_spliced(tmp_dir / path.name, model, [t.SerializeToString(deterministic=True) for t in light],
+                       limit=None)
         return True
 
     _atomic(path, folder, data_name, write)
@@ -499,27 +496,33 @@ def _field_spans(buf: bytes) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _insert_field(buf: bytes, number: int, payloads: list[bytes], replace: bool = False) -> bytes:
-    """``buf`` (a serialized message) with length-delimited field ``number`` holding each of
-    ``payloads`` placed where protobuf's field order puts it (replacing that field's
-    occurrences when ``replace``)."""
-    spans = _field_spans(buf)
-    cut = next((start for num, start, _ in spans if num > number), len(buf))
-    tag = _varint(number << 3 | 2)
-    new = b"".join(tag + _varint(len(p)) + p for p in payloads)
-    if not replace:
-        return buf[:cut] + new + buf[cut:]
-    kept_before = b"".join(buf[a:b] for num, a, b in spans if num < number)
-    kept_after = b"".join(buf[a:b] for num, a, b in spans if num > number)
-    return kept_before + new + kept_after
-
-
-def _splice(model: onnx.ModelProto, initializers: list[bytes]) -> bytes:
-    """The bytes of ``model`` with ``initializers`` (serialized tensors) appended to its main
-    graph's initializers."""
+def _write_spliced(path: Path, model: onnx.ModelProto, initializers: list[bytes],
+                   limit: int | None = _ONE_MESSAGE_LIMIT) -> bool:
+    """Write ``model`` with ``initializers`` (serialized tensors) appended to its main graph's
+    initializers, in protobuf's field order, streaming the pieces (no joined copy); False
+    (nothing written) when the result would reach ``limit`` bytes."""
     graph = model.graph.SerializeToString(deterministic=True)
-    graph = _insert_field(graph, 5, initializers)
-    return _insert_field(model.SerializeToString(deterministic=True), 7, [graph], replace=True)
+    cut = next((start for num, start, _ in _field_spans(graph) if num > 5), len(graph))
+    tag = _varint(5 << 3 | 2)
+    heads = [tag + _varint(len(p)) for p in initializers]
+    graph_len = len(graph) + sum(len(h) + len(p) for h, p in zip(heads, initializers))
+    outer = model.SerializeToString(deterministic=True)
+    spans = _field_spans(outer)
+    before = b"".join(outer[a:b] for num, a, b in spans if num < 7)
+    after = b"".join(outer[a:b] for num, a, b in spans if num > 7)
+    graph_head = _varint(7 << 3 | 2) + _varint(graph_len)
+    if limit is not None and len(before) + len(graph_head) + graph_len + len(after) >= limit:
+        return False
+    with open(path, "wb") as f:
+        f.write(before)
+        f.write(graph_head)
+        f.write(graph[:cut])
+        for head, piece in zip(heads, initializers):
+            f.write(head)
+            f.write(piece)
+        f.write(graph[cut:])
+        f.write(after)
+    return True
 
 
 def add_provenance(proto: onnx.ModelProto, **props: str) -> None:
