@@ -41,44 +41,43 @@ CSE_DOMAINS = (None, "", "ai.onnx", "ai.onnx.ml")
 NEVER_MERGE = NONDETERMINISTIC | {"Dropout"}
 
 
-def constant_key(t: gs.Constant) -> tuple | None:
-    """(element type, shape, digest of the bytes) of a constant; None when it is sparse."""
+def _payload(t: gs.Constant) -> tuple[tuple, bytes | memoryview] | None:
+    """(what identifies the encoding, the value's bytes) of a dense constant; None for sparse,
+    string and external values. Both encodings of a value in a TensorProto (raw_data, typed
+    fields such as float_data) give the same bytes (through numpy for the typed ones)."""
     values = t._values
     if isinstance(values, gs.ir.tensor.LazyValues):
         proto = values.tensor
         if proto.data_location != 0:
             return None
-        # Two encodings of one value (raw_data vs typed fields) hash the same via numpy.
-        payload = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
-        return ("onnx", proto.data_type, tuple(proto.dims), hashlib.sha256(payload).digest())
+        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+        return ("onnx", proto.data_type, tuple(proto.dims)), data
     if isinstance(values, np.ndarray):
         if values.dtype.kind in "OUS":
             return None
-        export = t.export_dtype
-        return ("np", str(values.dtype), str(export), values.shape,
-                hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest())
+        return (("np", str(values.dtype), str(t.export_dtype), values.shape),
+                memoryview(np.ascontiguousarray(values)).cast("B"))
     return None
+
+
+def constant_key(t: gs.Constant) -> tuple | None:
+    """(element type, shape, digest of the bytes) of a constant; None when it is sparse."""
+    payload = _payload(t)
+    if payload is None:
+        return None
+    kind, data = payload
+    return kind + (hashlib.sha256(data).digest(),)
 
 
 _SAMPLE = 64  # bytes read from each of a few places of a large constant
 
 
 def _sample_key(t: gs.Constant) -> tuple | None:
-    """A cheap key two equal constants share: their encoding, size and some of their bytes."""
-    values = t._values
-    if isinstance(values, gs.ir.tensor.LazyValues):
-        proto = values.tensor
-        if proto.data_location != 0:
-            return None
-        # typed fields (float_data, ...) hold small tensors: sampled through numpy, so both
-        # encodings of one value get one key
-        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
-    elif isinstance(values, np.ndarray):
-        if values.dtype.kind in "OUS":
-            return None
-        data = memoryview(np.ascontiguousarray(values)).cast("B")
-    else:
+    """A cheap key two equal constants share: their size and some of their bytes."""
+    payload = _payload(t)
+    if payload is None:
         return None
+    data = payload[1]
     n = len(data)
     if n <= 4 * _SAMPLE:
         return (n, bytes(data))

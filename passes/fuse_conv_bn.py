@@ -189,107 +189,93 @@ class FoldBatchNormIntoConv(RewriteRule):
         return None
 
 
-class FoldAddIntoConvBias(RewriteRule):
-    """Conv/ConvTranspose -> Add of a per-channel constant becomes the conv's bias."""
+class _OutputAffine(RewriteRule):
+    """Base of the rules folding ``conv <op> constant`` (per output channel) into the conv:
+    Add/Sub shift its bias, Mul/Div scale its weights and bias."""
 
-    name = "conv-add"
-    root_ops = ("Add",)
+    op: str = ""
+    commutes = False  # the conv may be either operand (Add, Mul) or only the first (Sub, Div)
+    missing = ""  # the reason when the other operand is not constant
 
-    def match(self, node, graph):
-        return _match_conv_operand(node, "Add")
-
-    def check(self, match, model, ctx):
-        if constant_value(match["operand"]) is None:
-            return "added tensor is not constant"
-        return _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
-
-    def rewrite(self, match, graph):
-        conv, weight = match["conv"], match["weight"]
-        bias = np.zeros(match["channels"]) if match["bias"] is None else match["bias"].astype(np.float64)
-        _set_bias(conv, graph, (bias + match["per_channel"]).astype(weight.dtype))
-        take_outputs(match["node"], conv)
-        return None
-
-
-class FoldMulIntoConv(RewriteRule):
-    """Conv/ConvTranspose -> Mul by a per-channel constant scales the conv's weights and bias."""
-
-    name = "conv-mul"
-    root_ops = ("Mul",)
+    @property
+    def root_ops(self):
+        return (self.op,)
 
     def match(self, node, graph):
-        return _match_conv_operand(node, "Mul")
-
-    def check(self, match, model, ctx):
-        if constant_value(match["operand"]) is None:
-            return "multiplier is not constant"
-        return _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
-
-    def rewrite(self, match, graph):
-        conv, weight, s = match["conv"], match["weight"], match["per_channel"]
-        name = conv.name or conv.outputs[0].name
-        conv.inputs[1] = new_constant(graph, f"{name}_weight", _scale_output_channels(match, s).astype(weight.dtype))
-        if match["bias"] is not None:
-            _set_bias(conv, graph, (match["bias"].astype(np.float64) * s).astype(weight.dtype))
-        take_outputs(match["node"], conv)
-        return None
-
-
-class FoldSubIntoConvBias(RewriteRule):
-    """Conv/ConvTranspose -> Sub of a per-channel constant becomes the conv's bias."""
-
-    name = "conv-sub"
-    root_ops = ("Sub",)
-
-    def match(self, node, graph):
-        conv = producer_op(node, 0, "Conv", "ConvTranspose") if is_op(node, "Sub") and len(node.inputs) == 2 else None
+        if self.commutes:
+            return _match_conv_operand(node, self.op)
+        conv = producer_op(node, 0, "Conv", "ConvTranspose") if is_op(node, self.op) and len(node.inputs) == 2 else None
         return None if conv is None else {"conv": conv, "node": node, "operand": node.inputs[1]}
 
     def check(self, match, model, ctx):
         if constant_value(match["operand"]) is None:
-            return "subtracted tensor is not constant"
-        return _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
-
-    def rewrite(self, match, graph):
-        conv, weight = match["conv"], match["weight"]
-        bias = np.zeros(match["channels"]) if match["bias"] is None else match["bias"].astype(np.float64)
-        _set_bias(conv, graph, (bias - match["per_channel"]).astype(weight.dtype))
-        take_outputs(match["node"], conv)
-        return None
-
-
-class FoldDivIntoConv(RewriteRule):
-    """Conv/ConvTranspose -> Div by a per-channel constant scales the conv's weights and bias by 1/c."""
-
-    name = "conv-div"
-    root_ops = ("Div",)
-
-    def match(self, node, graph):
-        conv = producer_op(node, 0, "Conv", "ConvTranspose") if is_op(node, "Div") and len(node.inputs) == 2 else None
-        return None if conv is None else {"conv": conv, "node": node, "operand": node.inputs[1]}
-
-    def check(self, match, model, ctx):
-        if constant_value(match["operand"]) is None:
-            return "divisor is not constant"
+            return self.missing
         problem = _check_conv(match["conv"], match["graph"], match) or _per_channel_constant(match, match["operand"])
         if problem:
             return problem
-        if not np.all(match["per_channel"] != 0):
+        scale, shift = self.affine(match["per_channel"])
+        if scale is None:
+            match.update(scale=None, shift=shift)
+            return None
+        if not np.all(np.isfinite(scale)):
             return "divisor has a zero"
-        match["per_channel"] = 1.0 / match["per_channel"]
-        return _finite_result(match)
+        weight = _scale_output_channels(match, scale).astype(match["weight"].dtype)
+        if not np.all(np.isfinite(weight)):
+            return "scaled weights are not finite in the weight's dtype"
+        match.update(scale=scale, shift=shift, new_weight=weight)
+        return None
+
+    @staticmethod
+    def affine(c: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(scale, shift) of y = x * scale + shift for ``conv <op> c``."""
+        raise NotImplementedError
 
     def rewrite(self, match, graph):
-        return FoldMulIntoConv.rewrite(self, match, graph)
+        conv, weight = match["conv"], match["weight"]
+        bias = match["bias"]
+        bias = None if bias is None else bias.astype(np.float64)
+        if match["scale"] is not None:
+            name = conv.name or conv.outputs[0].name
+            conv.inputs[1] = new_constant(graph, f"{name}_weight", match["new_weight"])
+            bias = None if bias is None else bias * match["scale"]
+        if match["shift"] is not None:
+            bias = (np.zeros(match["channels"]) if bias is None else bias) + match["shift"]
+        if bias is not None:
+            _set_bias(conv, graph, bias.astype(weight.dtype))
+        take_outputs(match["node"], conv)
+        return None
 
 
-def _finite_result(match) -> str | None:
-    """Why scaling the conv's weights and bias by ``per_channel`` is refused (non-finite)."""
-    s = match["per_channel"]
-    weight = _scale_output_channels(match, s).astype(match["weight"].dtype)
-    if not np.all(np.isfinite(weight)):
-        return "scaled weights are not finite in the weight's dtype"
-    return None
+class FoldAddIntoConvBias(_OutputAffine):
+    """Conv/ConvTranspose -> Add of a per-channel constant becomes the conv's bias."""
+
+    name, op, commutes, missing = "conv-add", "Add", True, "added tensor is not constant"
+    affine = staticmethod(lambda c: (None, c))
+
+
+class FoldSubIntoConvBias(_OutputAffine):
+    """Conv/ConvTranspose -> Sub of a per-channel constant becomes the conv's bias."""
+
+    name, op, missing = "conv-sub", "Sub", "subtracted tensor is not constant"
+    affine = staticmethod(lambda c: (None, -c))
+
+
+class FoldMulIntoConv(_OutputAffine):
+    """Conv/ConvTranspose -> Mul by a per-channel constant scales the conv's weights and bias."""
+
+    name, op, commutes, missing = "conv-mul", "Mul", True, "multiplier is not constant"
+    affine = staticmethod(lambda c: (c, None))
+
+
+class FoldDivIntoConv(_OutputAffine):
+    """Conv/ConvTranspose -> Div by a per-channel constant scales the conv's weights and bias by 1/c."""
+
+    name, op, missing = "conv-div", "Div", "divisor is not constant"
+
+    @staticmethod
+    def affine(c):
+        with np.errstate(divide="ignore"):
+            return 1.0 / c, None
 
 
 def _input_channels(match) -> tuple[int, int]:

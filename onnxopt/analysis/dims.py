@@ -186,26 +186,23 @@ def nonneg(a: Dim) -> bool:
 
 def floor_div(a: Dim, k: int) -> Dim:
     """floor(a / k) for an int k > 0: exact when it can be, else an opaque term."""
-    if type(a) is int:
-        return a // k
-    if k == 1:
-        return a
-    exact = exact_div(a, k)
-    if exact is not None:
-        return exact
-    return opaque(f"floor(({a})/{k})", nonneg(a))
+    return _rounded_div(a, k, "floor", lambda x: x // k)
 
 
 def ceil_div(a: Dim, k: int) -> Dim:
     """ceil(a / k) for an int k > 0."""
+    return _rounded_div(a, k, "ceil", lambda x: -((-x) // k))
+
+
+def _rounded_div(a: Dim, k: int, name: str, on_int) -> Dim:
     if type(a) is int:
-        return -((-a) // k)
+        return on_int(a)
     if k == 1:
         return a
     exact = exact_div(a, k)
     if exact is not None:
         return exact
-    return opaque(f"ceil(({a})/{k})", nonneg(a))
+    return opaque(f"{name}(({a})/{k})", nonneg(a))
 
 
 def trunc_div(a: Dim, b: Dim) -> Dim:
@@ -237,21 +234,22 @@ def mod(a: Dim, b: Dim) -> Dim:
 def maximum(a: Dim, b: Dim) -> Dim:
     if type(a) is int and type(b) is int:
         return max(a, b)
-    decided = compare(a, b)
-    if decided is not None:
-        return a if decided >= 0 else b
-    first, second = sorted((str(a), str(b)))
-    return opaque(f"max({first}, {second})", nonneg(a) or nonneg(b))
+    return _extremum(a, b, "max", nonneg(a) or nonneg(b))
 
 
 def minimum(a: Dim, b: Dim) -> Dim:
     if type(a) is int and type(b) is int:
         return min(a, b)
+    return _extremum(a, b, "min", nonneg(a) and nonneg(b))
+
+
+def _extremum(a: Dim, b: Dim, name: str, nonneg_: bool) -> Dim:
     decided = compare(a, b)
     if decided is not None:
-        return b if decided >= 0 else a
+        bigger, smaller = (a, b) if decided >= 0 else (b, a)
+        return bigger if name == "max" else smaller
     first, second = sorted((str(a), str(b)))
-    return opaque(f"min({first}, {second})", nonneg(a) and nonneg(b))
+    return opaque(f"{name}({first}, {second})", nonneg_)
 
 
 def compare(a: Dim, b: Dim) -> int | None:

@@ -306,11 +306,6 @@ def _cast_like(v: View):
     return [(v.shape(0), v.dtype(1), None)]
 
 
-@rule("Constant")
-def _constant(v: View):
-    return None  # the analysis reads Constant nodes itself (their values)
-
-
 @rule("Shape")
 def _shape_op(v: View):
     s = v.shape(0)
@@ -974,11 +969,6 @@ def _quantize(v: View):
 @rule("DequantizeLinear")
 def _dequantize(v: View):
     return [(v.shape(0), v.dtype(1), None)]
-
-
-@rule("EyeLike")
-def _eye_like(v: View):
-    return None  # dtype attribute: onnx's inference
 
 
 def _rnn(v: View):

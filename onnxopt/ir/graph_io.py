@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 _AP = onnx.AttributeProto
 
-__all__ = ["import_graph", "export_model", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
+__all__ = ["import_graph", "export_model", "copy_fields", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
 
 
 # --------------------------------------------------------------------------- IR classes
@@ -711,17 +711,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto,
     initializers are appended to it (in the order they would have) instead of being copied
     into the new proto: ``storage.write_model`` writes them from where they are.
     """
-    model = onnx.ModelProto()
-    for desc, value in template.ListFields():
-        if desc.name == "graph" or (desc.name == "opset_import" and opset_import is not None):
-            continue
-        target = getattr(model, desc.name)
-        if hasattr(value, "extend") and hasattr(target, "extend"):
-            target.extend(value)
-        elif isinstance(value, Message):
-            target.CopyFrom(value)
-        else:
-            setattr(model, desc.name, value)
+    model = copy_fields(template, onnx.ModelProto(), skip=("graph",) + (("opset_import",) if opset_import is not None
+                                                                      else ()))
     if opset_import is not None:
         model.opset_import.extend(opset_import)
     used_domains: set[str] = set()
@@ -730,6 +721,22 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto,
     _add_new_functions(model, graph)
     _sync_opsets(model, graph, used_domains)
     return model
+
+
+def copy_fields(src: Message, dst: Message, skip: tuple[str, ...] = ()) -> Message:
+    """Copy every field of ``src`` but those in ``skip`` into ``dst`` (skipped fields are
+    not even read: the main graph's weights are never copied by accident)."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        target = getattr(dst, desc.name)
+        if hasattr(value, "extend") and hasattr(target, "extend"):
+            target.extend(value)
+        elif isinstance(value, Message):
+            target.CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+    return dst
 
 
 def _add_new_functions(model: onnx.ModelProto, graph: gs.Graph) -> None:

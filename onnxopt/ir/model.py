@@ -24,7 +24,6 @@ from typing import Callable, Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import Message
 
 from onnxopt.errors import ModelError
 from onnxopt.ir import graph_io
@@ -139,8 +138,8 @@ class Model:
         if self.modified:
             light = graph_io.export_model(self.graph, self._template, self.opset_protos(), initializers=initializers)
         else:  # the original proto, all but the main graph's weights
-            light = _copy_fields(self._template, onnx.ModelProto(), skip="graph")
-            _copy_fields(self._template.graph, light.graph, skip="initializer")
+            light = graph_io.copy_fields(self._template, onnx.ModelProto(), skip=("graph",))
+            graph_io.copy_fields(self._template.graph, light.graph, skip=("initializer",))
             initializers = list(self._template.graph.initializer)
         if provenance:
             add_provenance(light, **provenance)
@@ -193,21 +192,6 @@ class Reference:
         if self._model is None:
             self._model = Model(self._template)
         return self._model
-
-
-def _copy_fields(src: Message, dst: Message, skip: str) -> Message:
-    """Copy every field of ``src`` but ``skip`` into ``dst`` (the skipped one is not read)."""
-    for desc, value in src.ListFields():
-        if desc.name == skip:
-            continue
-        target = getattr(dst, desc.name)
-        if hasattr(value, "extend") and hasattr(target, "extend"):
-            target.extend(value)
-        elif isinstance(value, Message):
-            target.CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
-    return dst
 
 
 def _aliases(domain: str) -> tuple[str, ...]:

@@ -456,39 +456,33 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at ``pos``."""
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, pos
+
+
 def _field_spans(buf: bytes) -> list[tuple[int, int, int]]:
     """(field number, start, end) of each top-level field of a serialized message."""
     spans, pos, n = [], 0, len(buf)
     while pos < n:
         start = pos
-        tag = 0
-        shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            tag |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
+        tag, pos = _read_varint(buf, pos)
         wire = tag & 7
         if wire == 0:
-            while buf[pos] >= 0x80:
-                pos += 1
-            pos += 1
+            _, pos = _read_varint(buf, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            length = 0
-            shift = 0
-            while True:
-                b = buf[pos]
-                pos += 1
-                length |= (b & 0x7F) << shift
-                shift += 7
-                if b < 0x80:
-                    break
+            length, pos = _read_varint(buf, pos)
             pos += length
         else:
             raise ValueError(f"unexpected wire type {wire}")
