@@ -65,7 +65,7 @@ from onnxopt.analysis.shape_rules import MAX_VALUE
 from onnxopt.analysis.shapes import ShapeFacts, symbolic_shapes
 from onnxopt.ir.constants import (EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, has_exact_value,
                                   is_default_domain)
-from onnxopt.ir.graph_io import import_graph
+from onnxopt.ir.graph_io import export_node, import_graph
 from onnxopt.ir.ops import BOOL_RESULT, ELEMENTWISE, NONDETERMINISTIC
 from onnxopt.ir.surgery import detach_nodes, topological_order
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
@@ -143,7 +143,7 @@ class FoldConstantsPass(Pass):
     def fold(self, model, ctx, inline_ifs: bool) -> tuple[bool, dict]:
         stats: dict[str, int] = defaultdict(int)
         changed = False
-        facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
+        facts = self.facts(model, ctx)
         for round_ in range(8):
             folder = _Folder(model, facts, self.options.max_bytes, stats, inline_ifs)
             small_before = stats["evaluated_small_values"]
@@ -168,6 +168,18 @@ class FoldConstantsPass(Pass):
             break
         stats["folded_nodes"] += 0
         return changed, {k: v for k, v in stats.items() if v or k == "folded_nodes"}
+
+
+    @staticmethod
+    def facts(model, ctx) -> ShapeFacts:
+        """The symbolic shapes, when they can tell something evaluation cannot: a value that
+        is not computed from constants alone starts at a Shape or a Size. Without either in
+        the model (and none computed already) the walk over every node is saved."""
+        if ctx is not None and "symbolic-shapes" in ctx.cached_analyses:
+            return ctx.analysis("symbolic-shapes", model)
+        if not any(n.op in ("Shape", "Size") for g in model.graphs() for n in g.nodes):
+            return ShapeFacts()
+        return ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
 
 
 def _drop_shapes(ctx) -> None:
@@ -423,11 +435,9 @@ class _Folder:
 
     def inferred_specs(self, node: gs.Node) -> list[tuple] | None:
         """onnx shape inference of this one node, fed the (small) constant inputs' values."""
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         try:
             schema = onnx.defs.get_schema(node.op, max_inclusive_version=self.opset(""), domain="")
-            proto = OnnxExporter.export_node(node)
+            proto = export_node(node)
             types, data = {}, {}
             for t in node.inputs:
                 if not t.name or t.name in types:
@@ -503,8 +513,6 @@ class _Folder:
         return True
 
     def batch_model(self, nodes: list[gs.Node]) -> tuple[onnx.ModelProto, dict]:
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         produced = {o.name for n in nodes for o in n.outputs if o.name}
         feeds, inputs, outputs, initializers, seen = {}, [], [], [], set()
         for node in nodes:
@@ -525,7 +533,7 @@ class _Folder:
                     vi = onnx.ValueInfoProto()
                     vi.name = o.name
                     outputs.append(vi)
-        graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", inputs, outputs,
+        graph = onnx.helper.make_graph([export_node(n) for n in nodes], "fold", inputs, outputs,
                                        initializer=initializers)
         proto = onnx.helper.make_model(graph, opset_imports=self.opset_import)
         proto.ir_version = self.ir_version

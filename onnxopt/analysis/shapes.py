@@ -377,8 +377,8 @@ class _Engine:
     # -- onnx's inference of one node ------------------------------------------------------
     def onnx_infer(self, node: gs.Node):
         from onnx import numpy_helper
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+        from onnxopt.ir.graph_io import export_node
         domain = node.domain or ""
         version = self.model.opset_of(domain)
         if version is None:
@@ -418,7 +418,7 @@ class _Engine:
             if array is not None:
                 data[t.name] = numpy_helper.from_array(np.ascontiguousarray(array), t.name)
         try:
-            proto = OnnxExporter.export_node(node)
+            proto = export_node(node)
             result = onnx.shape_inference.infer_node_outputs(
                 schema, proto, types, data, opset_imports=self.model.opset_protos(),
                 ir_version=self.model.template.ir_version or onnx.IR_VERSION)

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 _AP = onnx.AttributeProto
 
-__all__ = ["import_graph", "export_model", "copy_fields", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
+__all__ = ["import_graph", "export_model", "export_node", "copy_fields", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
 
 
 # --------------------------------------------------------------------------- IR classes
@@ -959,6 +959,15 @@ def _attr_unchanged(value: Any, before: Any) -> bool:
     if isinstance(before, list) and before and isinstance(before[0], Message):
         return isinstance(value, list) and len(value) == len(before) and all(a is b for a, b in zip(value, before))
     return type(value) is type(before) and value == before
+
+
+def export_node(node: gs.Node) -> onnx.NodeProto:
+    """One node as a NodeProto (for onnx's per-node inference or a small evaluation model),
+    written as export_model writes it; unlike graphsurgeon's exporter it never replaces a
+    tensor attribute's lazily loaded proto by an array (which would change the model)."""
+    proto = onnx.NodeProto()
+    _export_node(node, proto, [t.name for t in node.inputs], [t.name for t in node.outputs], _Scope(set()), set())
+    return proto
 
 
 def _export_node(node: gs.Node, proto: onnx.NodeProto, in_names, out_names, scope: _Scope, used_domains) -> None:
