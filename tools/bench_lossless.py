@@ -3,6 +3,7 @@
     python tools/bench_lossless.py                      # real models + chains of 10k/30k/100k
     python tools/bench_lossless.py --chains 10000 --no-real --tools onnxopt,loadsave
     python tools/bench_lossless.py --scale --no-real --big 2.2   # issue 8.4: inspect + optimize
+    python tools/bench_lossless.py --phases --zoo --chains 30000   # where optimize's time goes
 
 Every tool runs in its own child process (``--child``); the parent reads the child's wall
 time and peak RSS from ``os.wait4`` (the child's own rusage, not an aggregate), and counts
@@ -66,6 +67,37 @@ def child(tool: str, src: str, dst: str, pipeline: str) -> None:
 
         write_peer(tool, src, dst)
     print(json.dumps({"work": time.perf_counter() - start}))
+
+
+def phases(src: str, pipeline: str) -> dict:
+    """Seconds of each phase of `onnxopt optimize` on ``src`` in this process: imports, load,
+    the passes themselves, the pass manager's bookkeeping around them (snapshots, digests,
+    counts, checks), writing; and the passes' own seconds by name (wall time, as the pass
+    manager records it: run it on a quiet machine)."""
+    import time as _time
+
+    clock = _time.perf_counter
+    t0 = clock()
+    import onnx  # noqa: F401
+    from onnxopt.ir.model import load
+    from onnxopt.optimize import optimize
+    import onnxopt.passes  # noqa: F401  (the registry imports them on first use)
+
+    t1 = clock()
+    model = load(src)
+    model.source_sha256  # the hash thread's work
+    t2 = clock()
+    result = optimize(model, pipeline=pipeline)
+    t3 = clock()
+    out = Path(tempfile.mkdtemp(prefix="phases.")) / "out.onnx"
+    result.save(out)
+    t4 = clock()
+    by_pass: dict[str, float] = {}
+    for p in result.report["passes"]:
+        by_pass[p["name"]] = by_pass.get(p["name"], 0.0) + p["seconds"]
+    passes = sum(by_pass.values())
+    return {"import": t1 - t0, "load": t2 - t1, "passes": passes, "manager": t3 - t2 - passes,
+            "save": t4 - t3, "runs": len(result.report["passes"]), "by_pass": by_pass}
 
 
 # -- parent side --------------------------------------------------------------------------------
@@ -241,10 +273,16 @@ def main() -> None:
     ap.add_argument("--scale", action="store_true",
                     help="scale mode: `inspect` and `optimize --pipeline lossless` only, on the chains "
                          "and (with --big) a model over 2 GB; prints peak RSS against the model's bytes")
+    ap.add_argument("--phases", action="store_true",
+                    help="instead: seconds of each phase of optimize (imports, load, passes, the pass "
+                         "manager's bookkeeping, save) for each model, one fresh process per model")
     ap.add_argument("--big", type=float, default=0.0, metavar="GB",
                     help="with --scale: also a weight-heavy model of this many GB (external data)")
     args = ap.parse_args()
     if args.child:
+        if args.child[0] == "phases":
+            print(json.dumps(phases(args.child[1], args.pipeline)))
+            return
         child(*args.child, args.pipeline)
         return
 
@@ -280,6 +318,20 @@ def main() -> None:
         if not p.exists():
             big_model(p, args.big)
         models.append(p)
+    if args.phases:
+        print("| model | import | load | passes | manager | save | pass runs | top passes |")
+        print("|---|---|---|---|---|---|---|---|")
+        for model in models:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "phases", str(model), "-",
+                                   "--pipeline", args.pipeline], capture_output=True, text=True)
+            if proc.returncode:
+                print(f"| {model.stem} | failed: {proc.stderr.strip().splitlines()[-1][:80]} |")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            top = sorted(r["by_pass"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"| {model.stem} | {r['import']:.2f} | {r['load']:.2f} | {r['passes']:.2f} | {r['manager']:.2f} "
+                  f"| {r['save']:.2f} | {r['runs']} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |", flush=True)
+        return
     tools = ["inspect", "onnxopt"] if args.scale else [t for t in args.tools.split(",") if t]
     print(f"# {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"# onnxopt pipeline '{args.pipeline}'" +
