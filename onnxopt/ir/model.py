@@ -118,7 +118,19 @@ class Model:
     def export(self) -> onnx.ModelProto:
         """The model as it is now, as a new self-contained ModelProto (what a pass hands to
         onnxruntime): weights left in an external file are read into it."""
-        return inline_external_data(graph_io.export_model(self.graph, self._template, self.opset_protos()))
+        return inline_external_data(self._with_ir_version(
+            graph_io.export_model(self.graph, self._template, self.opset_protos())))
+
+    def _with_ir_version(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """``proto`` with at least the IR version its opsets were released with (a raised
+        opset 17 needs IR 8, 20 needs IR 9)."""
+        try:
+            needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        except Exception:  # an opset newer than this onnx knows: leave the version as it is
+            return proto
+        if proto.ir_version < needed:
+            proto.ir_version = needed
+        return proto
 
     def to_proto(self) -> onnx.ModelProto:
         """The model to write: a copy of the original proto when nothing changed, else
@@ -136,7 +148,8 @@ class Model:
         ``provenance`` entries become ``onnxopt.<key>`` metadata."""
         initializers: list = []
         if self.modified:
-            light = graph_io.export_model(self.graph, self._template, self.opset_protos(), initializers=initializers)
+            light = self._with_ir_version(graph_io.export_model(self.graph, self._template, self.opset_protos(),
+                                                                initializers=initializers))
         else:  # the original proto, all but the main graph's weights
             light = graph_io.copy_fields(self._template, onnx.ModelProto(), skip=("graph",))
             graph_io.copy_fields(self._template.graph, light.graph, skip=("initializer",))
