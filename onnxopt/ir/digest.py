@@ -36,24 +36,23 @@ def _graph_parts(graph: gs.Graph, parts: list) -> None:
     Constant = gs.Constant
     value = _value
 
-    def tensors(ts) -> None:
-        # inlined in the node loop's spirit: one call per list, not per tensor
-        for t in ts:
-            key = id(t)
-            if key in seen:
-                continue
+    def constant(t) -> None:
+        key = id(t)
+        if key not in seen:
             seen.add(key)
-            d = t.__dict__
-            if type(t) is Constant or isinstance(t, Constant):
-                shape = t.shape
-                add((d["name"], id(d["_values"]), d.get("_export_dtype"), tuple(shape) if shape is not None else None))
-            else:
-                shape = d.get("shape")
-                add((d["name"], d.get("dtype"), tuple(shape) if shape is not None else None))
+            shape = t.shape
+            add((t.name, id(t._values), t._export_dtype, tuple(shape) if shape is not None else None))
+
+    def variable(t) -> None:
+        d = t.__dict__
+        shape = d.get("shape")
+        add((d["name"], d.get("dtype"), tuple(shape) if shape is not None else None))
 
     add(("graph", graph.name, tuple([t.name for t in graph.inputs]), tuple([t.name for t in graph.outputs])))
-    tensors(graph.inputs)
-    tensors(graph.outputs)
+    for t in list(graph.inputs) + list(graph.outputs):
+        constant(t) if isinstance(t, Constant) else variable(t)
+    # A variable is written by one node (or is a graph input): it is covered there. Only
+    # constants, read by any number of nodes, need the "seen" check.
     for node in graph.nodes:
         inputs, outputs, attrs = node.inputs, node.outputs, node.attrs
         if attrs:
@@ -63,8 +62,14 @@ def _graph_parts(graph: gs.Graph, parts: list) -> None:
             attr_part = ()
         add((node.op, node.domain, node.name, tuple([t.name for t in inputs]), tuple([t.name for t in outputs]),
              attr_part))
-        tensors(inputs)
-        tensors(outputs)
+        for t in inputs:
+            if type(t) is Constant or (type(t) is not gs.Variable and isinstance(t, Constant)):
+                constant(t)
+        for t in outputs:
+            if type(t) is Constant or isinstance(t, Constant):
+                constant(t)
+            else:
+                variable(t)
     unread = getattr(graph, "unused_initializers", None)
     if unread:
         parts.append(("unread", tuple(unread)))
