@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -58,8 +59,9 @@ class EliminateIdentityPass(Pass):
     preserves = frozenset({"shapes", "symbolic-shapes"})  # every remaining tensor keeps its shape and type
 
     def run(self, model, ctx) -> PassResult:
-        facts = ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
-        rules = _Rules(model, facts)
+        # the shapes are computed only if a rule asks (an Identity or a Dropout needs none)
+        rules = _Rules(model, lambda: ctx.analysis("symbolic-shapes", model) if ctx is not None
+                       else symbolic_shapes(model))
         removed: Counter = Counter()
         kept_for_output = 0
         output_ids = {id(t) for g in model.graphs() for t in g.outputs}
@@ -107,9 +109,16 @@ def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set, gon
 class _Rules:
     """Which rule (if any) says a node is a no-op."""
 
-    def __init__(self, model, facts: ShapeFacts):
+    def __init__(self, model, facts: Callable[[], ShapeFacts]):
         self.opset = model.opset
-        self.facts = facts
+        self._facts = facts
+        self._cached: ShapeFacts | None = None
+
+    @property
+    def facts(self) -> ShapeFacts:
+        if self._cached is None:
+            self._cached = self._facts()
+        return self._cached
 
     def match(self, node: gs.Node) -> str | None:
         if not is_default_domain(node) or not node.inputs or not node.outputs:

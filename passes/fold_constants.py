@@ -278,19 +278,25 @@ class _Folder:
         missing: dict[int, int] = {}  # id(node) -> distinct inputs not yet known or planned
         waiting: dict[int, list[gs.Node]] = defaultdict(list)  # id(tensor) -> candidates
         ready: list[gs.Node] = []
+        # tensors that can never be known here: graph inputs, and what is computed from them
+        # (most of a model: one lookup per node settles it)
+        unknowable: set[int] = {id(t) for t in graph.inputs}
+        with_values = bool(self.facts.values)
         for node in topological_order(graph):
-            if not self.candidate(node):
-                continue
-            if self.known_values(node) is not None:
+            if with_values and self.candidate(node) and self.known_values(node) is not None:
                 ready.append(node)
                 continue
             unknown = {id(t): t for t in node.inputs if t.name and not self.is_known(t)}
-            if not unknown:
+            if any(key in unknowable for key in unknown) or not self.candidate(node):
+                unknowable.update(id(o) for o in node.outputs)
+            elif not unknown:
                 ready.append(node)
             elif all(t.inputs and self.candidate(t.inputs[0]) for t in unknown.values()):
                 missing[id(node)] = len(unknown)
                 for key in unknown:
                     waiting[key].append(node)
+            else:
+                unknowable.update(id(o) for o in node.outputs)
 
         folded: dict[int, gs.Node] = {}
         self.blocked_here = False
