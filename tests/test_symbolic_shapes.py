@@ -193,3 +193,18 @@ def test_claims_hold_on_conformance_cases_of_shape_ops():
         assert not tool.check(fixed, outs), case.name
         checked += 1
     assert checked > 150
+
+
+def test_a_table_sliced_to_a_symbolic_length_broadcasts_to_it():
+    """BERT's position ids: table[:, :seq] of [1, 512], added to [batch, seq]: the sum is
+    [batch, seq] (for seq > 512 the model itself is invalid)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["seq"], axis=0),
+             helper.make_node("Unsqueeze", ["seq", "ax"], ["end"]),
+             helper.make_node("Slice", ["table", "zero", "end", "ax1"], ["pos"]),
+             helper.make_node("Add", ["x", "pos"], ["y"])]
+    f = facts_of(nodes, [tensor("x", ["batch", "seq"])], [tensor("y", ["batch", "seq"])],
+                 [init("table", np.zeros((1, 512), np.float32)), init("one", i64(1)), init("ax", i64([0])),
+                  init("zero", i64([0])), init("ax1", i64([1]))])
+    assert f.shape("pos")[0] == 1 and str(f.shape("pos")[1]) == "min(512, seq)"
+    assert f.shape("y") == (B, S)

@@ -242,19 +242,20 @@ def inferences(proto: onnx.ModelProto) -> Iterator[tuple[onnx.ModelProto, dict |
     """Weight-free copies of ``proto`` to read shapes from, each with a dict of inferred
     ValueShapes that take precedence over its value_info (or None), to try in turn.
 
-    onnxopt's symbolic shape analysis comes first (``onnxopt.analysis.shapes``: it carries
+    onnx's inference comes first (``onnxopt.analysis.shapes.infer``: fast, and enough for
+    static models); the caller goes on to onnxopt's symbolic shape analysis
+    (``onnxopt.analysis.shapes``) only when nodes are left without shapes: it carries
     symbolic dims through Reshape, Concat and broadcasts where onnx's inference gives up,
-    as ``12*batch`` polynomials, and reads no declared shape but the inputs'); then onnx's
-    inference (``onnxopt.analysis.shapes.infer``); the plain copy last. No onnxruntime.
+    as ``12*batch`` polynomials. The plain copy last. No onnxruntime.
     """
     from onnxopt.analysis.shapes import infer, light_copy
 
+    yield infer(proto), None
     light = light_copy(proto)
     try:
         yield light, symbolic_value_shapes(light)
     except Exception as exc:  # noqa: BLE001  (the analysis is best effort here)
         logger.debug("symbolic shape analysis failed: %r", exc)
-    yield infer(proto), None
     yield light, None
 
 

@@ -243,13 +243,25 @@ def minimum(a: Dim, b: Dim) -> Dim:
     return _extremum(a, b, "min", nonneg(a) and nonneg(b))
 
 
+# opaque min atoms -> their two arguments (so a broadcast against one argument can be decided)
+_MIN_ARGS: dict[Sym, tuple[Dim, Dim]] = {}
+
+
 def _extremum(a: Dim, b: Dim, name: str, nonneg_: bool) -> Dim:
     decided = compare(a, b)
     if decided is not None:
         bigger, smaller = (a, b) if decided >= 0 else (b, a)
         return bigger if name == "max" else smaller
     first, second = sorted((str(a), str(b)))
-    return opaque(f"{name}({first}, {second})", nonneg_)
+    out = opaque(f"{name}({first}, {second})", nonneg_)
+    if name == "min":
+        _MIN_ARGS.setdefault(out, (a, b))
+    return out
+
+
+def min_args(d: Dim) -> tuple[Dim, Dim] | None:
+    """(a, b) when ``d`` is the opaque ``min(a, b)``, else None."""
+    return _MIN_ARGS.get(d) if type(d) is Sym else None
 
 
 def compare(a: Dim, b: Dim) -> int | None:

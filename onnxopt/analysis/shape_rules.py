@@ -106,6 +106,14 @@ def _broadcast_dim(a: Dim, b: Dim) -> Dim | None:
         return a  # b must be 1 or a in a valid model
     if type(b) is int:
         return b
+    for x, y in ((a, b), (b, a)):
+        # x against min(k, x), k > 1 (x[:, :seq] of a table of k rows): when x > k neither
+        # is 1 and they differ, an invalid model; so the result is x
+        args = D.min_args(y)
+        if args is not None and x in args:
+            k = args[1] if args[0] == x else args[0]
+            if type(k) is int and k > 1:
+                return x
     first, second = sorted((str(a), str(b)))
     return D.opaque(f"bcast({first}, {second})", True)
 
@@ -534,6 +542,8 @@ def _slice_params(v: View, rank: int):
         steps = v.ints(4) if v.has(4) else None
         if v.has(4) and steps is None:
             return None
+    if (starts is None or ends is None) and v.opset >= 10:
+        starts, ends = v.value(1), v.value(2)  # symbolic bounds: the sliced axes alone are unknown
     if starts is None or ends is None or len(starts) != len(ends):
         return None
     axes = list(axes) if axes is not None else list(range(len(starts)))
@@ -561,6 +571,13 @@ def slice_range(dim: int, start: int, end: int, step: int) -> range:
     return range(start, end, step)
 
 
+def _symbolic_slice_dim(dim: Dim, start: Dim, end: Dim, step: int) -> Dim | None:
+    """dim[start:end] for a symbolic bound: only the plain x[:n] (n a dim, step 1)."""
+    if start == 0 and step == 1 and type(end) is not int and D.nonneg(end):
+        return D.minimum(dim, end)
+    return None
+
+
 def _slice_dim(dim: Dim, start: int, end: int, step: int) -> Dim | None:
     """Length of dim[start:end:step] (ONNX clamping), symbolic where it can be."""
     if type(dim) is int:
@@ -586,11 +603,12 @@ def _slice(v: View):
     starts, ends, axes, steps = params
     out = list(s)
     for st, en, ax, sp in zip(starts, ends, axes, steps):
-        d = _slice_dim(s[ax], st, en, sp)
+        d = _slice_dim(s[ax], st, en, sp) if type(st) is int and type(en) is int else \
+            _symbolic_slice_dim(s[ax], st, en, sp)
         out[ax] = d if d is not None else D.fresh()
     value = None
     x = v.value(0)
-    if x is not None and len(s) == 1 and axes == [0]:
+    if x is not None and len(s) == 1 and axes == [0] and type(starts[0]) is int and type(ends[0]) is int:
         value = tuple(x[i] for i in slice_range(len(x), starts[0], ends[0], steps[0]))
         if len(value) != out[0]:
             value = None
