@@ -496,7 +496,14 @@ def _write_spliced(path: Path, model: onnx.ModelProto, initializers: list[bytes]
     initializers, in protobuf's field order, streaming the pieces (no joined copy); False
     (nothing written) when the result would reach ``limit`` bytes."""
     graph = model.graph.SerializeToString(deterministic=True)
-    cut = next((start for num, start, _ in _field_spans(graph) if num > 5), len(graph))
+    # Fields are written in number order: the initializers go before the graph's fields
+    # numbered above 5 (doc_string, input, output, value_info, ...), whose bytes are those
+    # of a graph holding only them (scanning the nodes' fields instead costs seconds on
+    # 100k nodes).
+    from onnxopt.ir.graph_io import copy_fields
+
+    tail = copy_fields(model.graph, onnx.GraphProto(), skip=("node", "name", "initializer"))
+    cut = len(graph) - len(tail.SerializeToString(deterministic=True))
     tag = _varint(5 << 3 | 2)
     heads = [tag + _varint(len(p)) for p in initializers]
     graph_len = len(graph) + sum(len(h) + len(p) for h, p in zip(heads, initializers))
