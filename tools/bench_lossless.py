@@ -78,7 +78,7 @@ def phases(src: str, pipeline: str) -> dict:
 
     clock = _time.perf_counter
     t0 = clock()
-    import onnx  # noqa: F401
+    import onnx  # noqa: F401  (timed: the import is a phase)
     from onnxopt.ir.model import load
     from onnxopt.optimize import optimize
     import onnxopt.passes  # noqa: F401  (the registry imports them on first use)

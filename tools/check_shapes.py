@@ -182,8 +182,6 @@ def main() -> None:
             feeds = [{n: conformance._feed_value(conformance._as_array(v)) for n, v in zip(
                 [i.name for i in case.model.graph.input], inputs)} for inputs, _ in case.data_sets]
             items.append((case.name, case.model, feeds[:1]))
-    import onnxruntime as ort
-
     for name, proto, feed_sets in items:
         for feeds in feed_sets:
             fixed = fixed_inputs(proto, feeds)

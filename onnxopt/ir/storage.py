@@ -12,12 +12,15 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import ExternalDataError, ModelError, OutputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def read_proto(path: Path) -> tuple[onnx.ModelProto, Callable[[], str]]:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from onnxopt.testing import assert_valid_and_equivalent as check, op_histogram, run_pass
 
