@@ -6,7 +6,6 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,42 @@ from onnxopt.measure.fidelity import FidelityProbe, Floor
 from onnxopt.pipeline.floor import FloorKeeper
 from onnxopt.pipeline.manager import PassManager, PassRecord
 from onnxopt.pipeline.registry import get_pass
-from onnxopt.pipeline.text import PassSpec, format_pipeline, resolve
+from onnxopt.pipeline.text import PassSpec, flatten, format_pipeline, resolve
 from onnxopt.target import Target, load_target
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class OptimizeResult:
-    """The optimized model, what was done to it, and a way to write it."""
+    """The optimized model, what was done to it, and a way to write it.
 
-    model: onnx.ModelProto
-    report: dict[str, Any]
-    records: list[PassRecord] = field(default_factory=list)
-    target: Target | None = None
-    masks: dict[str, Any] = field(default_factory=dict)  # pruning masks by initializer name (True = kept)
+    ``model`` (an onnx.ModelProto, with the provenance metadata) is built on first use;
+    ``save`` without it writes the optimized graph straight to the file, weight by weight,
+    so the model is never held twice in memory (the CLI saves this way)."""
+
+    def __init__(self, model: Model | onnx.ModelProto, report: dict[str, Any],
+                 records: list[PassRecord] | None = None, target: Target | None = None,
+                 provenance: dict[str, str] | None = None, masks: dict[str, Any] | None = None):
+        self._source = model if isinstance(model, Model) else None
+        self._proto = model if isinstance(model, onnx.ModelProto) else None
+        self.report = report
+        self.records = records or []
+        self.target = target
+        self.provenance = provenance or {}
+        self.masks = dict(masks or {})  # pruning masks by initializer name (True = kept)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._proto is None:
+            self._proto = self._source.to_proto()
+            add_provenance(self._proto, **self.provenance)
+        return self._proto
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model atomically (external data when asked or over 2 GB)."""
-        return save(self.model, path, external_data=external_data)
+        if self._proto is not None or self._source is None:
+            return save(self.model, path, external_data=external_data)
+        return self._source.save(path, external_data=external_data, **self.provenance)
 
 
 def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSpec] | None = None,
@@ -55,7 +71,7 @@ def plan(target: str | os.PathLike | Target = "cpu", pipeline: str | list[PassSp
                      f"({target.pipelines[WITHOUT_DATA_PIPELINE]}); give --calibration for 'default'")
     specs = resolve(text, target.pipelines, target.passes)
     if not has_calibration:
-        needing = [s.name for s in specs if get_pass(s.name).needs_calibration]
+        needing = [s.name for s in specs if not s.is_group and get_pass(s.name).needs_calibration]
         if needing:
             if pipeline is None:  # the default pipeline: drop what needs data, and say so
                 specs = [s for s in specs if s.name not in needing]
@@ -124,7 +140,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     reference = Reference(m)
     if floor is None:  # the target's floor holds its own pipeline; a pipeline asked for by name holds none
         floor = target_floor(target) if pipeline in (None, "default") else Floor()
-    lossy = floor and any(not get_pass(s.name).lossless for s in specs)
+    lossy = floor and any(not get_pass(s.name).lossless for s in flatten(specs))
     held_back: list = []
     held_from = ""
     calib = None
@@ -153,15 +169,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         records = manager.run(m, ctx)
     finally:
         gc.unfreeze()
-    proto = m.to_proto()
     from onnxopt.analysis.target_check import check_model
 
-    check = check_model(m, target, proto=proto)  # what the target still cannot run, reported
+    check = check_model(m, target)  # what the target still cannot run, reported
     if not check.conforms:
         ctx.notes.append(f"check: {check.summary()} (onnxopt check OUT --target {target.name} lists them)")
     pipeline_text = format_pipeline(specs)
-    add_provenance(proto, version=__version__, pipeline=pipeline_text, target=target.name,
-                   source_sha256=m.source_sha256, **ctx.metadata)
+    provenance = dict(version=__version__, pipeline=pipeline_text, target=target.name,
+                      source_sha256=m.source_sha256, **ctx.metadata)
     report = {
         "onnxopt_version": __version__,
         "target": target.name,
@@ -178,7 +193,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
         "check": check.to_json(),
         "seconds": time.perf_counter() - started,
     }
-    return OptimizeResult(model=proto, report=report, records=records, target=target, masks=dict(ctx.pruned_masks))
+    return OptimizeResult(m, report=report, records=records, target=target, provenance=provenance,
+                          masks=dict(ctx.pruned_masks))
 
 
 def require_static_inputs(m: Model, target: Target, input_shapes: dict[str, list[int]]) -> None:

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from onnxopt.pipeline.pass_api import Pass, PassResult
 from onnxopt.pipeline.registry import register_pass
 
+from onnxopt.ir.constants import per_values
 from onnxopt.ir.ops import NONDETERMINISTIC
 from onnxopt.ir.surgery import detach_nodes, rewire, topological_order
 
@@ -40,23 +41,48 @@ CSE_DOMAINS = (None, "", "ai.onnx", "ai.onnx.ml")
 NEVER_MERGE = NONDETERMINISTIC | {"Dropout"}
 
 
-def constant_key(t: gs.Constant) -> tuple | None:
-    """(element type, shape, digest of the bytes) of a constant; None when it is sparse."""
+def _payload(t: gs.Constant) -> tuple[tuple, bytes | memoryview] | None:
+    """(what identifies the encoding, the value's bytes) of a dense constant; None for sparse,
+    string and external values. Both encodings of a value in a TensorProto (raw_data, typed
+    fields such as float_data) give the same bytes (through numpy for the typed ones)."""
     values = t._values
     if isinstance(values, gs.ir.tensor.LazyValues):
         proto = values.tensor
         if proto.data_location != 0:
             return None
-        # Two encodings of one value (raw_data vs typed fields) hash the same via numpy.
-        payload = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
-        return ("onnx", proto.data_type, tuple(proto.dims), hashlib.sha256(payload).digest())
+        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+        return ("onnx", proto.data_type, tuple(proto.dims)), data
     if isinstance(values, np.ndarray):
         if values.dtype.kind in "OUS":
             return None
-        export = t.export_dtype
-        return ("np", str(values.dtype), str(export), values.shape,
-                hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest())
+        return (("np", str(values.dtype), str(t.export_dtype), values.shape),
+                memoryview(np.ascontiguousarray(values)).cast("B"))
     return None
+
+
+def constant_key(t: gs.Constant) -> tuple | None:
+    """(element type, shape, digest of the bytes) of a constant; None when it is sparse."""
+    payload = _payload(t)
+    if payload is None:
+        return None
+    kind, data = payload
+    return kind + (hashlib.sha256(data).digest(),)
+
+
+_SAMPLE = 64  # bytes read from each of a few places of a large constant
+
+
+def _sample_key(t: gs.Constant) -> tuple | None:
+    """A cheap key two equal constants share: their size and some of their bytes."""
+    payload = _payload(t)
+    if payload is None:
+        return None
+    data = payload[1]
+    n = len(data)
+    if n <= 4 * _SAMPLE:
+        return (n, bytes(data))
+    mid = n // 2
+    return (n, bytes(data[:_SAMPLE]), bytes(data[mid:mid + _SAMPLE]), bytes(data[-_SAMPLE:]))
 
 
 def _attr_key(value):
@@ -86,7 +112,7 @@ class EliminateDuplicatePass(Pass):
     """Merge identical initializers and nodes that compute the same thing."""
 
     lossless = True
-    preserves = frozenset({"shapes"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # merged tensors had equal shapes
 
     def run(self, model, ctx) -> PassResult:
         graphs = list(model.graphs())
@@ -99,7 +125,9 @@ class EliminateDuplicatePass(Pass):
 
     @staticmethod
     def merge_constants(graphs: list[gs.Graph], protected: set[int]) -> int:
-        # Group by (dtype, shape, size) first so only candidates that could match get hashed.
+        # Group by (dtype, shape) first, then by a sample of the bytes, so that only
+        # constants that could match are hashed whole (weights of equal shape in every layer
+        # of a transformer differ in their first bytes already).
         by_size: dict[tuple, list[gs.Constant]] = defaultdict(list)
         seen = set()
         for g in graphs:
@@ -112,16 +140,24 @@ class EliminateDuplicatePass(Pass):
         for group in by_size.values():
             if len(group) < 2:
                 continue
-            first: dict[tuple, gs.Constant] = {}
+            by_sample: dict[tuple, list[gs.Constant]] = defaultdict(list)
             for t in group:
-                key = constant_key(t)
-                if key is None:
+                sample = per_values(t, "sample-key", _sample_key)
+                if sample is not None:
+                    by_sample[sample].append(t)
+            for candidates in by_sample.values():
+                if len(candidates) < 2:
                     continue
-                keep = first.setdefault(key, t)
-                if keep is t:
-                    continue
-                rewire(t, keep)
-                merged += 1
+                first: dict[tuple, gs.Constant] = {}
+                for t in candidates:
+                    key = per_values(t, "constant-key", constant_key)
+                    if key is None:
+                        continue
+                    keep = first.setdefault(key, t)
+                    if keep is t:
+                        continue
+                    rewire(t, keep)
+                    merged += 1
         return merged
 
     @staticmethod

@@ -12,11 +12,15 @@ eliminate-identity
     - ``Transpose`` with the identity permutation (or no ``perm`` on a tensor of rank <= 1);
     - ``Pad`` whose pads are all zero (any mode);
     - ``Tile`` whose repeats are all one;
-    - ``Slice`` with positive steps whose output has the input's static shape (it can
-      only be the whole range), or from 0 to an end of at least 2**62 (exporters' "to the
-      end") with steps of 1;
+    - ``Slice`` with positive steps whose output has the input's shape (it can only be
+      the whole range), or from 0 to an end of at least 2**62 (exporters' "to the end")
+      with steps of 1;
     - ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Expand`` whose output has the
-      input's static shape (from the ``shapes`` analysis);
+      input's shape.
+
+    Shapes and types come from the ``symbolic-shapes`` analysis (declared shapes are never
+    trusted): two shapes are the same when they are provably equal dim by dim, symbolic
+    dims included (a Reshape of [batch, 197, 768] to [0, 197, 768] goes).
     - ``Concat``, ``Sum``, ``Max``, ``Min``, ``Mean`` of a single input.
 
     Graph output names never change. When the removed node writes an output of its graph,
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis.shapes import ShapeFacts, symbolic_shapes
 from onnxopt.ir.constants import constant_value, is_default_domain
 from onnxopt.ir.surgery import detach_nodes, rewire, topological_order
 from onnxopt.pipeline.pass_api import Pass, PassResult
@@ -50,11 +56,12 @@ class EliminateIdentityPass(Pass):
     """Remove Identity, inference Dropout and ops that leave their input unchanged."""
 
     lossless = True
-    preserves = frozenset({"shapes"})  # every remaining tensor keeps its shape and type
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # every remaining tensor keeps its shape and type
 
     def run(self, model, ctx) -> PassResult:
-        shapes = ctx.analysis("shapes", model) if ctx is not None else {}
-        rules = _Rules(model, shapes)
+        # the shapes are computed only if a rule asks (an Identity or a Dropout needs none)
+        rules = _Rules(model, lambda: ctx.analysis("symbolic-shapes", model) if ctx is not None
+                       else symbolic_shapes(model))
         removed: Counter = Counter()
         kept_for_output = 0
         output_ids = {id(t) for g in model.graphs() for t in g.outputs}
@@ -102,9 +109,16 @@ def _can_take_over(src: gs.Tensor, node: gs.Node, own: set, output_ids: set, gon
 class _Rules:
     """Which rule (if any) says a node is a no-op."""
 
-    def __init__(self, model, shapes: dict):
+    def __init__(self, model, facts: Callable[[], ShapeFacts]):
         self.opset = model.opset
-        self.shapes = shapes
+        self._facts = facts
+        self._cached: ShapeFacts | None = None
+
+    @property
+    def facts(self) -> ShapeFacts:
+        if self._cached is None:
+            self._cached = self._facts()
+        return self._cached
 
     def match(self, node: gs.Node) -> str | None:
         if not is_default_domain(node) or not node.inputs or not node.outputs:
@@ -150,11 +164,11 @@ class _Rules:
                     return None
             elif self.opset >= 10 and len(node.inputs) < 3:
                 return None
-            if self.same_static_shape(src, node.outputs[0]) or self.slices_everything(node):
+            if self.same_shape(src, node.outputs[0]) or self.slices_everything(node):
                 return "slice_whole"
             return None
         if op in SAME_SHAPE_OPS:
-            return f"{op.lower()}_same_shape" if self.same_static_shape(src, node.outputs[0]) else None
+            return f"{op.lower()}_same_shape" if self.same_shape(src, node.outputs[0]) else None
         return None
 
     def slices_everything(self, node: gs.Node) -> bool:
@@ -196,29 +210,15 @@ class _Rules:
 
     def dtype(self, t: gs.Tensor) -> np.dtype | None:
         v = self.value(t)
-        if v is not None:
-            return v.dtype
-        info = self.shapes.get(t.name)
-        if info is not None and info.dtype is not None:
-            return np.dtype(info.dtype)
-        if isinstance(t, gs.Variable) and t.dtype is not None:
-            try:
-                return np.dtype(t.dtype)
-            except TypeError:
-                return None
-        return None
+        return v.dtype if v is not None else self.facts.dtype(t.name)
 
     def shape(self, t: gs.Tensor) -> tuple | None:
         v = self.value(t)
-        if v is not None:
-            return tuple(v.shape)
-        info = self.shapes.get(t.name)
-        return info.shape if info is not None else None
+        return tuple(v.shape) if v is not None else self.facts.shape(t.name)
 
-    def same_static_shape(self, a: gs.Tensor, b: gs.Tensor) -> bool:
+    def same_shape(self, a: gs.Tensor, b: gs.Tensor) -> bool:
         sa, sb = self.shape(a), self.shape(b)
-        return (sa is not None and sb is not None and all(isinstance(d, int) for d in sa)
-                and tuple(sa) == tuple(sb))
+        return sa is not None and sb is not None and tuple(sa) == tuple(sb)
 
 
 def _np_type(onnx_type: int) -> np.dtype | None:

@@ -10,17 +10,19 @@ fold-constants
     inputs' values waits for the next batch. When a batch fails, its nodes are evaluated
     one by one, by onnxruntime, else by onnx's ReferenceEvaluator, else left alone.
 
-    Shape computations: ``Shape`` (with its ``start``/``end`` attributes) and ``Size`` of a
-    tensor whose dims are statically known (the ``shapes`` analysis: onnx shape inference
-    with data propagation) become constants without evaluating anything, so exported
-    Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away. For a partly
-    symbolic shape, ``Cast`` (to int32/int64), ``Gather``, ``Slice`` and ``Concat`` of it
-    fold when every element they produce is a static dim (``Gather(Shape(x), 1)`` with x
-    of shape [N, 3, H] is 3).
+    Shape computations: a node whose every output value the symbolic shape analysis
+    (``symbolic-shapes``: symbolic dims, small int values, declared shapes never trusted)
+    knows as plain integers becomes constants without evaluating anything: ``Shape`` (with
+    its ``start``/``end``) and ``Size`` of a tensor of static shape, and any Gather, Slice,
+    Concat, Cast, arithmetic, Equal/Where, ConstantOfShape, Range ... of shape values that
+    pick or compute only known numbers (``Gather(Shape(x), 1)`` with x of shape
+    [batch, 3, H] is 3; ``Equal([batch, -1], -1)`` is [false, true], since a dim is never
+    -1). So exported Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away
+    wherever the dims they read are known.
 
     Size bound (option ``max_bytes``): a node is folded only when the byte size of every
     output is known BEFORE it is evaluated and is at most ``max_bytes``: from the
-    broadcast of its inputs for elementwise ops, else from the ``shapes`` analysis, else
+    broadcast of its inputs for elementwise ops, else from the symbolic shapes, else
     from onnx's shape inference of that one node fed the constant input values. So a
     ConstantOfShape/Expand/Tile/Range/Resize to a huge size is never computed.
 
@@ -36,8 +38,9 @@ fold-constants
     of an If/Loop/Scan body is left as it is (nothing to gain).
 
     Subgraphs: bodies are folded after the graph that holds them, so constants of the outer
-    graph (including ones just folded) are visible inside. Shape folding inside bodies only
-    uses shapes of constants and of outer tensors (the analysis covers the main graph).
+    graph (including ones just folded) are visible inside; the shape analysis covers bodies
+    too (a Loop's carried values get fresh dims: they may change from one iteration to the
+    next).
     An ``If`` whose condition becomes constant is replaced by the nodes of the branch it
     takes (their names kept, renamed only on a clash), then folding goes on.
 
@@ -58,8 +61,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.ir.constants import EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, is_default_domain
-from onnxopt.ir.graph_io import import_graph
+from onnxopt.analysis.shape_rules import MAX_VALUE
+from onnxopt.analysis.shapes import ShapeFacts, symbolic_shapes
+from onnxopt.ir.constants import (EXACT_DTYPES, EXACT_TYPES, constant_node_value, exact_array, has_exact_value,
+                                  is_default_domain)
+from onnxopt.ir.graph_io import export_node, import_graph
 from onnxopt.ir.ops import BOOL_RESULT, ELEMENTWISE, NONDETERMINISTIC
 from onnxopt.ir.submodel import submodel
 from onnxopt.ir.surgery import detach_nodes, topological_order
@@ -77,10 +83,6 @@ NEVER_FOLD = NONDETERMINISTIC | frozenset({
     "Optional", "OptionalGetElement", "OptionalHasElement",
 })
 
-# Ops whose value may come from static shapes instead of evaluation.
-SHAPE_OPS = ("Shape", "Size", "Gather", "Slice", "Cast", "Concat")
-
-
 def _nbytes(spec: tuple) -> int:
     shape, dtype = spec
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -96,19 +98,6 @@ _SMALL_VALUE = 4096
 _INFER_DATA_LIMIT = 64 * 1024
 
 
-def shape_slice(dims: tuple, start: int | None, end: int | None) -> tuple:
-    """``dims[start:end]`` with the clamping rules of the Shape operator."""
-    rank = len(dims)
-
-    def clamp(v, default):
-        if v is None:
-            return default
-        v = v + rank if v < 0 else v
-        return min(max(v, 0), rank)
-
-    return tuple(dims[clamp(start, 0):clamp(end, rank)])
-
-
 def graph_output_ids(model) -> set[int]:
     """ids of every tensor that is an output of the main graph or of any body."""
     return {id(t) for g in model.graphs() for t in g.outputs}
@@ -122,7 +111,7 @@ class FoldConstantsPass(Pass):
     # Folding replaces computed tensors by constants of the same shape and type, and an
     # inlined If's outputs keep theirs: every shape the analysis knew stays true (tensors
     # it never saw are simply unknown to it), so the next pass need not infer again.
-    preserves = frozenset({"shapes"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})
 
     @dataclass
     class Options:
@@ -155,23 +144,48 @@ class FoldConstantsPass(Pass):
     def fold(self, model, ctx, inline_ifs: bool) -> tuple[bool, dict]:
         stats: dict[str, int] = defaultdict(int)
         changed = False
+        facts = self.facts(model, ctx)
         for round_ in range(8):
-            shapes = ctx.analysis("shapes", model) if ctx is not None else {}
-            folder = _Folder(model, shapes, self.options.max_bytes, stats, inline_ifs)
+            folder = _Folder(model, facts, self.options.max_bytes, stats, inline_ifs)
+            small_before = stats["evaluated_small_values"]
             round_changed, again = folder.fold_all()
             changed |= round_changed
             stats["rounds"] = round_ + 1
-            if not (round_changed and again):
+            if not round_changed:
                 break
-            # Folding made more shapes static (or moved branch nodes up): infer them again.
-            _drop_shapes(ctx)
+            # Small values computed by evaluation (a pads vector built through a rank-2
+            # Reshape, which the analysis never tracks; Resize scales) may make more shapes
+            # and values known: infer again, incrementally from what was folded.
+            if stats["evaluated_small_values"] > small_before or again:
+                if again:  # inlined If branches or sizes unknown: everything afresh
+                    facts = symbolic_shapes(model)
+                else:
+                    facts = symbolic_shapes(model, previous=facts, changed=folder.folded_names)
+                if ctx is not None:
+                    ctx.invalidate(frozenset(a for a in ctx.cached_analyses
+                                             if a not in ("shapes", "symbolic-shapes")))
+                    ctx.provide("symbolic-shapes", facts)
+                continue
+            break
         stats["folded_nodes"] += 0
         return changed, {k: v for k, v in stats.items() if v or k == "folded_nodes"}
 
 
+    @staticmethod
+    def facts(model, ctx) -> ShapeFacts:
+        """The symbolic shapes, when they can tell something evaluation cannot: a value that
+        is not computed from constants alone starts at a Shape or a Size. Without either in
+        the model (and none computed already) the walk over every node is saved."""
+        if ctx is not None and "symbolic-shapes" in ctx.cached_analyses:
+            return ctx.analysis("symbolic-shapes", model)
+        if not any(n.op in ("Shape", "Size") for g in model.graphs() for n in g.nodes):
+            return ShapeFacts()
+        return ctx.analysis("symbolic-shapes", model) if ctx is not None else symbolic_shapes(model)
+
+
 def _drop_shapes(ctx) -> None:
     if ctx is not None:
-        ctx.invalidate(frozenset(a for a in ctx.cached_analyses if a != "shapes"))
+        ctx.invalidate(frozenset(a for a in ctx.cached_analyses if a not in ("shapes", "symbolic-shapes")))
 
 
 def _loads(proto: onnx.ModelProto) -> bool:
@@ -201,21 +215,21 @@ def if_condition_cone(model) -> set[int]:
 class _Folder:
     """One round of folding over every graph of a model."""
 
-    def __init__(self, model, shapes: dict, max_bytes: int, stats: dict, inline_ifs: bool = True):
+    def __init__(self, model, facts: ShapeFacts, max_bytes: int, stats: dict, inline_ifs: bool = True):
         self.model = model
         self.inline_ifs = inline_ifs
         self.condition_cone = set() if inline_ifs else if_condition_cone(model)
-        self.shapes = shapes
+        self.facts = facts
         self.max_bytes = max_bytes
         self.stats = stats
         self.opset_import = model.opset_protos()
         self.ir_version = model.template.ir_version
         self.known: dict[int, np.ndarray] = {}  # id(tensor) -> value
         self.planned: dict[int, tuple] = {}  # id(tensor) -> (shape, dtype), evaluated in this batch
-        self.partials: dict[int, tuple | None] = {}  # id(tensor) -> partly known 1-D int value
         self.blocked_here = False
         self.outputs = graph_output_ids(model)
         self.body_outputs = self.outputs - {id(t) for t in model.graph.outputs}
+        self.folded_names: set[str] = set()  # outputs replaced by constants
 
     # -- driver --------------------------------------------------------------------------
     def fold_all(self) -> tuple[bool, bool]:
@@ -255,16 +269,9 @@ class _Folder:
             self.known[key] = value
         return value
 
-    def static_dims(self, t: gs.Tensor) -> tuple | None:
-        value = self.value_of(t)
-        if value is not None:
-            return tuple(value.shape)
-        if id(t) in self.planned:
-            return self.planned[id(t)][0]
-        info = self.shapes.get(t.name) if t.name else None
-        if info is None or info.shape is None:
-            return None
-        return info.shape
+    def is_known(self, t: gs.Tensor) -> bool:
+        """``value_of(t) is not None``, without reading a weight that is not needed."""
+        return id(t) in self.known or has_exact_value(t)
 
     # -- one graph -----------------------------------------------------------------------
     def fold_graph(self, graph: gs.Graph) -> tuple[bool, bool]:
@@ -272,19 +279,25 @@ class _Folder:
         missing: dict[int, int] = {}  # id(node) -> distinct inputs not yet known or planned
         waiting: dict[int, list[gs.Node]] = defaultdict(list)  # id(tensor) -> candidates
         ready: list[gs.Node] = []
+        # tensors that can never be known here: graph inputs, and what is computed from them
+        # (most of a model: one lookup per node settles it)
+        unknowable: set[int] = {id(t) for t in graph.inputs}
+        with_values = bool(self.facts.values)
         for node in topological_order(graph):
-            if not self.candidate(node):
-                continue
-            if node.op in SHAPE_OPS and self.shape_value(node) is not None:
+            if with_values and self.candidate(node) and self.known_values(node) is not None:
                 ready.append(node)
                 continue
-            unknown = {id(t): t for t in node.inputs if t.name and self.value_of(t) is None}
-            if not unknown:
+            unknown = {id(t): t for t in node.inputs if t.name and not self.is_known(t)}
+            if any(key in unknowable for key in unknown) or not self.candidate(node):
+                unknowable.update(id(o) for o in node.outputs)
+            elif not unknown:
                 ready.append(node)
             elif all(t.inputs and self.candidate(t.inputs[0]) for t in unknown.values()):
                 missing[id(node)] = len(unknown)
                 for key in unknown:
                     waiting[key].append(node)
+            else:
+                unknowable.update(id(o) for o in node.outputs)
 
         folded: dict[int, gs.Node] = {}
         self.blocked_here = False
@@ -296,14 +309,15 @@ class _Folder:
             queue = list(reversed(ready))
             while queue:
                 node = queue.pop()
-                if node.op in SHAPE_OPS:
-                    value = self.shape_value(node)
-                    if value is not None:
-                        self.known[id(node.outputs[0])] = value
-                        folded[id(node)] = node
-                        self.stats["shape_folds"] += 1
-                        queue.extend(reversed(self.release(node, waiting, missing)))
-                        continue
+                values = self.known_values(node)
+                if values is not None:
+                    for out, value in zip(node.outputs, values):
+                        if out.name:
+                            self.known[id(out)] = value
+                    folded[id(node)] = node
+                    self.stats["shape_folds"] += 1
+                    queue.extend(reversed(self.release(node, waiting, missing)))
+                    continue
                 specs = self.output_specs(node)
                 if specs is None and any(self.value_of(t) is None for t in node.inputs if t.name):
                     deferred.append(node)  # its size needs input values: after this batch
@@ -316,7 +330,6 @@ class _Folder:
                 queue.extend(reversed(self.release(node, waiting, missing)))
             self.planned = {}
             done = self.evaluate(batch, folded)
-            self.partials.clear()  # values just computed may complete partly known ones
             ready = [n for n in deferred
                      if all(self.value_of(t) is not None for t in n.inputs if t.name)]
             if not done and len(ready) == len(deferred) and deferred and not batch:
@@ -352,90 +365,21 @@ class _Folder:
         return bool(node.outputs)
 
     # -- shape folding -------------------------------------------------------------------
-    def shape_value(self, node: gs.Node) -> np.ndarray | None:
-        """The value of a shape computation whose every element is a static dim, else None.
-
-        Shape and Size of a tensor of static shape; Cast, Gather, Slice and Concat of such
-        values (or of constants) that pick only static dims of a partly symbolic shape.
-        """
-        if not node.inputs or not node.outputs:
+    def known_values(self, node: gs.Node) -> list[np.ndarray | None] | None:
+        """The values of ``node``'s outputs when the shape analysis knows every one of them
+        as plain integers (one per output, None for an unnamed one); else None."""
+        if node.op == "Constant" or not node.outputs:
             return None
-        if node.op == "Size":
-            dims = self.static_dims(node.inputs[0])
-            if dims is None or not all(isinstance(d, int) for d in dims):
+        values = []
+        for out in node.outputs:
+            if not out.name:
+                values.append(None)
+                continue
+            value = self.facts.static_value(out.name)
+            if value is None:
                 return None
-            return np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
-        idx = self.value_of(node.inputs[1]) if node.op == "Gather" and len(node.inputs) > 1 else None
-        if idx is not None and idx.ndim == 0 and node.attrs.get("axis", 0) in (0, -1):
-            part = self.partial(node.inputs[0])
-            if part is None or idx.dtype.kind not in "iu":
-                return None
-            dims, dtype = part
-            i = int(idx)
-            if not -len(dims) <= i < len(dims) or not isinstance(dims[i], int):
-                return None
-            return np.array(dims[i], dtype=dtype)
-        part = self.partial(node.outputs[0])
-        if part is None or not all(isinstance(d, int) for d in part[0]):
-            return None
-        info = np.iinfo(part[1])
-        if any(not info.min <= d <= info.max for d in part[0]):
-            return None  # a Cast that wraps around: leave it to the runtime's evaluation
-        return np.array(part[0], dtype=part[1])
-
-    def partial(self, t: gs.Tensor) -> tuple[tuple, np.dtype] | None:
-        """A 1-D integer tensor as (elements, dtype), elements int when static, else not."""
-        key = id(t)
-        if key not in self.partials:
-            self.partials[key] = None  # guards against cycles in a broken graph
-            self.partials[key] = self._partial(t)
-        return self.partials[key]
-
-    def _partial(self, t: gs.Tensor) -> tuple[tuple, np.dtype] | None:
-        value = self.value_of(t) if t.name else None
-        if value is not None:
-            if value.ndim == 1 and value.dtype.kind in "iu":
-                return tuple(int(v) for v in value), value.dtype
-            return None
-        node = t.inputs[0] if t.inputs else None
-        if node is None or not is_default_domain(node) or not node.inputs:
-            return None
-        op = node.op
-        if op == "Shape":
-            dims = self.static_dims(node.inputs[0])
-            if dims is None:
-                return None
-            return shape_slice(dims, node.attrs.get("start"), node.attrs.get("end")), np.dtype(np.int64)
-        if op == "Cast" and node.attrs.get("to") in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
-            part = self.partial(node.inputs[0])
-            return None if part is None else (part[0], np.dtype(EXACT_TYPES[node.attrs["to"]]))
-        if op == "Concat" and node.attrs.get("axis") in (0, -1):
-            parts = [self.partial(i) for i in node.inputs]
-            if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
-                return None
-            return tuple(d for p in parts for d in p[0]), parts[0][1]
-        if op == "Gather" and node.attrs.get("axis", 0) in (0, -1):
-            part, idx = self.partial(node.inputs[0]), self.value_of(node.inputs[1])
-            if part is None or idx is None or idx.ndim != 1 or idx.dtype.kind not in "iu":
-                return None
-            if np.any(idx < -len(part[0])) or np.any(idx >= len(part[0])):
-                return None
-            return tuple(part[0][int(i)] for i in idx), part[1]
-        if op == "Slice":
-            part = self.partial(node.inputs[0])
-            args = [self.value_of(i) if i.name else None for i in node.inputs[1:5]]
-            if part is None or len(args) < 2 or any(a is None for a in args[:2]):
-                return None
-            if any(a is not None and (a.dtype.kind not in "iu" or a.size != 1) for a in args):
-                return None
-            if len(args) > 2 and args[2] is not None and int(args[2].reshape(-1)[0]) not in (0, -1):
-                return None
-            step = int(args[3].reshape(-1)[0]) if len(args) > 3 and args[3] is not None else 1
-            if step == 0:
-                return None
-            start, end = int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
-            return tuple(part[0][start:end:step]), part[1]  # Python clamps as Slice does
-        return None
+            values.append(value)
+        return values
 
     # -- the size bound ------------------------------------------------------------------
     def fits(self, node: gs.Node, specs: list | None) -> bool:
@@ -491,19 +435,16 @@ class _Folder:
         return None if dtype is None else (shape, dtype)
 
     def analysis_spec(self, t: gs.Tensor) -> tuple | None:
-        info = self.shapes.get(t.name)
-        if info is None or not info.is_static or info.dtype is None:
+        shape, dtype = self.facts.static_shape(t.name), self.facts.dtype(t.name)
+        if shape is None or dtype is None:
             return None
-        dtype = np.dtype(info.dtype)
-        return (tuple(info.shape), dtype) if dtype in EXACT_DTYPES else None
+        return (tuple(shape), dtype) if dtype in EXACT_DTYPES else None
 
     def inferred_specs(self, node: gs.Node) -> list[tuple] | None:
         """onnx shape inference of this one node, fed the (small) constant inputs' values."""
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         try:
             schema = onnx.defs.get_schema(node.op, max_inclusive_version=self.opset(""), domain="")
-            proto = OnnxExporter.export_node(node)
+            proto = export_node(node)
             types, data = {}, {}
             for t in node.inputs:
                 if not t.name or t.name in types:
@@ -574,6 +515,8 @@ class _Folder:
             if o.name:
                 self.known[id(o)] = results[o.name]
         folded[id(node)] = node
+        if any(v.size <= MAX_VALUE for v in values):
+            self.stats["evaluated_small_values"] += 1
         return True
 
     def batch_model(self, nodes: list[gs.Node]) -> tuple[onnx.ModelProto, dict]:
@@ -678,6 +621,7 @@ class _Folder:
                 continue
             self.stats["folded_nodes"] += 1
             for o in outputs_of[id(node)]:
+                self.folded_names.add(o.name)
                 if id(o) not in self.outputs:
                     o.to_constant(self.known[id(o)])
                     continue

@@ -25,6 +25,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis.shapes import known_shape as _shape
 from onnxopt.analysis.use_def import is_op, is_present, single_use
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import fresh_name
@@ -46,29 +47,9 @@ def _add_operands(add: gs.Node, *ops: str):
     return None
 
 
-def _shape(tensor: gs.Tensor, model, ctx) -> tuple | None:
-    """Declared shape of ``tensor``, else the one the shapes analysis found, else None."""
-    if tensor.shape is not None:
-        return tuple(tensor.shape)
-    info = ctx.analysis("shapes", model).get(tensor.name)
-    return info.shape if info is not None else None
-
-
 def _rank(tensor: gs.Tensor, model, ctx) -> int | None:
-    """Rank of ``tensor``, also when only its producer tells it (shape inference gives up
-    on a Reshape to a computed shape, but the rank is the length of that shape)."""
     shape = _shape(tensor, model, ctx)
-    if shape is not None:
-        return len(shape)
-    prod = tensor.inputs[0] if tensor.inputs else None
-    if prod is not None and is_op(prod, "Flatten"):
-        return 2
-    if prod is not None and is_op(prod, "Reshape") and len(prod.inputs) > 1:
-        target = constant_value(prod.inputs[1])
-        target_shape = target.shape if target is not None else _shape(prod.inputs[1], model, ctx)
-        if target_shape is not None and len(target_shape) == 1 and isinstance(target_shape[0], int):
-            return target_shape[0]
-    return None
+    return None if shape is None else len(shape)
 
 
 def _dim0(tensor: gs.Tensor, model, ctx) -> int | None:
@@ -97,7 +78,7 @@ class FuseMatMulAdd(RewriteRule):
 
     name = "matmul-add"
     root_ops = ("Add",)
-    analyses = ("shapes",)
+    analyses = ("symbolic-shapes",)
 
     def match(self, node, graph):
         found = _add_operands(node, "MatMul")
@@ -144,7 +125,7 @@ class FuseGemmAdd(RewriteRule):
 
     name = "gemm-add"
     root_ops = ("Add",)
-    analyses = ("shapes",)
+    analyses = ("symbolic-shapes",)
 
     def match(self, node, graph):
         found = _add_operands(node, "Gemm")
@@ -187,4 +168,6 @@ class FuseMatMulAddPass(RewritePass):
     """Turn MatMul + Add (2-D input, constant weight and bias) and Gemm + Add into one Gemm."""
 
     lossless = True
+    requires_ops = frozenset({"MatMul", "Gemm"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the Gemm writes the Add's tensor
     rules = (FuseMatMulAdd(), FuseGemmAdd())

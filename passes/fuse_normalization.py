@@ -11,8 +11,13 @@ fuse-layernorm
     is one value, the normalized dims are static (Scale must be materialized), the scale
     and bias constants vary only along the normalized axes, and no intermediate tensor
     has a reader outside the pattern or is a graph output. LayerNormalization exists from
-    opset 17: on older models the pass changes nothing and reports the patterns it saw
-    (it never raises the opset).
+    opset 17. On an older model (opset 14 is common in exports) the pass raises the model's
+    opset to 17 when some pattern would fuse and no node of the model changes meaning in
+    the raise (``onnxopt.ir.opsets.raise_blockers``: every schema revision between the two
+    opsets reviewed; option ``raise_opset``, on by default). Otherwise it changes nothing
+    and reports the patterns it saw and why: there is no contrib op to fall back to
+    (onnxruntime registers its own LayerNormalization in the default domain, which the onnx
+    checker rejects below opset 17).
 
 fuse-gelu
     x * 0.5 * (1 + Erf(x / sqrt(2)))  (any association of the three factors, Div by
@@ -26,20 +31,18 @@ fuse-gelu
     default opset is not free: between 17 and 20 ReduceMean and the other Reduce ops
     moved ``axes`` from an attribute to an input (18), Split requires ``split`` or
     ``num_outputs`` (18), DFT moved ``axis`` to an input and GridSample renamed its modes
-    (20); the other ops revised in 18-20 only gained types or attributes whose defaults
+    (20); the other ops revised in 14-20 only gained types or attributes whose defaults
     keep the old meaning. So, in this order:
       1. opset >= 20: the standard Gelu.
-      2. ``raise_opset=true`` (off by default) and every node of every graph keeps its
-         meaning at opset 20 (``onnxopt.ir.opsets``): raise to 20, standard Gelu.
+      2. ``raise_opset`` (on by default) and every node of every graph keeps its meaning at
+         opset 20 (``onnxopt.ir.opsets``): raise to 20, standard Gelu. (Run after
+         fuse-layernorm: the ReduceMeans a LayerNorm fusion removes no longer block it.)
       3. ``allow_contrib`` (default: the target's ``runtime.contrib_ops``): onnxruntime's
          com.microsoft Gelu (erf form) and FastGelu (tanh form, same formula), importing
          the com.microsoft domain; float32 and float16 only (the types their onnxruntime
          CPU kernels take).
       4. otherwise nothing, and the stats say why.
-    ``raise_opset`` is off by default because it changes the opset of the whole model (a
-    runtime or converter that reads opset 17 may not read 20); contrib ops keep the opset
-    but tie the model to onnxruntime, which is what a target with ``contrib_ops = true``
-    declares. When asked for, raising is tried first as the explicit choice.
+    Set ``raise_opset=false`` for a runtime that reads only the model's own opset.
 
 Both passes are rule sets on onnxopt.ir.rewrite (match the structure, check legality with a
 reason counted in the stats, rewrite) and run in every graph, If/Loop/Scan bodies included.
@@ -56,6 +59,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis.shapes import known_shape as _shape
 from onnxopt.analysis.use_def import is_op
 from onnxopt.ir.constants import constant_tensor, constant_value
 from onnxopt.ir.opsets import raise_blockers, raise_opset
@@ -136,16 +140,6 @@ def _escapes(nodes: list[gs.Node], root: gs.Node, graph: gs.Graph) -> bool:
             if id(t) in output_ids or any(id(c) not in inside for c in t.outputs):
                 return True
     return False
-
-
-def _shape(tensor: gs.Tensor, model, ctx) -> tuple | None:
-    """The shape of ``tensor``: its own when graphsurgeon has one, else shape inference's."""
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    if tensor.shape is not None:
-        return tuple(d if isinstance(d, int) and d >= 0 else None for d in tensor.shape)
-    info = ctx.analysis("shapes", model).get(tensor.name)
-    return None if info is None or info.shape is None else tuple(info.shape)
 
 
 def _rank(tensor: gs.Tensor, model, ctx) -> int | None:
@@ -231,6 +225,9 @@ class LayerNormCore(RewriteRule):
     name = "layernorm"
     root_ops = ("Div", "Mul")
 
+    def __init__(self, check_opset: bool = True):
+        self.check_opset = check_opset  # False: would it fuse once the opset is raised?
+
     def match(self, node, graph):
         if is_op(node, "Div"):
             d, std = node.inputs[0], node.inputs[1]
@@ -272,7 +269,7 @@ class LayerNormCore(RewriteRule):
         return {"x": x, "eps": eps, "rm1": rm1, "rm2": rm2, "nodes": nodes, "root": node, "graph": graph}
 
     def check(self, match, model, ctx):
-        if model.opset < LAYERNORM_OPSET:
+        if self.check_opset and model.opset < LAYERNORM_OPSET:
             return f"opset {model.opset} < {LAYERNORM_OPSET}"
         eps = _scalar(match["eps"])
         if eps is None:
@@ -408,19 +405,42 @@ class FuseLayerNormPass(Pass):
     """Fuse decomposed layer normalization (ReduceMean/Sub/Pow/Sqrt/Div, affine) into LayerNormalization."""
 
     lossless = True
+    requires_ops = frozenset({"ReduceMean", "LayerNormalization"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused op writes the root's tensor
+
+    @dataclass
+    class Options:
+        raise_opset: bool = option(True, "raise the default opset to 17 for LayerNormalization when every op "
+                                         "keeps its meaning at 17")
 
     def run(self, model, ctx) -> PassResult:
         rules = [LayerNormCore(), LayerNormScale(), LayerNormBias()]
-        if model.opset < LAYERNORM_OPSET:
-            found = _count_matches(rules[:1], model, ctx, check=False)
-            stats: dict[str, Any] = {"fused": 0}
-            if found:
-                stats["skipped"] = {f"opset {model.opset} < {LAYERNORM_OPSET} (no LayerNormalization)": found}
-            return PassResult(changed=False, stats=stats)
+        stats: dict[str, Any] = {"fused": 0}
+        opset = model.opset
+        raised = False
+        if opset < LAYERNORM_OPSET:
+            legal = _count_matches([LayerNormCore(check_opset=False)], model, ctx, check=True)
+            if not legal:
+                found = _count_matches(rules[:1], model, ctx, check=False)
+                if found:
+                    stats["skipped"] = {f"opset {opset} < {LAYERNORM_OPSET}, and the patterns would not "
+                                        "fuse at 17 either (see fuse-layernorm's stats at opset 17)": found}
+                return PassResult(changed=False, stats=stats)
+            blockers = raise_blockers(model, LAYERNORM_OPSET) if self.options.raise_opset else None
+            if blockers is None or blockers:
+                reason = (f"opset {opset} < {LAYERNORM_OPSET}, raise_opset off" if blockers is None else
+                          f"opset {opset} < {LAYERNORM_OPSET}, raising unsafe: " + ", ".join(sorted(blockers)[:3]))
+                stats["skipped"] = {reason: legal}
+                return PassResult(changed=False, stats=stats)
+            ok, how = raise_opset(model, LAYERNORM_OPSET, convert=False)
+            assert ok, how  # no blockers were found above
+            raised = True
+            stats["opset_raised"] = f"{opset} -> {LAYERNORM_OPSET}"
+            logger.info("raised the default opset %d -> %d for LayerNormalization", opset, LAYERNORM_OPSET)
         result = RuleSet(rules).apply(model, ctx)
-        stats = {"fused": result.applied.get("layernorm", 0)}
+        stats["fused"] = result.applied.get("layernorm", 0)
         stats.update(result.as_stats(r.name for r in rules))
-        return PassResult(changed=result.total > 0, stats=stats)
+        return PassResult(changed=result.total > 0 or raised, stats=stats)
 
 
 # -- GELU ---------------------------------------------------------------------------------
@@ -584,13 +604,15 @@ class FuseGeluPass(Pass):
     """Fuse the erf and tanh GELU subgraphs into Gelu (opset 20) or onnxruntime's contrib op."""
 
     lossless = True
+    requires_ops = frozenset({"Erf", "Tanh"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused op writes the root's tensor
 
     @dataclass
     class Options:
         allow_contrib: bool = option(None, "emit com.microsoft Gelu/FastGelu when the model's opset is "
                                            "below 20 (default: the target's runtime.contrib_ops)")
-        raise_opset: bool = option(False, "raise the default opset to 20 for the standard Gelu when every "
-                                          "op keeps its meaning at 20 (tried before contrib ops)")
+        raise_opset: bool = option(True, "raise the default opset to 20 for the standard Gelu when every "
+                                         "op keeps its meaning at 20 (tried before contrib ops)")
 
     def run(self, model, ctx) -> PassResult:
         allow_contrib = self.options.allow_contrib

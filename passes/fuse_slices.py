@@ -95,4 +95,6 @@ class FuseSlicesPass(RewritePass):
     """Merge a Slice of a Slice on disjoint axes into one Slice."""
 
     lossless = True
+    requires_ops = frozenset({"Slice"})
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the merged Slice writes the same tensor
     rules = (MergeSlicePair(),)

@@ -98,4 +98,6 @@ class FuseTransposesPass(RewritePass):
     """Merge consecutive Transposes into one, and drop pairs that cancel."""
 
     lossless = True
+    preserves = frozenset({"shapes", "symbolic-shapes"})  # the fused Transpose writes the same tensor
+    requires_ops = frozenset({"Transpose"})
     rules = (FoldTransposePair(),)

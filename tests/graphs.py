@@ -249,8 +249,61 @@ def duplicate_nodes() -> onnx.ModelProto:
     return make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])], [init("w1", w), init("w2", w.copy())])
 
 
+def nhwc_conv_block(channels: int = 4) -> onnx.ModelProto:
+    """What TensorFlow/Caffe converters write: NHWC input, Transpose around each Conv, a
+    BatchNorm as per-channel Sub/Mul/Add on the last axis, Relu, a residual Add, and a mean
+    over H, W at the end."""
+    r = rng(7)
+    c = channels
+    to_nchw, to_nhwc = [0, 3, 1, 2], [0, 2, 3, 1]
+    nodes = [helper.make_node("Transpose", ["x"], ["x_nchw"], perm=to_nchw),
+             helper.make_node("Conv", ["x_nchw", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c1"], ["c1_nhwc"], perm=to_nhwc),
+             helper.make_node("Sub", ["c1_nhwc", "mean"], ["s1"]),
+             helper.make_node("Mul", ["s1", "scale"], ["m1"]),
+             helper.make_node("Add", ["m1", "shift"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Transpose", ["r1"], ["r1_nchw"], perm=to_nchw),
+             helper.make_node("Conv", ["r1_nchw", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c2"], ["c2_nhwc"], perm=to_nhwc),
+             helper.make_node("Add", ["c2_nhwc", "r1"], ["res"]),
+             helper.make_node("Relu", ["res"], ["r2"]),
+             helper.make_node("ReduceMean", ["r2"], ["y"], axes=[1, 2], keepdims=0)]
+    inits = [init("w1", r.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.3),
+             init("w2", r.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.3),
+             init("b2", r.standard_normal(c).astype(np.float32)),
+             init("mean", r.standard_normal(c).astype(np.float32)),
+             init("scale", r.uniform(0.5, 1.5, c).astype(np.float32)),
+             init("shift", r.standard_normal(c).astype(np.float32))]
+    return make_model(nodes, [tensor("x", [1, 6, 5, c])], [tensor("y", [1, c])], inits)
+
+
+def dynamic_reshape_chain() -> onnx.ModelProto:
+    """Attention-style reshapes of x [batch, 4, 6] computed from Shape(x) (a dynamic batch):
+    [batch, 4, 2, 3] (batch copied), then [batch*2, 4, 3] (one inferred dim), then back."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+        helper.make_node("Concat", ["b1", "c4", "c2", "c3"], ["t1"], axis=0),
+        helper.make_node("Reshape", ["x", "t1"], ["r1"]),
+        helper.make_node("Transpose", ["r1"], ["tr"], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["b", "two"], ["b2"]),
+        helper.make_node("Unsqueeze", ["b2", "ax0"], ["b21"]),
+        helper.make_node("Concat", ["b21", "c4", "c3"], ["t2"], axis=0),
+        helper.make_node("Reshape", ["tr", "t2"], ["r2"]),
+        helper.make_node("Shape", ["x"], ["s_again"]),
+        helper.make_node("Reshape", ["r2", "s_again"], ["y"]),
+    ]
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    return make_model(nodes, [tensor("x", ["batch", 4, 6])], [tensor("y", ["batch", 4, 6])],
+                      [init("i0", i64(0)), init("ax0", i64([0])), init("c4", i64([4])), init("c2", i64([2])),
+                       init("c3", i64([3])), init("two", i64(2))])
+
+
 BUILDERS = [const_chain, dead_branch, conv_bn_relu, matmul_add, if_subgraph, layernorm_decomposed, gelu_erf,
-            gelu_tanh, transpose_pairs, convtranspose_bn_grouped, shape_chain, noop_ops, duplicate_nodes]
+            gelu_tanh, transpose_pairs, convtranspose_bn_grouped, shape_chain, noop_ops, duplicate_nodes,
+            nhwc_conv_block, dynamic_reshape_chain]
 
 
 def tiny_transformer(seq=8, hidden=32, heads=2, ffn=64) -> onnx.ModelProto:

@@ -293,3 +293,30 @@ def test_model_over_the_protobuf_limit_is_written_with_external_data(capsys, tmp
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in raw.graph.initializer)
     feeds, expected = verify.run(onnx.load(str(src)))
     assert not verify.compare_outputs(expected, verify.run(onnx.load(str(out)), feeds)[1])
+
+
+# -- start-up: what each command imports ------------------------------------------------------
+def _imports_after(args: list[str]) -> set[str]:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom onnxopt.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('IMPORTED', *(m for m in ('onnx', 'onnxruntime', 'onnx_graphsurgeon', 'sympy') if m in sys.modules))"
+            % (args,))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("IMPORTED"))
+    return set(line.split()[1:])
+
+
+def test_help_imports_neither_onnx_nor_onnxruntime():
+    assert _imports_after(["--help"]) == set()
+
+
+@pytest.mark.parametrize("command", [["passes"], ["targets"], ["inspect", "MODEL"], ["inspect", "MODEL", "--json"],
+                                     ["optimize", "MODEL", "-o", "OUT", "--pipeline", "lossless", "-q"]])
+def test_commands_import_onnxruntime_only_to_evaluate(tmp_path, command):
+    model = tmp_path / "m.onnx"
+    onnx.save(graphs.dead_branch(), model)  # nothing to evaluate: the lossless pipeline needs no session
+    args = [str(model) if a == "MODEL" else str(tmp_path / "o.onnx") if a == "OUT" else a for a in command]
+    imported = _imports_after(args)
+    assert "onnxruntime" not in imported and "sympy" not in imported

@@ -12,6 +12,7 @@ import onnxopt
 from onnxopt.cli import main
 from onnxopt.errors import ExternalDataError, ModelError, OutputError
 from onnxopt.ir.model import load, save
+from onnxopt.testing import assert_equivalent
 
 from tests.graphs import const_chain, dead_branch, make_model, tensor
 
@@ -141,3 +142,68 @@ def test_output_must_not_overwrite_input(tmp_path, capsys):
     onnx.save(const_chain(), p)
     assert main(["optimize", str(p), "-o", str(p)]) == 2
     assert "overwrite the input" in capsys.readouterr().err
+
+
+# -- weights left on disk, models written weight by weight -----------------------------------
+def test_external_weights_stay_on_disk_until_read(tmp_path):
+    from onnxopt.ir.constants import constant_value
+
+    path, w = _external_model(tmp_path)
+    model = load(path)
+    tensor = model.template.graph.initializer[0]
+    assert tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data  # not read in
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    assert os.path.isabs(location)  # checked and made absolute at load
+    const = next(t for n in model.graph.nodes for t in n.inputs if t.name == "w")
+    value = constant_value(const)
+    assert isinstance(value, np.memmap) and not value.flags.writeable  # a read-only map of the file
+    assert np.array_equal(value, w)
+
+
+def test_a_fusion_reads_external_weights_and_the_output_carries_its_own_data(tmp_path):
+    from onnxopt.optimize import optimize
+    from tests.graphs import conv_bn_relu
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(conv_bn_relu(), src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    result = optimize(str(src / "m.onnx"), pipeline="lossless")
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    result.save(out, external_data=True)
+    assert sorted(os.listdir(out.parent)) == ["o.onnx", "o.onnx.data"]
+    raw = onnx.load(out, load_external_data=False)
+    assert all(e.value == "o.onnx.data" for t in raw.graph.initializer for e in t.external_data
+               if e.key == "location")
+    assert [n.op_type for n in raw.graph.node] == ["Conv", "Relu"]  # the BatchNorm was folded
+    assert_equivalent(conv_bn_relu(), onnx.load(out))
+    (src / "m.data").unlink()  # the output does not need the input's data file
+    assert_equivalent(conv_bn_relu(), onnx.load(out))
+
+
+@pytest.mark.parametrize("modified", [False, True])
+def test_streamed_save_is_byte_identical_to_serializing_the_model(tmp_path, modified):
+    from onnxopt.ir.model import Model
+
+    model = Model(const_chain())
+    if modified:
+        model.graph.nodes[-1].name = "renamed"
+        model.modified = True
+    out = model.save(tmp_path / "m.onnx", version="x")
+    expected = model.to_proto()
+    from onnxopt.ir.storage import add_provenance
+
+    add_provenance(expected, version="x")
+    assert out.read_bytes() == expected.SerializeToString(deterministic=True)
+
+
+def test_optimize_result_saves_without_building_the_proto(tmp_path):
+    from onnxopt.optimize import optimize
+
+    result = optimize(const_chain(), pipeline="lossless")
+    result.save(tmp_path / "a.onnx")
+    assert result._proto is None  # written straight from the graph
+    result.save(tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert (tmp_path / "a.onnx").read_bytes() == result.model.SerializeToString(deterministic=True)

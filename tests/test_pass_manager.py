@@ -129,7 +129,7 @@ def test_records_time_and_counts():
 
 
 def test_raising_pass_is_rolled_back():
-    model, (rec, after) = run(["test-raise", "lift-constants"])
+    model, (rec, after) = run(["test-raise", "eliminate-dead-code"])
     assert rec.status == "failed" and "boom" in rec.error
     assert len(model.graph.nodes) == 2  # the popped node is back
     assert after.status == "unchanged"
@@ -246,9 +246,92 @@ def test_api_result_and_report():
 
 def test_rollbacks_stay_right_when_snapshots_are_reused():
     # unchanged passes share one snapshot; each rollback must still restore the graph
-    model, records = run(["lift-constants", "test-raise", "eliminate-dead-code", "test-break", "test-raise"])
+    model, records = run(["eliminate-identity", "test-raise", "eliminate-dead-code", "test-break", "test-raise"])
     assert [r.status for r in records] == ["unchanged", "failed", "unchanged", "rolled-back", "failed"]
     assert [n.op for n in model.graph.nodes] == ["MatMul", "Add"] and not model.modified
-    model, records = run(["lift-constants", "test-raise", "lift-constants"], const_chain())
+    model, records = run(["lift-constants", "test-raise", "eliminate-identity"], const_chain())
     assert [r.status for r in records] == ["changed", "failed", "unchanged"]
     assert [n.op for n in model.graph.nodes] == ["Mul", "Add"]
+
+
+# -- fixed-point groups ----------------------------------------------------------------------
+@register_pass("test-rename-until")
+class RenameUntilPass(Pass):
+    """Appends '_' to the first node's name until it has ``times`` of them (lossless: names only)."""
+
+    lossless = True
+
+    @dataclass
+    class Options:
+        times: int = option(3, "how many underscores to reach")
+
+    def run(self, model, ctx):
+        node = model.graph.nodes[0]
+        if node.name.count("_") >= self.options.times:
+            return PassResult(False, {})
+        node.name += "_"
+        return PassResult(True, {})
+
+
+def test_fixed_point_repeats_until_a_round_changes_nothing():
+    from onnxopt.pipeline.text import resolve
+
+    specs = resolve("fixed-point(test-rename-until{times=3},eliminate-dead-code)")
+    model, records = run(specs, const_chain())
+    names = [(r.name, r.round, r.status) for r in records]
+    # rounds 1-3 rename; round 4 renames nothing. eliminate-dead-code runs in rounds 1-3 (the
+    # model changed after it each time) and is skipped in round 4: the model is the one it left.
+    assert names[-1] == ("test-rename-until", 4, "unchanged")
+    assert [n for n in names if n[0] == "eliminate-dead-code"] == [("eliminate-dead-code", k, "unchanged")
+                                                                 for k in (1, 2, 3)]
+    assert model.graph.nodes[0].name.count("_") == 3
+
+
+def test_fixed_point_stops_at_max_rounds_and_says_so():
+    from onnxopt.pipeline.text import resolve
+
+    specs = resolve("fixed-point{max_rounds=2}(test-rename-until{times=9})")
+    model = load(const_chain())
+    ctx = PassContext(target=load_target("cpu"))
+    records = PassManager(specs).run(model, ctx)
+    assert [r.round for r in records] == [1, 2]
+    assert any("max_rounds=2" in note for note in ctx.notes)
+
+
+def test_lossless_pipelines_are_fixed_points():
+    for name in ("cpu", "gpu", "npu"):
+        text = load_target(name).pipelines["lossless"]
+        assert "fixed-point(" in text and "eliminate-dead-code" in text
+
+
+def test_a_pass_whose_ops_are_absent_is_not_run():
+    # lift-constants needs Constant nodes; matmul_add has none: skipped, with the reason
+    model, (rec,) = run(["lift-constants"])
+    assert rec.status == "skipped" and rec.stats == {"reason": "none of Constant in the model"}
+    model, (rec,) = run(["lift-constants"], const_chain())
+    assert rec.status == "changed"
+
+
+@register_pass("test-raise-late")
+class RaiseLatePass(Pass):
+    """Renames every node, then raises (a buggy pass that leaves edits behind)."""
+
+    lossless = True
+
+    def run(self, model, ctx):
+        for node in model.graph.nodes:
+            node.name = "garbage"
+        raise RuntimeError("late boom")
+
+
+def test_rollback_in_a_group_replays_the_passes_before_it():
+    from onnxopt.pipeline.text import resolve
+
+    # inside a group one snapshot serves every pass: after the failure the model is what
+    # the passes before it made of it (Constants lifted, then one rename), nothing more
+    specs = resolve("fixed-point(lift-constants,test-rename-until{times=1},test-raise-late)")
+    model, records = run(specs, const_chain())
+    statuses = [(r.name, r.status) for r in records]
+    assert ("test-raise-late", "failed") in statuses and ("lift-constants", "changed") in statuses
+    assert [n.op for n in model.graph.nodes] == ["Mul", "Add"]  # lifted
+    assert model.graph.nodes[0].name.count("_") >= 1 and "garbage" not in [n.name for n in model.graph.nodes]

@@ -82,3 +82,32 @@ def test_named_pipelines_expand_and_cycles_fail():
 
 def test_spec_str_is_its_text():
     assert str(PassSpec("p", {"a": [1, 2], "b": "x y"})) == "p{a=[1,2],b='x y'}"
+
+
+# -- fixed-point groups ----------------------------------------------------------------------
+def test_fixed_point_group_parses_formats_and_resolves():
+    text = "lift-constants,fixed-point{max_rounds=6}(fold-constants, eliminate-identity),eliminate-dead-code"
+    specs = parse(text)
+    assert specs[1].name == "fixed-point" and [s.name for s in specs[1].body] == ["fold-constants",
+                                                                               "eliminate-identity"]
+    canonical = format_pipeline(specs)
+    assert canonical == "lift-constants,fixed-point{max_rounds=6}(fold-constants,eliminate-identity),eliminate-dead-code"
+    resolved = resolve(text)
+    assert resolved[1].options == {"max_rounds": 6} and resolved[1].is_group
+    # a target pipeline name inside a group expands there; default options are dropped
+    nested = resolve("fixed-point{max_rounds=4}(cleanup)", {"cleanup": "eliminate-identity,eliminate-dead-code"})
+    assert format_pipeline(nested) == "fixed-point(eliminate-identity,eliminate-dead-code)"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("fixed-point()", "empty group"),
+    ("fixed-point", "needs a pipeline in parentheses"),
+    ("fixpoint(eliminate-identity)", "did you mean 'fixed-point'"),
+    ("fixed-point(quantize-dynamic)", "only lossless passes"),
+    ("fixed-point{max_rounds=0}(eliminate-identity)", "at least 1"),
+    ("fixed-point{rounds=2}(eliminate-identity)", "has no option 'rounds'"),
+    ("fixed-point(eliminate-identity", r"expected '\)'"),
+])
+def test_fixed_point_group_errors(text, message):
+    with pytest.raises(PipelineError, match=message):
+        resolve(text)

@@ -188,11 +188,12 @@ def pipeline_transform(pipeline: str, target: str = "cpu") -> Transform:
 
 
 def pass_problems(report: dict) -> str:
-    """Passes of an optimize() report that did not end 'changed' or 'unchanged'."""
+    """Passes of an optimize() report that did not end 'changed' or 'unchanged' (or
+    'skipped': none of the ops they act on was in the model)."""
     problems = [
         f"{p['name']} {p['status']}: {p.get('error')}"
         for p in report.get("passes", [])
-        if p.get("status") not in ("changed", "unchanged")
+        if p.get("status") not in ("changed", "unchanged", "skipped")
     ]
     return "; ".join(problems)
 

@@ -155,7 +155,9 @@ def _add(*xs: Count | int) -> Count:
 
 
 def dim_count(d) -> Count:
-    """A dim as a count: int -> constant, str -> symbol, None -> unknown."""
+    """A dim as a count: int -> constant, str -> symbol, Poly -> itself, None -> unknown."""
+    if isinstance(d, Poly):
+        return d
     if isinstance(d, (int, np.integer)):
         return Poly(int(d)) if d >= 0 else None
     if isinstance(d, str) and d and not d.startswith("unk__"):
@@ -237,48 +239,51 @@ def with_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
     return out
 
 
-def inferences(proto: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
-    """Weight-free copies of ``proto`` with inferred shapes (graph.value_info) to try in turn;
-    the plain copy last.
+def inferences(proto: onnx.ModelProto) -> Iterator[tuple[onnx.ModelProto, dict | None]]:
+    """Weight-free copies of ``proto`` to read shapes from, each with a dict of inferred
+    ValueShapes that take precedence over its value_info (or None), to try in turn.
 
-    onnx's inference (``onnxopt.analysis.shapes.infer``: data propagation, guarded against
-    huge vectors) comes first (fast, and better inside If bodies); the caller goes on to
-    onnxruntime's symbolic shape inference only when nodes are left without shapes: it
-    carries symbolic dims through Reshape, Concat and broadcasts where onnx's gives up (on
-    MiniLM onnx's leaves 188 of 669 nodes without a shape, onnxruntime's none), at the price
-    of importing sympy (about 2 s).
+    onnx's inference comes first (``onnxopt.analysis.shapes.infer``: fast, and enough for
+    static models); the caller goes on to onnxopt's symbolic shape analysis
+    (``onnxopt.analysis.shapes``) only when nodes are left without shapes: it carries
+    symbolic dims through Reshape, Concat and broadcasts where onnx's inference gives up,
+    as ``12*batch`` polynomials. The plain copy last. No onnxruntime.
     """
     from onnxopt.analysis.shapes import infer, light_copy
 
-    yield infer(proto)
+    yield infer(proto), None
     light = light_copy(proto)
     try:
-        out = _onnxruntime_symbolic(light)
-        if out is not None:
-            yield out
-    except Exception as exc:  # noqa: BLE001  (its failures are assertion errors, not a type)
-        logger.debug("onnxruntime symbolic shape inference failed: %r", exc)
-    yield light
+        yield light, symbolic_value_shapes(light)
+    except Exception as exc:  # noqa: BLE001  (the analysis is best effort here)
+        logger.debug("symbolic shape analysis failed: %r", exc)
+    yield light, None
 
 
-def _onnxruntime_symbolic(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's SymbolicShapeInference, keeping a partial result.
+def symbolic_value_shapes(proto: onnx.ModelProto) -> dict[str, ValueShape]:
+    """Name -> ValueShape of every tensor the symbolic shape analysis knows, with symbolic
+    dims as Poly (a dim only a run tells, such as a Reshape to a computed shape, is a symbol
+    of its own, ``unknown_N``)."""
+    from onnxopt.analysis.dims import Sym
+    from onnxopt.analysis.shapes import symbolic_shapes
+    from onnxopt.ir.model import Model
 
-    Its public ``infer_shapes`` raises when some shape stays unknown, after writing the
-    partial model into the current folder (sym_shape_infer_temp.onnx); the same steps are
-    run here so that nothing is written and the shapes it did find are kept.
-    """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
-
-    opset = get_opset(proto)
-    if not opset or opset < 7:
-        return None
-    sym = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
-    sym._preprocess(proto)
-    while sym.run_:
-        sym._infer_impl()
-    sym._update_output_from_vi()
-    return sym.out_mp_
+    facts = symbolic_shapes(Model(proto, sha256=""))
+    out = {}
+    for name, shape in facts.shapes.items():
+        dtype = facts.dtypes.get(name)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(dtype) if dtype is not None else 0
+        dims = None
+        if shape is not None:
+            dims = []
+            for d in shape:
+                if isinstance(d, Sym):
+                    d = Poly({tuple(sorted("unknown_" + a[1:] if a.startswith("?") else a for a in mono)): c
+                              for mono, c in d.terms})
+                dims.append(d)
+            dims = tuple(dims)
+        out[name] = ValueShape(elem, dims)
+    return out
 
 
 def value_shapes(graph: onnx.GraphProto, outer: dict | None = None) -> dict[str, ValueShape]:
@@ -381,6 +386,11 @@ def node_cost(node: onnx.NodeProto, shapes: dict[str, ValueShape]) -> NodeCost:
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"):
         a = ins[0]
         k = at(a, -1) if a is not None and len(a) >= 1 else None
+        b = ins[1] if len(ins) > 1 and op == "MatMul" else None
+        if (k is None or not k.is_constant) and b is not None and len(b) >= 2:
+            kb = at(b, -2)  # the same dim, seen from the weight: often static where a's is not
+            if kb is not None and kb.is_constant:
+                k = kb
         return cost("matmul", _mul(n_out, k))
     if op in ("Gemm", "QGemm"):
         a = ins[0]
@@ -506,9 +516,12 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
 
 
 def graph_costs(graph: onnx.GraphProto, shapes: dict[str, ValueShape],
-                where: str = "main") -> list[NodeCost]:
-    """NodeCost of every node of ``graph`` and of its subgraphs (depth first)."""
+                where: str = "main", inferred: dict[str, ValueShape] | None = None) -> list[NodeCost]:
+    """NodeCost of every node of ``graph`` and of its subgraphs (depth first); ``inferred``
+    shapes take precedence over the graph's own value_info."""
     shapes = value_shapes(graph, shapes)
+    if inferred:
+        shapes.update(inferred)
     attention, _ = attention_matmuls(graph)
     out = []
     for i, node in enumerate(graph.node):
@@ -560,6 +573,8 @@ def _dtype_name(data_type: int) -> str:
 
 
 def _zeros(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return _external_zeros(t)
     try:
         arr = numpy_helper.to_array(t)
     except Exception:
@@ -567,6 +582,33 @@ def _zeros(t: onnx.TensorProto) -> int:
     if arr.dtype.kind not in "biufc":
         return 0
     return int(arr.size - np.count_nonzero(arr))
+
+
+def _external_zeros(t: onnx.TensorProto, chunk: int = 1 << 22) -> int:
+    """Zeros of a tensor left in its data file, read in chunks (never all in memory)."""
+    from onnxopt.ir.storage import external_span
+
+    span = external_span(t)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    except Exception:
+        return 0
+    if span is None or dtype.kind not in "biufc":
+        return 0
+    path, offset, length = span
+    step = max(chunk // dtype.itemsize, 1) * dtype.itemsize
+    nonzero = count = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            data = f.read(min(step, length))
+            if not data:
+                break
+            values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype=dtype)
+            nonzero += int(np.count_nonzero(values))
+            count += values.size
+            length -= len(data)
+    return count - nonzero
 
 
 def _graph_weights(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str | None, onnx.NodeProto | None]]:
@@ -687,11 +729,11 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     """
     if feeds is not None and not input_shapes:
         input_shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
-    inferred, nodes = None, None
-    for candidate in inferences(with_input_shapes(proto, input_shapes or {})):
-        costs = graph_costs(candidate.graph, {})
+    inferred, nodes, facts = None, None, None
+    for candidate, candidate_facts in inferences(with_input_shapes(proto, input_shapes or {})):
+        costs = graph_costs(candidate.graph, {}, inferred=candidate_facts)
         if nodes is None or _unknowns(costs) < _unknowns(nodes):
-            inferred, nodes = candidate, costs
+            inferred, nodes, facts = candidate, costs, candidate_facts
         if _unknowns(nodes) == 0:
             break
     if feeds is not None and _unresolved(nodes):
@@ -706,10 +748,13 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
             for out in patched.graph.output:
                 if out.name in seen:
                     out.type.CopyFrom(seen[out.name].type)
-            costs = graph_costs(patched.graph, {})
+            unseen = {k: v for k, v in (facts or {}).items() if k not in seen}
+            costs = graph_costs(patched.graph, {}, inferred=unseen)
             if _unresolved(costs) <= _unresolved(nodes):
-                inferred, nodes = patched, costs
+                inferred, nodes, facts = patched, costs, unseen
     shapes = value_shapes(inferred.graph)
+    if facts:
+        shapes.update(facts)
     total_macs: Count = Poly(0)
     total_flops: Count = Poly(0)
     unknown = []
@@ -732,7 +777,7 @@ def model_cost(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     if memory:
         from onnxopt.analysis.memory import activation_memory
 
-        report.memory = activation_memory(inferred.graph, shapes, report.weight_bytes)
+        report.memory = activation_memory(inferred.graph, shapes, report.weight_bytes, inferred=facts)
     return report
 
 

@@ -84,9 +84,12 @@ def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def activation_memory(graph: onnx.GraphProto, shapes: dict[str, ValueShape] | None = None,
-                      weight_bytes: int = 0) -> ActivationMemory:
-    """Peak bytes of live activations of ``graph`` (nodes in their stored, topological order)."""
+                      weight_bytes: int = 0, inferred: dict[str, ValueShape] | None = None) -> ActivationMemory:
+    """Peak bytes of live activations of ``graph`` (nodes in their stored, topological order);
+    ``inferred`` shapes take precedence over the graph's own value_info."""
     shapes = value_shapes(graph, shapes)
+    if inferred:
+        shapes.update(inferred)
     weights = {t.name for t in graph.initializer} | {
         n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
     steps = len(graph.node)

@@ -49,11 +49,12 @@ def proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
-              cost: bool = True) -> dict:
+              cost: bool = True, count_zeros: bool = True) -> dict:
     """A JSON-ready summary of ``model`` (the proto as it would be written).
 
     With ``cost``, adds MACs, FLOPs and peak activation memory (onnxopt.analysis.cost) under
-    "cost"; ``input_shapes`` fixes input dims so that symbolic counts become numbers.
+    "cost"; ``input_shapes`` fixes input dims so that symbolic counts become numbers;
+    ``count_zeros`` reads every weight to count its zeros (the per-weight sparsity).
     """
     proto = model.template if not model.modified else model.to_proto()  # no copy of the weights
     ops: Counter = Counter()
@@ -86,5 +87,6 @@ def summarize(model: Model, input_shapes: dict[str, list[int]] | None = None,
     if cost:
         from onnxopt.analysis.cost import model_cost
 
-        out["cost"] = model_cost(proto, input_shapes).to_json(per_node=True)
+        # Counting zeros is the only thing that reads the weights' bytes.
+        out["cost"] = model_cost(proto, input_shapes, count_zeros=count_zeros).to_json(per_node=True)
     return out

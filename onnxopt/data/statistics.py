@@ -620,14 +620,16 @@ def gather_requests(specs: list, index: int, model, ctx, progress: bool = False)
     from onnxopt.pipeline.context import STATISTICS
     from onnxopt.pipeline.registry import get_pass
 
-    if ctx.calibration is None or not get_pass(specs[index].name).needs_calibration:
+    if ctx.calibration is None or specs[index].is_group or not get_pass(specs[index].name).needs_calibration:
         return
-    if index > 0:
+    if index > 0 and not specs[index - 1].is_group:  # groups hold no calibrating pass
         previous = get_pass(specs[index - 1].name)
         if previous.needs_calibration and STATISTICS in previous.preserves:
             return  # inside a block already gathered
     ctx.calibration.progress = progress
     for spec in specs[index:]:
+        if spec.is_group:
+            break
         cls = get_pass(spec.name)
         if not cls.needs_calibration:
             break

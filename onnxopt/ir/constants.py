@@ -1,7 +1,8 @@
 """Reading and making constants: the one way a pass gets a weight's value.
 
 A constant is an initializer (``gs.Constant``) or the output of a ``Constant`` node
-(``value``, ``value_float(s)``, ``value_int(s)``). Values are read without caching them on
+(``value``, ``value_float(s)``, ``value_int(s)``). An initializer whose data stayed in an
+external file is read through a read-only map of that file. Values are read without caching them on
 the tensor: graphsurgeon's ``.values`` replaces the lazily loaded TensorProto by the array,
 which changes how the model is written (raw_data instead of float_data) although nothing
 was rewritten. Only values numpy holds exactly are returned (bool, integers, float16/32/64);
@@ -11,10 +12,15 @@ represent.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any, Callable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+
+from onnxopt.ir.storage import external_array, external_span
 
 # TensorProto element types whose values numpy holds exactly.
 EXACT_TYPES = {
@@ -29,6 +35,31 @@ EXACT_DTYPES = frozenset(np.dtype(t) for t in EXACT_TYPES.values())
 
 def is_default_domain(node: gs.Node) -> bool:
     return node.domain in (None, "", "ai.onnx")
+
+
+# (id(values), kind) -> (weak reference to the values, result). See ``per_values``.
+_PER_VALUES: dict[tuple, tuple] = {}
+
+
+def per_values(constant: gs.Constant, kind: str, compute: Callable[[gs.Constant], Any]) -> Any:
+    """``compute(constant)``, remembered for as long as the constant's values object lives.
+
+    Values are never changed in place (passes build new arrays and new constants), so what
+    was read from them once stays true: analyses and passes that run after every change
+    (symbolic shapes, duplicate detection) read each weight once per process, not per run.
+    """
+    values = constant._values
+    key = (id(values), kind)
+    hit = _PER_VALUES.get(key)
+    if hit is not None and hit[0]() is values:
+        return hit[1]
+    result = compute(constant)
+    try:
+        ref = weakref.ref(values, lambda _, key=key, cache=_PER_VALUES: cache.pop(key, None))
+    except TypeError:  # values that cannot be referenced weakly are not remembered
+        return result
+    _PER_VALUES[key] = (ref, result)
+    return result
 
 
 def constant_tensor(tensor: gs.Tensor) -> gs.Constant | None:
@@ -62,6 +93,26 @@ def is_constant(tensor: gs.Tensor) -> bool:
     return node is not None and node.op == "Constant" and is_default_domain(node)
 
 
+def has_exact_value(tensor: gs.Tensor) -> bool:
+    """Whether ``constant_value(tensor)`` would give a value, decided without reading it
+    (a pass scanning every node asks this of every weight)."""
+    if isinstance(tensor, gs.Constant):
+        values = tensor._values
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            proto = values.tensor
+            if proto.data_type not in EXACT_TYPES:
+                return False
+            return proto.data_location != onnx.TensorProto.EXTERNAL or external_span(proto) is not None
+        return exact_array(tensor) is not None  # already an array: no reading involved
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "Constant" or not is_default_domain(node) or len(node.attrs) != 1:
+        return False
+    (key, value), = node.attrs.items()
+    if key == "value" and isinstance(value, gs.Constant):
+        return has_exact_value(value)
+    return key in ("value_float", "value_floats", "value_int", "value_ints")
+
+
 def exact_array(tensor: gs.Constant) -> np.ndarray | None:
     """The value of an initializer, or None when numpy cannot hold it exactly (or it is sparse)."""
     values = tensor._values
@@ -69,8 +120,11 @@ def exact_array(tensor: gs.Constant) -> np.ndarray | None:
         return None
     if isinstance(values, gs.ir.tensor.LazyValues):
         proto = values.tensor
-        if proto.data_type not in EXACT_TYPES or proto.data_location == onnx.TensorProto.EXTERNAL:
+        if proto.data_type not in EXACT_TYPES:
             return None
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            # a read-only map of the file: the weight is read only where a pass reads it
+            return external_array(proto, EXACT_TYPES[proto.data_type])
         return numpy_helper.to_array(proto)
     if isinstance(values, np.ndarray):
         if values.dtype not in EXACT_DTYPES:

@@ -34,31 +34,42 @@ def _graph_parts(graph: gs.Graph, parts: list) -> None:
     seen: set[int] = set()
     add = parts.append
     Constant = gs.Constant
+    value = _value
 
-    def tensor(t) -> None:
+    def constant(t) -> None:
         key = id(t)
-        if key in seen:
-            return
-        seen.add(key)
-        if type(t) is Constant or isinstance(t, Constant):
-            add((t.name, id(t._values), str(t.export_dtype), tuple(t.shape)))
-        else:
+        if key not in seen:
+            seen.add(key)
             shape = t.shape
-            add((t.name, str(t.dtype), tuple(shape) if shape is not None else None))
+            add((t.name, id(t._values), t._export_dtype, tuple(shape) if shape is not None else None))
+
+    def variable(t) -> None:
+        d = t.__dict__
+        shape = d.get("shape")
+        add((d["name"], d.get("dtype"), tuple(shape) if shape is not None else None))
 
     add(("graph", graph.name, tuple([t.name for t in graph.inputs]), tuple([t.name for t in graph.outputs])))
-    for t in graph.inputs:
-        tensor(t)
-    for t in graph.outputs:
-        tensor(t)
+    for t in list(graph.inputs) + list(graph.outputs):
+        constant(t) if isinstance(t, Constant) else variable(t)
+    # A variable is written by one node (or is a graph input): it is covered there. Only
+    # constants, read by any number of nodes, need the "seen" check.
     for node in graph.nodes:
         inputs, outputs, attrs = node.inputs, node.outputs, node.attrs
+        if attrs:
+            items = attrs.items()
+            attr_part = tuple([(k, value(v, parts)) for k, v in (sorted(items) if len(attrs) > 1 else items)])
+        else:
+            attr_part = ()
         add((node.op, node.domain, node.name, tuple([t.name for t in inputs]), tuple([t.name for t in outputs]),
-             tuple([(k, _value(v, parts)) for k, v in sorted(attrs.items())]) if attrs else ()))
+             attr_part))
         for t in inputs:
-            tensor(t)
+            if type(t) is Constant or (type(t) is not gs.Variable and isinstance(t, Constant)):
+                constant(t)
         for t in outputs:
-            tensor(t)
+            if type(t) is Constant or isinstance(t, Constant):
+                constant(t)
+            else:
+                variable(t)
     unread = getattr(graph, "unused_initializers", None)
     if unread:
         parts.append(("unread", tuple(unread)))

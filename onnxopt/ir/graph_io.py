@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 _AP = onnx.AttributeProto
 
-__all__ = ["import_graph", "export_model", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
+__all__ = ["import_graph", "export_model", "export_node", "copy_fields", "OnnxGraph", "OnnxNode", "OnnxVariable", "GraphSource"]
 
 
 # --------------------------------------------------------------------------- IR classes
@@ -701,32 +701,42 @@ class _Scope:
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto,
-                 opset_import: list[onnx.OperatorSetIdProto] | None = None) -> onnx.ModelProto:
+                 opset_import: list[onnx.OperatorSetIdProto] | None = None,
+                 initializers: list | None = None) -> onnx.ModelProto:
     """A new ModelProto: ``graph`` as its graph, everything else from ``template`` (with
     ``opset_import`` instead of the template's when given).
 
     ``template`` is not modified. Unchanged parts of the graph are written back from the
-    protos they were imported from.
+    protos they were imported from. With an ``initializers`` list, the main graph's dense
+    initializers are appended to it (in the order they would have) instead of being copied
+    into the new proto: ``storage.write_model`` writes them from where they are.
     """
-    model = onnx.ModelProto()
-    for desc, value in template.ListFields():
-        if desc.name == "graph" or (desc.name == "opset_import" and opset_import is not None):
+    model = copy_fields(template, onnx.ModelProto(), skip=("graph",) + (("opset_import",) if opset_import is not None
+                                                                      else ()))
+    if opset_import is not None:
+        model.opset_import.extend(opset_import)
+    used_domains: set[str] = set()
+    with _no_gc():
+        _export_graph(graph, model.graph, None, used_domains, initializers)
+    _add_new_functions(model, graph)
+    _sync_opsets(model, graph, used_domains)
+    return model
+
+
+def copy_fields(src: Message, dst: Message, skip: tuple[str, ...] = ()) -> Message:
+    """Copy every field of ``src`` but those in ``skip`` into ``dst`` (skipped fields are
+    not even read: the main graph's weights are never copied by accident)."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
             continue
-        target = getattr(model, desc.name)
+        target = getattr(dst, desc.name)
         if hasattr(value, "extend") and hasattr(target, "extend"):
             target.extend(value)
         elif isinstance(value, Message):
             target.CopyFrom(value)
         else:
-            setattr(model, desc.name, value)
-    if opset_import is not None:
-        model.opset_import.extend(opset_import)
-    used_domains: set[str] = set()
-    with _no_gc():
-        _export_graph(graph, model.graph, None, used_domains)
-    _add_new_functions(model, graph)
-    _sync_opsets(model, graph, used_domains)
-    return model
+            setattr(dst, desc.name, value)
+    return dst
 
 
 def _add_new_functions(model: onnx.ModelProto, graph: gs.Graph) -> None:
@@ -757,7 +767,8 @@ def _sync_opsets(model: onnx.ModelProto, graph: gs.Graph, used_domains: set[str]
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
-def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, used_domains: set[str]) -> None:
+def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, used_domains: set[str],
+                  initializers_out: list | None = None) -> None:
     source = _source_of(graph)
     src_proto = source.proto if source is not None else None
 
@@ -846,7 +857,10 @@ def _export_graph(graph: gs.Graph, gp: onnx.GraphProto, outer: _Scope | None, us
             dense.append((_rank_key(init_rank, name, len(constants)), proto))
     dense.sort(key=lambda item: item[0])
     sparse.sort(key=lambda item: item[0])
-    gp.initializer.extend([proto for _, proto in dense])
+    if initializers_out is not None:
+        initializers_out.extend(proto for _, proto in dense)
+    else:
+        gp.initializer.extend([proto for _, proto in dense])
     gp.sparse_initializer.extend([proto for _, proto in sparse])
 
     input_info = source.input_info if source is not None else {}
@@ -945,6 +959,15 @@ def _attr_unchanged(value: Any, before: Any) -> bool:
     if isinstance(before, list) and before and isinstance(before[0], Message):
         return isinstance(value, list) and len(value) == len(before) and all(a is b for a, b in zip(value, before))
     return type(value) is type(before) and value == before
+
+
+def export_node(node: gs.Node) -> onnx.NodeProto:
+    """One node as a NodeProto (for onnx's per-node inference or a small evaluation model),
+    written as export_model writes it; unlike graphsurgeon's exporter it never replaces a
+    tensor attribute's lazily loaded proto by an array (which would change the model)."""
+    proto = onnx.NodeProto()
+    _export_node(node, proto, [t.name for t in node.inputs], [t.name for t in node.outputs], _Scope(set()), set())
+    return proto
 
 
 def _export_node(node: gs.Node, proto: onnx.NodeProto, in_names, out_names, scope: _Scope, used_domains) -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -28,7 +28,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import ModelError
 from onnxopt.ir import graph_io
 from onnxopt.ir.graphs import iter_graphs
-from onnxopt.ir.storage import add_provenance, read_proto, save  # noqa: F401  (part of this module's API)
+from onnxopt.ir.storage import (add_provenance, inline_external_data, model_tensors, read_proto,  # noqa: F401
+                                save, write_model)
 from onnxopt.ir.validate import check_proto
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,25 @@ class Model:
     a pass can touch and ``restore`` undoes it all.
     """
 
-    def __init__(self, proto: onnx.ModelProto, path: Path | None = None, sha256: str | None = None):
+    def __init__(self, proto: onnx.ModelProto, path: Path | None = None,
+                 sha256: str | Callable[[], str] | None = None):
         self._template = proto
         self.path = path
-        self.source_sha256 = sha256 or _sha256_of_proto(proto)
+        self._sha256 = sha256  # the hash, a function that gives it (computed lazily), or None
         self.graph: gs.Graph = graph_io.import_graph(proto)
         self.opset_import: list[tuple[str, int]] = [(imp.domain, imp.version) for imp in proto.opset_import]
         # Set by the pass manager when a pass reports a change; until then the original
         # proto is what gets written.
         self.modified = False
+
+    @property
+    def source_sha256(self) -> str:
+        """sha256 of the file the model was read from (of its serialized proto otherwise)."""
+        if callable(self._sha256):
+            self._sha256 = self._sha256()
+        elif self._sha256 is None:
+            self._sha256 = _sha256_of_proto(self._template)
+        return self._sha256
 
     # -- opsets ----------------------------------------------------------------------------
     @property
@@ -105,16 +116,47 @@ class Model:
 
     # -- export ----------------------------------------------------------------------------
     def export(self) -> onnx.ModelProto:
-        """The model as it is now, as a new ModelProto (what a pass hands to onnxruntime)."""
-        return graph_io.export_model(self.graph, self._template, self.opset_protos())
+        """The model as it is now, as a new self-contained ModelProto (what a pass hands to
+        onnxruntime): weights left in an external file are read into it."""
+        return inline_external_data(self._with_ir_version(
+            graph_io.export_model(self.graph, self._template, self.opset_protos())))
+
+    def _with_ir_version(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """``proto`` with at least the IR version its opsets were released with (a raised
+        opset 17 needs IR 8, 20 needs IR 9)."""
+        try:
+            needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        except Exception:  # an opset newer than this onnx knows: leave the version as it is
+            return proto
+        if proto.ir_version < needed:
+            proto.ir_version = needed
+        return proto
 
     def to_proto(self) -> onnx.ModelProto:
-        """The model to write: a copy of the original proto when nothing changed, else ``export()``."""
+        """The model to write: a copy of the original proto when nothing changed, else
+        ``export()``; self-contained either way."""
         if not self.modified:
             out = onnx.ModelProto()
             out.CopyFrom(self._template)
-            return out
+            return inline_external_data(out)
         return self.export()
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None, **provenance: str) -> Path:
+        """Write the model as it is now to ``path`` (atomically, external data when asked or
+        over 2 GB) without building a copy of it in memory first: the weights are written
+        one by one from where they are (the original proto, or the input's data file).
+        ``provenance`` entries become ``onnxopt.<key>`` metadata."""
+        initializers: list = []
+        if self.modified:
+            light = self._with_ir_version(graph_io.export_model(self.graph, self._template, self.opset_protos(),
+                                                                initializers=initializers))
+        else:  # the original proto, all but the main graph's weights
+            light = graph_io.copy_fields(self._template, onnx.ModelProto(), skip=("graph",))
+            graph_io.copy_fields(self._template.graph, light.graph, skip=("initializer",))
+            initializers = list(self._template.graph.initializer)
+        if provenance:
+            add_provenance(light, **provenance)
+        return write_model(light, initializers, path, external_data=external_data)
 
     def opset_protos(self) -> list[onnx.OperatorSetIdProto]:
         return [onnx.helper.make_opsetid(domain, version) for domain, version in self.opset_import]
@@ -137,18 +179,31 @@ class ModelState:
 class Reference:
     """The model as it was loaded, before any pass ran: the teacher a pass compares with.
 
-    ``proto`` is the original ModelProto (shared, never modified); ``model`` imports it as a
-    Model on first use.
+    ``proto`` is the original ModelProto, self-contained (weights left in an external file
+    are read into a copy on first use, so onnxruntime can load it); ``model`` imports it as
+    a Model on first use.
     """
 
     def __init__(self, model: Model):
-        self.proto = model.template
+        self._template = model.template
+        self._proto: onnx.ModelProto | None = None
         self._model: Model | None = None
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        if self._proto is None:
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model_tensors(self._template)):
+                copy = onnx.ModelProto()
+                copy.CopyFrom(self._template)
+                self._proto = inline_external_data(copy)
+            else:
+                self._proto = self._template  # shared, never modified
+        return self._proto
 
     @property
     def model(self) -> Model:
         if self._model is None:
-            self._model = Model(self.proto)
+            self._model = Model(self._template)
         return self._model
 
 

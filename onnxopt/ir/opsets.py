@@ -46,6 +46,16 @@ def _always(reason: str) -> Callable[[gs.Node], str]:
     return lambda node: reason
 
 
+def _batchnorm_training_outputs(node: gs.Node) -> str | None:
+    extra = [t for t in node.outputs[1:] if t.name]
+    return "BatchNormalization with training outputs (their meaning changed in opset 14)" if extra else None
+
+
+def _roi_align_mode(node: gs.Node) -> str | None:
+    given = "coordinate_transformation_mode" in node.attrs
+    return None if given else "RoiAlign's default coordinate_transformation_mode changed in opset 16"
+
+
 def _grid_sample_mode(node: gs.Node) -> str | None:
     mode = node.attrs.get("mode")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -54,12 +64,24 @@ def _grid_sample_mode(node: gs.Node) -> str | None:
 
 # (op, version) of the default domain -> None when a node written for the previous version
 # keeps its meaning at this one; else a function(node) -> the reason it would change (None
-# when that node is not affected). Reviewed: the revisions of opsets 18, 19 and 20.
+# when that node is not affected). Reviewed: the revisions of opsets 14 to 20 (13 changed
+# too much: a raise from 12 or below goes through onnx's version converter).
 _REVIEWED: dict[tuple[str, int], Any] = {
+    # 14: types added; Reshape's allowzero and the RNNs' layout default to the old meaning
+    **{(op, 14): None for op in ("Add", "Sub", "Mul", "Div", "CumSum", "Relu", "Identity", "Reshape",
+                                 "GRU", "LSTM", "RNN")},
+    ("BatchNormalization", 14): _batchnorm_training_outputs,
+    # 15: types added (bfloat16, differing scale/bias types); Shape's start/end default to all
+    ("BatchNormalization", 15): None, ("Pow", 15): None, ("Shape", 15): None,
+    # 16: types added (bfloat16, optional); Scatter's reduction defaults to none
+    **{(op, 16): None for op in ("GreaterOrEqual", "LessOrEqual", "Identity", "If", "Loop", "Scan",
+                                 "LeakyRelu", "PRelu", "ScatterElements", "ScatterND", "Where")},
+    ("RoiAlign", 16): _roi_align_mode,
     **{(op, 18): _reduce_axes_attr for op in _REDUCE_OPS},
     ("ReduceMax", 20): None, ("ReduceMin", 20): None,  # bool added
     ("Split", 18): _split_without_sizes,
     ("DFT", 20): _always("axis moved from attribute to input (default changed) in opset 20"),
+    # 17 only added ops (LayerNormalization, DFT, STFT, the windows, SequenceMap)
     ("GridSample", 20): _grid_sample_mode,
     ("LpPool", 18): None, ("OptionalGetElement", 18): None, ("OptionalHasElement", 18): None,
     ("Pad", 18): None, ("Pad", 19): None, ("Resize", 18): None, ("Resize", 19): None,

@@ -46,7 +46,7 @@ Contract of a rule:
   may also be edited in place (fuse-conv-bn gives the Conv new weights and the BN's
   output): it keeps its position, so it may only read tensors computed before it. Matched
   nodes left without consumers are removed by the engine; shared ones (other consumers)
-  stay. Read weights with ``onnxopt.ir.constants.constant_value``, which does not load
+  stay (they are unlinked when the sweep ends). Read weights with ``onnxopt.ir.constants.constant_value``, which does not load
   lazy values into the graph (that alone would change how the model is written); name new
   tensors and nodes with ``onnxopt.ir.names.fresh_name(graph, base)`` and
   ``new_constant(graph, base, values)`` (one table for the whole model while rules run).
@@ -156,6 +156,7 @@ class RuleSet:
         output_ids = {id(t) for t in graph.outputs}
         inserts: dict[int, list[gs.Node]] = {}  # root id -> new nodes to place before it
         removed: set[int] = set()
+        dead: list[gs.Node] = []  # unlinked together when the sweep ends (hub tensors once)
         # nodes of this graph (a producer found through an outer-scope name lives in an
         # enclosing graph: a match reaching it is skipped, a rewrite cannot move nodes
         # across scopes)
@@ -169,7 +170,7 @@ class RuleSet:
                 if match is None:
                     continue
                 matched = list(_nodes_in(match))
-                if any(id(n) not in members for n in matched):
+                if any(id(n) not in members or id(n) in removed for n in matched):
                     continue
                 match.setdefault("graph", graph)
                 reason = rule.check(match, model, ctx)
@@ -187,7 +188,7 @@ class RuleSet:
                 if new_nodes:
                     inserts.setdefault(id(node), []).extend(new_nodes)
                     members.update(id(n) for n in new_nodes)
-                _remove_dead(matched, output_ids, removed)
+                dead.extend(_remove_dead(matched, output_ids, removed))
                 for t in guarded:
                     if not t.inputs or id(t.inputs[0]) in removed:
                         raise RuntimeError(f"rule {rule.name} left graph output '{t.name}' without a producer")
@@ -196,6 +197,7 @@ class RuleSet:
                 logger.debug("%s applied at %s", rule.name, node.name)
                 break
         if changed:
+            detach_nodes(dead)
             nodes = []
             for node in graph.nodes:
                 # a new node may already have been folded by a later match of this sweep
@@ -216,19 +218,23 @@ def _nodes_in(match: dict[str, Any]) -> Iterator[gs.Node]:
                 yield item
 
 
-def _remove_dead(nodes: list[gs.Node], output_ids: set[int], removed: set[int]) -> None:
-    """Disconnect matched nodes whose outputs nobody reads, until none is left."""
+def _remove_dead(nodes: list[gs.Node], output_ids: set[int], removed: set[int]) -> list[gs.Node]:
+    """Matched nodes whose outputs nobody (but removed nodes) reads, until none is left: marked
+    removed and returned, to be unlinked when the sweep ends (a weight shared by thousands of
+    nodes then has its reader list rebuilt once, not once per removed reader)."""
+    out = []
     progress = True
     while progress:
         progress = False
         for node in nodes:
             if id(node) in removed:
                 continue
-            if any(t.outputs or id(t) in output_ids for t in node.outputs):
+            if any(id(t) in output_ids or any(id(r) not in removed for r in t.outputs) for t in node.outputs):
                 continue
-            detach_nodes([node])
             removed.add(id(node))
+            out.append(node)
             progress = True
+    return out
 
 
 class RewritePass(Pass):

@@ -19,7 +19,7 @@ def submodel(nodes: list[gs.Node], constants: dict[str, np.ndarray], inputs: dic
              opset_import, ir_version: int) -> onnx.ModelProto:
     """The model of ``nodes`` (producers first) with ``constants`` as initializers and
     ``inputs`` as graph inputs (typed from their example arrays)."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+    from onnxopt.ir.graph_io import export_node
 
     initializers = [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()]
     graph_inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
@@ -31,7 +31,7 @@ def submodel(nodes: list[gs.Node], constants: dict[str, np.ndarray], inputs: dic
                 vi = onnx.ValueInfoProto()
                 vi.name = o.name  # no type: onnxruntime returns it as computed
                 outputs.append(vi)
-    graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "submodel", graph_inputs, outputs,
+    graph = onnx.helper.make_graph([export_node(n) for n in nodes], "submodel", graph_inputs, outputs,
                                    initializer=initializers)
     proto = onnx.helper.make_model(graph, opset_imports=list(opset_import))
     proto.ir_version = ir_version

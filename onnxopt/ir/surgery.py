@@ -19,10 +19,19 @@ def topological_order(graph: gs.Graph) -> list[gs.Node]:
     """
     nodes = graph.nodes
     index = {id(n): i for i, n in enumerate(nodes)}
+    get = index.get
+    for i, n in enumerate(nodes):  # the common case, checked without building anything
+        for t in n.inputs:
+            producers = t.inputs
+            if producers and (get(id(producers[0]), -1) > i):
+                break
+        else:
+            continue
+        break
+    else:
+        return list(nodes)
     deps = [{index[id(t.inputs[0])] for t in n.inputs if t.inputs and id(t.inputs[0]) in index} - {i}
             for i, n in enumerate(nodes)]
-    if all(j < i for i, d in enumerate(deps) for j in d):
-        return list(nodes)
     indegree = [len(d) for d in deps]
     users: list[list[int]] = [[] for _ in nodes]
     for i, d in enumerate(deps):

@@ -152,7 +152,7 @@ def _check_acyclic(graph: onnx.GraphProto, deps: list[set[int]], where: str) -> 
 def _check_tensor_data(t: onnx.TensorProto, where: str, what: str) -> None:
     """The stored data holds exactly as many elements as the declared shape."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        return  # resolved (and length-checked) by load_external_data
+        return  # located (and length-checked) by storage.locate_external_data
     count = 1
     for d in t.dims:
         count *= d

@@ -90,6 +90,11 @@ class PassContext:
             self._cache[name] = _ANALYSES[name](model, self)
         return self._cache[name]
 
+    def provide(self, name: str, result: Any) -> None:
+        """Store the result of analysis ``name`` that a pass computed itself (incrementally),
+        for the passes after it; it must be what ``analysis(name, model)`` would give now."""
+        self._cache[name] = result
+
     def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
         """Drop every cached analysis, and the activation statistics, except those named in
         ``preserved``."""

@@ -11,6 +11,11 @@ that raised or lied; VerificationError, exit 3, for a pass that broke the model)
 fidelity floor (onnxopt.pipeline.floor), a lossy pass that leaves the model below it gives
 its costliest layers back, or is rolled back. After a change, cached analyses and
 activation statistics the pass does not preserve are dropped.
+
+A ``fixed-point`` group (``onnxopt.pipeline.text``) runs its passes round after round until
+a round changes nothing, at most ``max_rounds`` rounds. A pass that found nothing to do is
+not run again until the model changes (the digest the manager takes anyway says so): the
+last round costs a digest comparison per pass. Each run is a record, with its round number.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class PassRecord:
     error: str | None = None
     verified: str | None = None  # "equal" | "skipped: …" | None (not asked)
     fidelity: dict | None = None  # a lossy pass under a fidelity floor: what it was measured at
+    round: int | None = None  # the round of its fixed-point group (None outside groups)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -75,6 +81,9 @@ class PassManager:
         self._snapshot_of: gs.Graph | None = None  # the live graph that snapshot was taken of
         self._digest: tuple[gs.Graph, str] | None = None  # (graph, its digest) as last taken
         self._counts: tuple | None = None  # (graph, nodes, params) as last counted
+        self._ops: tuple | None = None  # (digest, op types) as last seen
+        self._journal: list[PassSpec] | None = None  # passes run since the snapshot (in groups)
+        self._in_group = 0
 
     def run(self, model: Model, ctx: PassContext) -> list[PassRecord]:
         from tqdm import tqdm
@@ -89,6 +98,9 @@ class PassManager:
         bar = tqdm(self.specs, desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
+            if spec.is_group:
+                self._run_group(spec, model, ctx)
+                continue
             if ctx.calibration is not None:  # one streamed run for a block of calibrating passes
                 from onnxopt.data.statistics import gather_requests
 
@@ -97,18 +109,93 @@ class PassManager:
         bar.close()
         return self.records
 
+    # -- fixed-point groups ----------------------------------------------------------------
+    def _run_group(self, group: PassSpec, model: Model, ctx: PassContext) -> bool:
+        """Run ``group``'s passes round after round until none changes the model; returns
+        whether any did."""
+        from onnxopt.pipeline.text import GROUPS
+
+        max_rounds = int(group.options.get("max_rounds", GROUPS[group.name]["max_rounds"][1]))
+        self._in_group += 1
+        try:
+            return self._rounds(group, max_rounds, model, ctx)
+        finally:
+            self._in_group -= 1
+            if not self._in_group and self._journal is not None:
+                # outside groups a snapshot is valid only if nothing changed since it
+                if self._journal:
+                    self._snapshot = None
+                self._journal = None
+
+    def _rounds(self, group: PassSpec, max_rounds: int, model: Model, ctx: PassContext) -> bool:
+        # index in the body -> digest of the model a run of it left unchanged (a pass that
+        # changed the model may change more when run again: it always runs in the next round)
+        idle: dict[int, object] = {}
+        changed_any = False
+        for round_ in range(1, max_rounds + 1):
+            changed = False
+            for i, spec in enumerate(group.body):
+                if idle.get(i) == self._current_digest(model):
+                    continue  # it found nothing to do in this very model already
+                if spec.is_group:
+                    did = self._run_group(spec, model, ctx)
+                else:
+                    record = self._run_one(spec, model, ctx)
+                    record.round = round_
+                    if record.status != "skipped" or round_ == 1:
+                        self.records.append(record)
+                    did = record.status == "changed"
+                changed |= did
+                if did:
+                    idle.pop(i, None)
+                else:
+                    idle[i] = self._current_digest(model)
+            changed_any |= changed
+            if not changed:
+                return changed_any
+        if any(idle.get(i) != self._current_digest(model) for i in range(len(group.body))):
+            note = f"{group.name}: stopped after max_rounds={max_rounds} with passes still changing the model"
+            ctx.notes.append(note)
+            logger.info(note)
+        return changed_any
+
+    def _op_types(self, model: Model) -> set[str]:
+        """Op types of every graph of the model (default domain and others), as last seen."""
+        digest = self._current_digest(model)
+        if self._ops is None or self._ops[0] != digest:
+            self._ops = (digest, {op for _, op in op_types(model.graph)})
+        return self._ops[1]
+
+    def _current_digest(self, model: Model):
+        if self._digest is None or self._digest[0] is not model.graph:
+            self._digest = (model.graph, model_digest(model))
+        return self._digest[1]
+
     # -- one pass --------------------------------------------------------------------------
     def _run_one(self, spec: PassSpec, model: Model, ctx: PassContext) -> PassRecord:
         cls = get_pass(spec.name)
         pass_ = cls(**spec.options)
         record = PassRecord(spec.name, dict(spec.options))
+        if cls.requires_ops and not (cls.requires_ops & self._op_types(model)):
+            # nothing it could change: not run (no snapshot, no digest)
+            record.status = "skipped"
+            record.stats = {"reason": "none of " + ", ".join(sorted(cls.requires_ops)) + " in the model"}
+            if self._counts is None or self._counts[0] is not model.graph:
+                self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
+            record.nodes_before = record.nodes_after = self._counts[1]
+            record.params_before = record.params_after = self._counts[2]
+            return record
         if self._counts is None or self._counts[0] is not model.graph:
             self._counts = (model.graph, count_nodes(model.graph), count_params(model.graph))
         record.nodes_before, record.params_before = self._counts[1:]
         # A snapshot stays valid while passes leave the model as it was (the digest proves
-        # it): copy only after a change.
-        if self._snapshot is None or self._snapshot_of is not model.graph:
+        # it): copy only after a change. Inside a fixed-point group it stays valid across
+        # changes too, with the passes that changed the model since in a journal: a rollback
+        # restores it and replays them (passes are deterministic), so a group of lossless
+        # passes costs one graph copy, not one per change.
+        if self._snapshot is None or (self._journal is None and self._snapshot_of is not model.graph):
             self._snapshot, self._snapshot_of = model.snapshot(), model.graph
+            self._journal = [] if self._in_group else None
         snapshot = self._snapshot
         if self._digest is None or self._digest[0] is not model.graph:
             self._digest = (model.graph, model_digest(model))
@@ -166,7 +253,10 @@ class PassManager:
                 raise VerificationError(f"pass '{spec.name}' broke the model: {problem}")
         elif changed:
             model.modified = True
-            self._snapshot = None
+            if self._journal is not None:
+                self._journal.append(spec)
+            else:
+                self._snapshot = None
             self._digest = (model.graph, digest_after)
             record.status = "changed"
             ctx.invalidate(cls.preserves)
@@ -179,7 +269,18 @@ class PassManager:
 
     def _restore(self, model: Model, snapshot: ModelState, digest: str, ctx: PassContext, ctx_state) -> None:
         model.restore(snapshot)
-        self._snapshot = None  # the snapshot is the live model now
+        journal = self._journal or []
+        self._snapshot = self._journal = None  # the snapshot is the live model now
+        if journal:  # bring the snapshot to the state before the failed pass
+            notes = list(ctx.notes)
+            for spec in journal:
+                ctx.invalidate()
+                get_pass(spec.name)(**spec.options).run(model, ctx)
+            ctx.notes[:] = notes
+            replayed = model_digest(model)
+            if replayed != digest:
+                logger.warning("replaying %d pass(es) after a rollback did not give the same model", len(journal))
+            digest = replayed
         self._digest = (model.graph, digest)
         ctx.rollback(ctx_state)
 

@@ -87,6 +87,9 @@ class Pass:
     def layers(self, model, ctx) -> list[str]:
         """Keys of the layers this pass would change in ``model`` (for ``keep_option``)."""
         return []
+    # Op types (default domain) without which the pass cannot change anything: when the
+    # model (every graph) has none of them, the manager does not run it. Empty: always run.
+    requires_ops: ClassVar[frozenset[str]] = frozenset()
 
     @dataclass
     class Options:

@@ -80,12 +80,39 @@ def test_layernorm_with_constant_nodes_after_lift_constants():
     assert op_histogram(out) == {"LayerNormalization": 1, "Identity": 1}
 
 
-def test_layernorm_not_before_opset_17_and_model_stays_identical():
-    proto = layernorm_decomposed(opset=16)
+@pytest.mark.parametrize("opset", [14, 16])
+def test_layernorm_below_opset_17_raises_the_opset_when_no_op_changes_meaning(opset):
+    proto = layernorm_decomposed(opset=opset)
+    proto.ir_version = 7  # what torch writes for opset 14
     out, result = fused(proto, "fuse-layernorm")
+    assert result.stats["opset_raised"] == f"{opset} -> 17" and result.stats["fused"] == 1
+    assert out.opset_import[0].version == 17 and out.ir_version == 8  # the IR version opset 17 came with
+    assert op_histogram(out) == {"LayerNormalization": 1, "Identity": 1}
+
+
+def test_layernorm_below_opset_17_without_raise_stays_identical():
+    proto = layernorm_decomposed(opset=16)
+    out, result = fused(proto, "fuse-layernorm", raise_opset=False)
     assert_untouched(proto, out, result)
-    assert result.stats == {"fused": 0, "skipped": {"opset 16 < 17 (no LayerNormalization)": 1}}
-    assert out.opset_import[0].version == 16
+    assert result.stats == {"fused": 0, "skipped": {"opset 16 < 17, raise_opset off": 1}}
+
+
+def test_layernorm_not_raised_when_an_op_would_change_meaning():
+    # A BatchNormalization whose training outputs are read changed meaning in opset 14.
+    base = layernorm_decomposed(opset=13)
+    c = 5  # the channel axis of x [2, 5, 8]
+    bn = helper.make_node("BatchNormalization", ["x0", "s", "b", "m", "v"], ["x", "rm", "rv", "sm", "sv"])
+    params = [init(n, np.ones(c, np.float32)) for n in ("s", "b", "m", "v")]
+    proto = make_model([bn] + list(base.graph.node), [tensor("x0", [2, c, 8])],
+                       list(base.graph.output) + [tensor(n, [c]) for n in ("rm", "rv", "sm", "sv")],
+                       list(base.graph.initializer) + params, opset=13)
+    assert "BatchNormalization: BatchNormalization with training outputs (their meaning changed in opset 14)" \
+        in raise_blockers(load(proto), 17)
+    out, result = run_pass("fuse-layernorm", proto)
+    assert not result.changed and out.opset_import[0].version == 13
+    assert list(result.stats["skipped"]) == ["opset 13 < 17, raising unsafe: BatchNormalization: "
+                                             "BatchNormalization with training outputs (their meaning changed "
+                                             "in opset 14)"]
 
 
 @pytest.mark.parametrize("reader", ["mean", "d", "var", "std"])
@@ -164,7 +191,7 @@ def test_layernorm_second_run_changes_nothing():
 @pytest.mark.parametrize("scaled", ["div", "mul"])
 def test_gelu_erf_orderings_fuse_to_contrib_gelu_below_opset_20(order, scaled):
     proto = gelu_erf(order=order, scaled=scaled)
-    out, result = fused(proto, "fuse-gelu", allow_contrib=True)
+    out, result = fused(proto, "fuse-gelu", allow_contrib=True, raise_opset=False)
     assert op_histogram(out) == {"Gelu": 1}
     assert out.graph.node[0].domain == "com.microsoft" and out.graph.node[0].output[0] == "y"
     assert {(o.domain, o.version) for o in out.opset_import} == {("", 17), ("com.microsoft", 1)}
@@ -173,7 +200,7 @@ def test_gelu_erf_orderings_fuse_to_contrib_gelu_below_opset_20(order, scaled):
 
 @pytest.mark.parametrize("cube", ["mul", "pow"])
 def test_gelu_tanh_fuses_to_fastgelu_below_opset_20(cube):
-    out, result = fused(gelu_tanh(cube=cube), "fuse-gelu", allow_contrib=True)
+    out, result = fused(gelu_tanh(cube=cube), "fuse-gelu", allow_contrib=True, raise_opset=False)
     assert op_histogram(out) == {"FastGelu": 1} and out.graph.node[0].domain == "com.microsoft"
     assert result.stats["gelu-tanh"] == 1 and result.stats["fused"] == 1
 
@@ -189,7 +216,7 @@ def test_gelu_standard_op_from_opset_20_even_with_contrib_allowed(builder, appro
 
 def test_gelu_below_opset_20_without_contrib_or_raise_stays_identical():
     proto = gelu_erf()
-    out, result = fused(proto, "fuse-gelu", allow_contrib=False)
+    out, result = fused(proto, "fuse-gelu", allow_contrib=False, raise_opset=False)
     assert_untouched(proto, out, result)
     assert result.stats == {"fused": 0, "skipped": {"opset 17 < 20, contrib ops not allowed, raise_opset off": 1}}
 
@@ -197,15 +224,17 @@ def test_gelu_below_opset_20_without_contrib_or_raise_stays_identical():
 @pytest.mark.parametrize("target,expected", [("cpu", {"Gelu": 1}), ("npu", None)])
 def test_allow_contrib_defaults_to_the_target(target, expected):
     proto = gelu_erf()
-    out, result = fused(proto, "fuse-gelu", target=target)
+    out, result = fused(proto, "fuse-gelu", target=target, raise_opset=False)
     if expected is None:
         assert_untouched(proto, out, result)
     else:
         assert op_histogram(out) == expected
 
 
-def test_raise_opset_when_every_op_keeps_its_meaning():
-    out, result = fused(gelu_tanh(), "fuse-gelu", allow_contrib=False, raise_opset=True)
+@pytest.mark.parametrize("options", [{}, {"allow_contrib": True}, {"allow_contrib": False}])
+def test_raise_opset_when_every_op_keeps_its_meaning(options):
+    # raising is the default, and is tried before contrib ops
+    out, result = fused(gelu_tanh(), "fuse-gelu", **options)
     assert [(o.domain, o.version) for o in out.opset_import] == [("", 20)]
     assert op_histogram(out) == {"Gelu": 1} and attrs(out.graph.node[0])["approximate"] == "tanh"
     assert result.stats["opset_raised"] == "17 -> 20"
@@ -240,7 +269,7 @@ def test_raise_opset_refused_when_reduce_axes_are_an_attribute():
 def test_gelu_intermediate_read_elsewhere_does_not_fuse():
     proto = gelu_erf()
     proto.graph.output.append(tensor("e", [2, 16]))
-    out, result = fused(proto, "fuse-gelu", allow_contrib=True)
+    out, result = fused(proto, "fuse-gelu", allow_contrib=True, raise_opset=False)
     assert_untouched(proto, out, result)
     assert result.stats["skipped"] == {"gelu-erf: an intermediate tensor is read outside the pattern": 1}
 
@@ -261,7 +290,7 @@ def test_gelu_float64_has_no_contrib_kernel():
         i.CopyFrom(helper.make_tensor(i.name, TensorProto.DOUBLE, [], [float(onnx.numpy_helper.to_array(i))]))
     for v in list(proto.graph.input) + list(proto.graph.output):
         v.type.tensor_type.elem_type = TensorProto.DOUBLE
-    out, result = run_pass("fuse-gelu", proto, allow_contrib=True)
+    out, result = run_pass("fuse-gelu", proto, allow_contrib=True, raise_opset=False)
     assert not result.changed
     assert result.stats["skipped"] == {"gelu-erf: dtype float64 not supported by com.microsoft Gelu": 1}
 
