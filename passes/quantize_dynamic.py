@@ -53,6 +53,7 @@ from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.ir.weights import bias_add_after, dense_layer
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 from onnxopt.quantization.scheme import (REDUCE_RANGE_CHOICES, REDUCE_RANGE_HELP, QuantScheme, quantize_weight,
@@ -105,8 +106,9 @@ def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str 
 
 # -- rewrites --------------------------------------------------------------------------------
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, per_channel: bool, reduce_range: bool, contrib: bool):
+    def __init__(self, graph: gs.Graph, per_channel: bool, reduce_range: bool, contrib: bool, lineage=None):
         self.graph = graph
+        self.lineage = lineage  # where to record what each layer was (onnxopt.pipeline.lineage)
         self.per_channel = per_channel
         self.reduce_range = reduce_range
         self.contrib = contrib
@@ -120,6 +122,13 @@ class _Rewriter:
 
     def _const(self, name: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.names(name), values)
+
+    def _record(self, codes: gs.Constant, out: gs.Tensor, weight: np.ndarray, bias) -> None:
+        """What the layer was, for passes that recover from the rounding (refit)."""
+        if self.lineage is not None:
+            value = constant_value(bias) if isinstance(bias, gs.Constant) else bias
+            self.lineage.record(codes.name, Origin("quantized", out.name, weight,
+                                                   None if value is None else np.asarray(value, np.float32)))
 
     def _quantized_activation(self, x: gs.Variable):
         if x.name not in self.dql:
@@ -140,6 +149,7 @@ class _Rewriter:
         ws = self._const(f"{base}_weight_scale", scale)
         # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
         wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
+        self._record(wq, out, weight, bias)
         if self.contrib:
             inputs = [a, wq, ws, wz] + ([bias] if bias is not None else [])
             self.new_nodes.append(gs.Node("DynamicQuantizeMatMul", f"{base}_quant", domain=MS_DOMAIN,
@@ -197,6 +207,7 @@ class _Rewriter:
         weight = constant_value(w)
         q, scale = symmetric_int8(weight, 0 if self.per_channel else None, self.reduce_range)
         wq = self._const(f"{base}_weight_quantized", q)
+        self._record(wq, node.outputs[0], weight, bias)
         # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
         wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
         ws = self._const(f"{base}_weight_scale", scale.reshape([-1] + [1] * (weight.ndim - 2))
@@ -296,7 +307,7 @@ class QuantizeDynamicPass(Pass):
         if contrib and any(k in ("matmul", "gemm") for _, _, k in plan):
             model.require_opset(MS_DOMAIN, 1)
         scales = self._smoothing(model, ctx, plan) if o.smooth else {}
-        stats = self._apply(model, plan, contrib, scales, reduce)
+        stats = self._apply(model, plan, contrib, scales, reduce, ctx.lineage)
         stats["smoothed"] = len(scales)
         stats["format"] = "contrib" if contrib else "standard"
         stats["reduce_range"] = reduce
@@ -317,13 +328,13 @@ class QuantizeDynamicPass(Pass):
     def layers(self, model, ctx) -> list[str]:
         return [node_key(node) for _, node, _ in self._plan(model)]
 
-    def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool) -> dict:
+    def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool, lineage=None) -> dict:
         o = self.options
         by_graph: dict[int, _Rewriter] = {}
         counts: dict[str, int] = {}
         _insert_smoothing(model.graph, plan, scales)
         for graph, node, kind in plan:
-            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib))
+            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib, lineage))
             getattr(rw, f"rewrite_{kind}")(node)
             counts[kind] = counts.get(kind, 0) + 1
         for rw in by_graph.values():

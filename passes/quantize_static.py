@@ -49,6 +49,7 @@ from onnxopt.ir.names import NameTable
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.surgery import topological_order
 from onnxopt.ir.weights import WEIGHT_OPS, output_channel_axis
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 from onnxopt.quantization import qdq
@@ -358,7 +359,7 @@ class QuantizeStaticPass(Pass):
             if dq is not None:
                 scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
                 inserted += 1
-        weights = self._quantize_weights(graph, names, plan, wt)
+        weights = self._quantize_weights(graph, names, plan, wt, ctx)
         biases = self._quantize_biases(graph, names, plan, scales, weights) \
             if int(ctx.target.quantization.get("bias_bits", 32)) == 32 else 0
         constants = self._quantize_constants(graph, names, plan, act)
@@ -403,7 +404,7 @@ class QuantizeStaticPass(Pass):
             graph.outputs = [dq if t is tensor else t for t in graph.outputs]
         return dq
 
-    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme) -> dict:
+    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme, ctx) -> dict:
         done: dict = {}
         cache: dict = {}
         for node, index, axis in plan.weights:
@@ -414,6 +415,9 @@ class QuantizeStaticPass(Pass):
                 dq = qdq.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
                 cache[key] = (dq, scale)
             dq, scale = cache[key]
+            # what the layer was, for passes that recover from the rounding (refit)
+            ctx.lineage.record(dq.inputs[0].inputs[0].name, Origin(
+                "quantized", node.outputs[0].name, constant_value(const), _float_bias(node)))
             node.inputs[index] = dq
             done[id(node)] = scale
         return done
@@ -455,6 +459,14 @@ class QuantizeStaticPass(Pass):
             node.inputs[index] = done[key]
             count += 1
         return count
+
+
+def _float_bias(node: gs.Node) -> np.ndarray | None:
+    """The float bias of a Conv/Gemm (its third input), or None."""
+    if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    value = constant_value(node.inputs[2])
+    return None if value is None or value.dtype != np.float32 else value
 
 
 def _clip_from_zero(node: gs.Node) -> bool:

@@ -35,6 +35,7 @@ from onnxopt.ir.names import NameTable
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.weights import bias_add_after, dense_layer
 from onnxopt.errors import PipelineError
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 
@@ -209,6 +210,8 @@ class QuantizeWeightsPass(Pass):
             q = quantize_blocks(w, o.bits, o.block_size, o.symmetric, o.method)
             before += w.size * 4
             new_nodes, size = (self._contrib(graph, node, q, bias) if contrib else self._standard(node, q))
+            if not contrib:  # what the layer was, for passes that recover from the rounding (refit)
+                ctx.lineage.record(new_nodes[0].inputs[0].name, Origin("quantized", node.outputs[0].name, w, bias))
             after += size
             entry = by_graph.setdefault(id(graph), (graph, [], set()))
             entry[1].extend(new_nodes)

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from onnxopt.pipeline.lineage import Lineage
 from onnxopt.target import Target
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class PassContext:
     # What passes found out and chose where the target leaves a setting to "auto" (a probe
     # of the machine): written to the report and to the output model's metadata.
     metadata: dict[str, str] = field(default_factory=dict)
+    # Layers that lossy passes changed, what they were, for passes that recover from them
+    # (refit): onnxopt.pipeline.lineage.
+    lineage: Lineage = field(default_factory=Lineage)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _providers: list[str] | None = field(default=None, repr=False)
 
