@@ -17,10 +17,11 @@ Outlier smoothing (``smooth``, on by default). One scale per tensor for the acti
 loses most on transformer activations with a few outlier channels (MiniLM: one channel of
 the FFN input reaches 28 where the 90th percentile of channel ranges is 2.4). The pass
 measures channel ranges on sample inputs, and for an activation whose outliers are large
-enough inserts one ``Mul`` by 1/s before its quantized consumers and multiplies the
-matching weight rows by s, which is exact in float; s = (range / percentile) ** strength
-for outlier channels and 1 elsewhere (a partial SmoothQuant migration that leaves the
-other channels alone).
+enough divides it by s and multiplies the matching weight rows by s, which is exact in
+float; s = (range / percentile) ** strength for outlier channels and 1 elsewhere (a partial
+SmoothQuant migration that leaves the other channels alone). 1/s is folded into the
+activation's producer when every reader takes the smoothed value, else one ``Mul`` feeds
+the quantized consumers (onnxopt/quantization/smoothing.py, shared with ``smooth-quant``).
 
 Embedding tables (``Gather`` of a constant 2-D table on axis 0) become int8 with one
 scale per row, dequantized after the lookup (Gather, Cast, Mul by the gathered scale).
@@ -46,16 +47,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.data.samples import sample_batches
-from onnxopt.data.statistics import Calibration, ChannelMoments
-from onnxopt.errors import OnnxoptError, PipelineError
+from onnxopt.errors import PipelineError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import named, node_key
-from onnxopt.ir.names import NameTable, new_constant
+from onnxopt.ir.names import NameTable
 from onnxopt.ir.weights import bias_add_after, dense_layer
 from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
+from onnxopt.quantization.smoothing import activation_absmax, outlier_scales, sites, smooth
 from onnxopt.quantization.scheme import (REDUCE_RANGE_CHOICES, REDUCE_RANGE_HELP, QuantScheme, quantize_weight,
                                          reduce_range_choice, target_schemes)
 
@@ -345,57 +345,32 @@ class QuantizeDynamicPass(Pass):
     def _smoothing(self, model, ctx, plan) -> dict[str, np.ndarray]:
         """Per activation tensor: the factor s of every channel (1 for all but the outliers),
         from the channels' largest magnitudes over the calibration data, else over sample
-        inputs made from the input specs."""
-        groups = _smoothable(plan, model.graph)
-        if not groups:
-            return {}
-        calib = ctx.calibration
-        if calib is None:
-            feeds, _ = sample_batches(model, ctx)
-            if not feeds:
-                return {}
-            calib = Calibration(source=feeds, providers=ctx.providers, threads=ctx.threads)
-        try:
-            moments = calib.reduce(model, [ChannelMoments(name, axis=-1) for name in groups])
-        except OnnxoptError as exc:  # the model does not run on the samples: no smoothing
-            logger.warning("quantize-dynamic: cannot run the model on sample data (%s); no smoothing", exc)
-            return {}
-        amax = {m.taps[0].name: m.abs_max for m in moments if m.count}
+        inputs made from the input specs (onnxopt.quantization.smoothing)."""
+        found = _smoothable(plan, model.graph)
+        amax, _ = activation_absmax(model, ctx, found)
         o = self.options
         scales = {}
-        for name in groups:
-            if name not in amax:
+        for site in found:
+            a = amax.get(site.tensor.name)
+            if a is None or a.size != site.channels:
                 continue
-            a = np.maximum(amax[name], 1e-6)
             # Only channels above the percentile are scaled down, and only part of the way:
             # sample ranges are estimates, and each scaled channel grows its weight row.
-            s = np.maximum(1.0, a / np.percentile(a, o.smooth_percentile)) ** o.smooth_strength
+            s = outlier_scales(a, o.smooth_percentile, o.smooth_strength)
             if s.max() >= o.smooth_min_factor:  # each Mul costs a pass over the activation
-                scales[name] = s.astype(np.float32)
+                scales[site.tensor.name] = s.astype(np.float32)
         return scales
 
 
-def _smoothable(plan, graph) -> dict[str, list[gs.Node]]:
-    """Activation name -> the MatMuls (in ``plan``, main graph) that read it as input A."""
-    groups: dict[str, list[gs.Node]] = {}
-    for g, node, kind in plan:
-        if g is graph and kind == "matmul":
-            groups.setdefault(node.inputs[0].name, []).append(node)
-    return groups
+def _smoothable(plan, graph) -> list:
+    """The activations the MatMuls of ``plan`` (main graph) read as input A, with those MatMuls."""
+    return sites(graph, op_types=("MatMul",), readers=[node for g, node, kind in plan if g is graph and kind == "matmul"])
 
 
 def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
-    """x @ W == (x / s) @ (s W): one Mul per activation, weights rescaled by row."""
+    """x @ W == (x / s) @ (s W): 1/s folded into x's producer, or one Mul per activation."""
     names = NameTable.of(graph)
-    for name, nodes in _smoothable(plan, graph).items():
-        s = scales.get(name)
-        if s is None:
-            continue
-        x = nodes[0].inputs[0]
-        xs = gs.Variable(names(f"{name}_smoothed"), dtype=np.float32)
-        inv = gs.Constant(names(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
-        graph.nodes.append(gs.Node("Mul", f"{name}_smooth", inputs=[x, inv], outputs=[xs]))
-        for node in nodes:
-            w = node.inputs[1]
-            node.inputs[0] = xs
-            node.inputs[1] = new_constant(names, f"{w.name}_smoothed", (constant_value(w) * s[:, None]).astype(np.float32))
+    for site in _smoothable(plan, graph):
+        s = scales.get(site.tensor.name)
+        if s is not None:
+            smooth(site, s, graph, names, allow_mul=True)
