@@ -190,9 +190,14 @@ def output_range(node: gs.Node) -> np.ndarray | None:
 
 def divide_outputs(chain: list[gs.Node], s: np.ndarray, axis: int, rank: int | None, names: NameTable) -> None:
     """Rewrite the constants of ``chain`` (from ``producer_chain``) so channel c of the
-    tensor it produces is divided by s_c."""
+    tensor it produces is divided by s_c. The tensors whose values change are renamed: a
+    name stands for the same values as in the original model (the teacher a refit matches,
+    ``onnxopt.pipeline.lineage``), and these no longer do."""
     inv = 1.0 / np.asarray(s, np.float64)
     for node in chain:
+        for t in node.outputs[:1]:
+            if t.name and not t.name.endswith("_rescaled"):
+                t.name = names(f"{t.name}_rescaled")
         if node.op in HOMOGENEOUS:
             continue
         layer = _layer_out(node)

@@ -1,0 +1,257 @@
+"""Accuracy-aware search: the most compressed, fastest models within a metric budget.
+
+``search(model, max_drop=X, metric=M, data=EVAL, calibration=CAL)``:
+
+1. the target's aggressive pipeline (its ``default``, or the pipeline given) is split into
+   knobs (``onnxopt.search.space``): calibration method, per-channel or per-tensor weights,
+   which quantization passes run, equalize / smooth-quant before them, refit after them —
+   and pass families register their own;
+2. sensitivity: for every lossy pass with a ``keep_option``, each layer's fidelity when
+   only it is compressed, on calibration batches, one worker task per layer, cached on disk
+   by model, pass, options and data (``onnxopt.pipeline.sensitivity``); one ranking, most
+   sensitive first;
+3. give back: the aggressive pipeline with the 0, 1, 2, 4, … most sensitive layers kept as
+   they were, evaluated in parallel, then bisected to the fewest that meet the budget;
+4. optuna (multi-objective TPE with the budget as a constraint) over every knob and the
+   number of layers given back, seeded with what step 3 found;
+5. the Pareto front of size, latency and metric drop among the candidates within budget.
+
+Every candidate is evaluated in full by a worker (``onnxopt.search.worker``): built from the
+original model, measured on the evaluation data with the metric, timed against the original
+interleaved; workers are local processes or Ray actors (``onnxopt.search.executor``), and
+the model and data are shipped to each once. The chosen candidate (the front's best on
+``prefer``) is built again here and returned with the report; when no candidate meets the
+budget, QualityGateError (exit 3) names the closest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxopt.errors import QualityGateError, UsageError
+from onnxopt.search import pareto
+from onnxopt.search.space import Candidate, Plan, base_config, build, knobs_for, split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    """The chosen model (an OptimizeResult), and the search's own report."""
+
+    result: Any  # onnxopt.optimize.OptimizeResult of the chosen candidate
+    report: dict
+    candidates: list[dict] = field(default_factory=list)
+    front: list[dict] = field(default_factory=list)
+
+
+def _batches(data, proto, limit: int | None = None) -> list[dict]:
+    from onnxopt.measure.compare import read_batches
+
+    return read_batches(data, proto, limit)
+
+
+def search(model, max_drop: float, metric: str = "cosine", data=None, calibration=None,
+           target="cpu", pipeline: str | None = None, trials: int = 16, workers: int | None = None,
+           executor: str = "local", ray_address: str | None = None, prefer: str = "latency",
+           cache: bool = True, seed: int = 0, progress: bool = False, max_calibration: int = 32) -> SearchResult:
+    """See the module docstring. ``data`` (evaluation inputs) is required; ``calibration``
+    enables static quantization, smoothing and refit."""
+    from onnxopt.ir.model import load
+    from onnxopt.optimize import plan as plan_pipeline
+    from onnxopt.search.executor import make_executor
+    from onnxopt.target import load_target
+
+    started = time.perf_counter()
+    if data is None:
+        raise UsageError("a search needs evaluation data (--data DATA) to measure the metric on")
+    if prefer not in pareto.PREFERENCES:
+        raise UsageError(f"unknown preference '{prefer}' (latency, size or metric)")
+    m = load(model)
+    proto = m.to_proto()
+    target_obj = load_target(target)
+    _, specs, notes = plan_pipeline(target_obj, pipeline, has_calibration=calibration is not None)
+    base = split(specs)
+    if not base.lossy:
+        raise UsageError(f"the pipeline '{pipeline or 'default'}' has no lossy pass: nothing to search")
+    knobs = knobs_for(base, calibration is not None)
+    evaluation = _batches(data, proto)
+    calib = _batches(calibration, proto, max_calibration) if calibration is not None else []
+    payload = {"model": proto.SerializeToString(), "target": target_obj, "metric": metric,
+               "calibration": calib, "evaluation": evaluation, "threads": 1}
+    pool = make_executor(executor, payload, workers, ray_address)
+    report: dict[str, Any] = {"max_drop": max_drop, "metric": metric if isinstance(metric, str) else
+                              f"{metric.__module__}:{metric.__name__}", "executor": pool.describe(),
+                              "base_pipeline": base.text(), "knobs": {k: list(v) for k, v in knobs.items()},
+                              "notes": notes}
+    try:
+        ranking, sensitivities = _sensitivity(pool, m, base, target_obj, calib or evaluation, cache, report)
+        candidates = _explore(pool, base, knobs, ranking, max_drop, trials, seed, progress, report)
+    finally:
+        pool.close()
+    for c in candidates:
+        if "size" in c:
+            c["size_ratio"] = c["size"] / max(1, len(payload["model"]))
+    good = [c for c in candidates if "error" not in c and c["drop"] <= max_drop]
+    report["evaluations"] = len(candidates)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    report["candidates"] = candidates
+    report["sensitivity"] = [s.to_json() for s in sensitivities]
+    if not good:
+        finished = [c for c in candidates if "error" not in c]
+        closest = min(finished, key=lambda c: c["drop"], default=None)
+        where = (f"; closest: drop {closest['drop']:.6g} with pipeline '{closest['pipeline']}'" if closest
+                 else "; every candidate failed")
+        raise QualityGateError(f"no candidate meets --max-accuracy-drop {max_drop:g} on {report['metric']} after "
+                               f"{len(candidates)} evaluation(s){where}")
+    front = pareto.front(good)
+    chosen = pareto.choose(front, prefer)
+    report["front"] = front
+    report["chosen"] = chosen
+    report["prefer"] = prefer
+    from onnxopt.measure.fidelity import Floor
+    from onnxopt.optimize import optimize
+
+    result = optimize(m, target=target_obj, pipeline=chosen["pipeline"], calibration=calibration, floor=Floor())
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return SearchResult(result, report, candidates, front)
+
+
+# -- sensitivity ---------------------------------------------------------------------------------
+def _sensitivity(pool, model, base: Plan, target, batches, use_cache: bool, report: dict):
+    """Per lossy pass of ``base`` with a keep option: each layer's fidelity alone (cached);
+    returns the merged ranking [(pass, layer)], most sensitive first, and the Sensitivities."""
+    from onnxopt.ir.model import load
+    from onnxopt.measure.fidelity import Fidelity
+    from onnxopt.optimize import optimize
+    from onnxopt.pipeline.context import PassContext
+    from onnxopt.pipeline.registry import get_pass
+    from onnxopt.pipeline.sensitivity import Sensitivity, SensitivityCache, alone, digest_batches
+    from onnxopt.pipeline.text import format_pipeline
+
+    prefix = format_pipeline(base.prefix)
+    after_prefix = load(optimize(model, target=target, pipeline=prefix).model) if prefix else model
+    ctx = PassContext(target=target)
+    store = SensitivityCache() if use_cache else None
+    data = digest_batches(batches[:4])
+    out, merged = [], []
+    started = time.perf_counter()
+    for spec in base.lossy:
+        cls = get_pass(spec.name)
+        if cls.keep_option is None:
+            continue
+        options = dict(spec.options)
+        found = store.get(model.source_sha256, spec.name, options, data) if store else None
+        if found is None:
+            keys = [k for k in cls(**options).layers(after_prefix, ctx) if k]
+            items = [{"prefix": prefix, "pass": spec.name, "options": options, "layer": k, "keep": alone(keys, k)}
+                     for k in keys]
+            found = Sensitivity(spec.name, options, data=f"{min(4, len(batches))} calibration batch(es)")
+            for row in pool.map("layer_alone", items):
+                found.layers[row["layer"]] = Fidelity(row["snr_db"], row["cosine"], row["output"])
+            if store:
+                store.put(model.source_sha256, found, data)
+        out.append(found)
+        merged += [(found.layers[k].snr_db, spec.name, k) for k in found.ranking()]
+    report["sensitivity_seconds"] = round(time.perf_counter() - started, 2)
+    merged.sort(key=lambda t: t[0])
+    return [(p, k) for _, p, k in merged], out
+
+
+# -- candidates ----------------------------------------------------------------------------------
+def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: int, seed: int, progress: bool,
+             report: dict) -> list[dict]:
+    """Steps 3 and 4 of the module docstring; every evaluated candidate, in order."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    n = len(ranking)
+    distributions = {name: optuna.distributions.CategoricalDistribution(list(choices))
+                     for name, choices in knobs.items()}
+    distributions["give_back"] = optuna.distributions.IntDistribution(0, max(n, 1))
+
+    def constraint(trial):
+        return [trial.user_attrs.get("constraint", 1.0)]
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraint,
+                                         n_startup_trials=max(4, trials // 3))
+    study = optuna.create_study(directions=["minimize"] * 3, sampler=sampler)
+    seen: dict[tuple, dict] = {}
+    evaluated: list[dict] = []
+    width = max(1, getattr(pool, "workers", 1))
+
+    def run(cands: list[Candidate], trial_objs: list) -> list[dict]:
+        """Evaluate candidates (cached by key), tell optuna, return their results."""
+        todo, order = [], []
+        for c in cands:
+            key = c.key()
+            order.append(key)
+            if key not in seen and all(key != k for k, _ in todo):
+                todo.append((key, c))
+        items = [{"id": len(evaluated) + i, "pipeline": build(base, c, ranking)} for i, (_, c) in enumerate(todo)]
+        for (key, c), res in zip(todo, pool.map("evaluate", items)):
+            res.update({"config": dict(c.config), "give_back": c.give_back})
+            seen[key] = res
+            evaluated.append(res)
+            logger.info("candidate %s: %s", res["pipeline"], {k: res.get(k) for k in ("drop", "size", "latency_ratio",
+                                                                                       "error")})
+        results = [seen[k] for k in order]
+        for trial, res in zip(trial_objs, results):
+            if "error" in res:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            trial.set_user_attr("constraint", res["drop"] - max_drop)
+            study.tell(trial, [float(res["size"]), float(res["latency_ratio"]), float(res["drop"])])
+        return results
+
+    def asked(cands: list[Candidate]) -> list:
+        out = []
+        for c in cands:
+            study.enqueue_trial({**c.config, "give_back": c.give_back})
+            out.append(study.ask(distributions))
+        return out
+
+    config = base_config(knobs)
+    # step 3: give back the most sensitive layers, 0, 1, 2, 4, … then bisect
+    ladder = sorted({0, n} | {2 ** i for i in range(int(math.log2(n)) + 1)} if n else {0})
+    ok: dict[int, bool] = {}
+    for start in range(0, len(ladder), width):
+        chunk = ladder[start:start + width]
+        cands = [Candidate(dict(config), k) for k in chunk]
+        for k, res in zip(chunk, run(cands, asked(cands))):
+            ok[k] = "error" not in res and res["drop"] <= max_drop
+        if any(ok[k] for k in chunk):
+            break
+    passing = sorted(k for k, v in ok.items() if v)
+    if passing:
+        hi = passing[0]
+        lo = max((k for k, v in ok.items() if not v and k < hi), default=-1)
+        while hi - lo > 1:
+            step = max(1, (hi - lo) // (width + 1))
+            mids = sorted({min(hi - 1, lo + step * (i + 1)) for i in range(width)} - {lo, hi})
+            mids = [k for k in mids if lo < k < hi]
+            if not mids:
+                break
+            cands = [Candidate(dict(config), k) for k in mids]
+            for k, res in zip(mids, run(cands, asked(cands))):
+                ok[k] = "error" not in res and res["drop"] <= max_drop
+            lo = max([lo] + [k for k in mids if not ok[k]])
+            hi = min([hi] + [k for k in mids if ok[k]])
+        report["give_back"] = hi
+    else:
+        report["give_back"] = None
+    # step 4: optuna over every knob and the count given back
+    remaining = max(0, trials)
+    while remaining > 0:
+        batch = [study.ask(distributions) for _ in range(min(width, remaining))]
+        cands = [Candidate({k: t.params[k] for k in knobs}, int(t.params["give_back"])) for t in batch]
+        run(cands, batch)
+        remaining -= len(batch)
+    return evaluated
