@@ -148,8 +148,8 @@ class Candidate:
 
 
 def build(base: Plan, candidate: Candidate, ranking: list[tuple[str, str]]) -> str:
-    """The pipeline text of ``candidate`` on ``base``; ``ranking`` lists (pass, layer key),
-    most sensitive first."""
+    """The pipeline text of ``candidate`` on ``base``; ``ranking`` lists (layer key, the passes
+    that change it), most sensitive first: a layer given back is kept by every one of them."""
     plan = copy.deepcopy(base)
     for name, value in candidate.config.items():
         if name == "quantizers":
@@ -157,8 +157,9 @@ def build(base: Plan, candidate: Candidate, ranking: list[tuple[str, str]]) -> s
         elif name in KNOBS:
             KNOBS[name].apply(plan, value)
     keep: dict[str, list[str]] = {}
-    for pass_name, layer in ranking[:candidate.give_back]:
-        keep.setdefault(pass_name, []).append(layer)
+    for layer, passes in ranking[:candidate.give_back]:
+        for pass_name in passes:
+            keep.setdefault(pass_name, []).append(layer)
     for spec in plan.lossy:
         option = get_pass(spec.name).keep_option
         if option and keep.get(spec.name):
