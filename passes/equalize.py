@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxopt.ir.names import NameTable
-from onnxopt.ir.rescale import divide_outputs, input_axis, input_range, output_range, producer_chain, scale_inputs
+from onnxopt.ir.rescale import (divide_outputs, input_axis, input_channels, input_range, output_range,
+                                 producer_chain, scale_inputs)
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 
@@ -58,7 +59,7 @@ class EqualizePass(Pass):
             info = shapes.get(x.name)
             rank = len(info.shape) if info is not None and info.shape is not None else (
                 len(x.shape) if x.shape is not None else None)
-            channels = _channels(node)
+            channels = input_channels(node)
             if channels is None:
                 continue
             chain = producer_chain(x, graph, axis, rank, channels)
@@ -98,14 +99,3 @@ class EqualizePass(Pass):
         if changed:  # the largest factor one step applied to a channel
             stats["largest_scale"] = round(float(np.exp(np.max(np.abs(np.log(total))))), 3)
         return PassResult(changed=changed, stats=stats)
-
-
-def _channels(node) -> int | None:
-    """Input channels of a Conv/MatMul/Gemm reader, from its weight."""
-    w = node.inputs[1]
-    shape = tuple(w.shape or ())
-    if node.op == "Conv":
-        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 2 else None
-    if len(shape) != 2:
-        return None
-    return int(shape[1]) if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else int(shape[0])

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @register_pass("smooth-quant")
 class SmoothQuantPass(Pass):
-    """Move activation outliers into the weights of the MatMul/Gemm/Conv that read them (SmoothQuant; exact in float)."""
+    """Move activation outliers into the weights of the MatMul/Gemm/Conv reading them (SmoothQuant; exact in float)."""
 
     lossless = True
 

@@ -151,8 +151,7 @@ def search_row(case: dict, budget: float, trials: int, workers: int, executor: s
         found = search(case["model"], max_drop=budget, metric=case["metric"], data=case["eval"],
                        calibration=case["calib"], trials=trials, workers=workers, executor=executor, cache=cache)
         rep = found.report
-        base = next((c for c in rep["candidates"] if c["give_back"] == 0 and c["config"] == rep["candidates"][0]["config"]),
-                    rep["candidates"][0])
+        base = rep["candidates"][0]  # the aggressive pipeline as it is (the first one evaluated)
         row.update({"seconds": rep["seconds"], "sensitivity_seconds": rep["sensitivity_seconds"],
                     "evaluations": rep["evaluations"], "give_back": rep["give_back"],
                     "int8": {k: base.get(k) for k in ("drop", "size_ratio", "latency_ratio", "pipeline")},
@@ -189,7 +188,8 @@ def run_case(kind: str, case: dict, args, workers: int, executor: str, out: Path
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not rows:
-        rows = [json.dumps({"model": case["name"], "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})]
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        rows = [json.dumps({"model": case["name"], "error": last})]
     with out.open("a") as f:
         for line in rows:
             f.write(line + "\n")

@@ -58,6 +58,16 @@ def input_axis(node: gs.Node, tensor: gs.Tensor) -> int | None:
     return None
 
 
+def input_channels(node: gs.Node) -> int | None:
+    """Input channels a Conv/MatMul/Gemm reader's weight expects (all groups)."""
+    shape = tuple(node.inputs[1].shape or ()) if len(node.inputs) > 1 else ()
+    if node.op == "Conv":
+        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 2 else None
+    if len(shape) != 2:
+        return None
+    return int(shape[1]) if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else int(shape[0])
+
+
 def _input_slices(node: gs.Node, w: np.ndarray, channels: int):
     """(how to view the weight so that index c selects what input channel c multiplies)."""
     if node.op == "Conv":

@@ -381,7 +381,8 @@ def to_html(report: dict) -> str:
                      "<th>drop</th></tr>")
         for c in search["front"]:
             parts.append(f"<tr><td>{esc(short_pipeline(c['pipeline'], search.get('base_pipeline', '')))}</td>"
-                         f"<td>{c['size_ratio']:.3f}x</td><td>{c['latency_ratio']:.3f}x</td><td>{c['drop']:.4g}</td></tr>")
+                         f"<td>{c['size_ratio']:.3f}x</td><td>{c['latency_ratio']:.3f}x</td>"
+                         f"<td>{c['drop']:.4g}</td></tr>")
         parts.append("</table>")
     # The whole report, for tools that read the page.
     data = to_json(report).replace("</", "<\\/")

@@ -32,7 +32,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.ir.names import NameTable
-from onnxopt.ir.rescale import divide_outputs, input_axis, input_range, multiply_before, producer_chain, scale_inputs
+from onnxopt.ir.rescale import (divide_outputs, input_axis, input_channels, input_range, multiply_before,
+                                 producer_chain, scale_inputs)
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ class Site:
     channels: int
 
 
-def _channels(node: gs.Node) -> int | None:
-    """Input channels a linear reader's weight expects."""
-    shape = tuple(node.inputs[1].shape or ())
-    if node.op == "Conv":
-        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 2 else None
-    if len(shape) != 2:
-        return None
-    return int(shape[1]) if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else int(shape[0])
-
-
 def sites(graph: gs.Graph, shapes: dict | None = None, op_types=("MatMul", "Gemm", "Conv"),
           readers=None) -> list[Site]:
     """Activations of ``graph`` read as data input by linear layers of ``op_types`` (or only
@@ -75,7 +66,7 @@ def sites(graph: gs.Graph, shapes: dict | None = None, op_types=("MatMul", "Gemm
             continue
         x = node.inputs[0]
         axis = input_axis(node, x)
-        channels = _channels(node) if axis is not None else None
+        channels = input_channels(node) if axis is not None else None
         if channels is None or isinstance(x, gs.Constant):
             continue
         site = found.get(id(x))

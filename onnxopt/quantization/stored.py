@@ -231,7 +231,8 @@ def _per_row(values: np.ndarray | None, out: int) -> np.ndarray | None:
 
 def conv_patches(node: gs.Node, kernel: tuple[int, ...]) -> Patches | None:
     """The im2col geometry of a 1-D or 2-D Conv (None: auto_pad or 3-D)."""
-    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID") or len(kernel) not in (1, 2):
+    if len(kernel) not in (1, 2) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID",
+                                                                                   b"VALID"):
         return None
     dims = len(kernel)
     return Patches(tuple(int(k) for k in node.attrs.get("kernel_shape", kernel)),
