@@ -10,7 +10,9 @@ whatever form the quantization pass left:
   scale = input scale × weight scale, which stays valid while the weight scales do);
 - ``integer``: ``DynamicQuantizeLinear(x) → MatMulInteger/ConvInteger(codes) → Cast →
   Mul(scale) [→ Add(bias)]`` (quantize-dynamic's standard form);
-- ``contrib``: ``com.microsoft.DynamicQuantizeMatMul(x, codes, scale, zero point[, bias])``.
+- ``contrib``: ``com.microsoft.DynamicQuantizeMatMul(x, codes, scale, zero point[, bias])``;
+- ``nbits``: ``com.microsoft.MatMulNBits`` (quantize-weights' contrib form): 4- or 8-bit codes
+  packed in blocks along K, a scale and zero point per block.
 
 Every form is seen the same way: per group of a Conv (one group for MatMul/Gemm), the
 weight as a matrix [rows = output channels, cols = what is summed over] in the order of the
@@ -32,6 +34,7 @@ from onnxopt.data.statistics import Patches
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.quantization.gptq import Grid
+from onnxopt.quantization.scheme import pack_low_first, unpack_low_first
 
 _DEFAULT = (None, "", "ai.onnx")
 MS_DOMAIN = "com.microsoft"
@@ -168,6 +171,8 @@ def read_layer(node: gs.Node, graph: gs.Graph) -> StoredLayer | None:
             return _read_integer(node, graph)
         if node.domain == MS_DOMAIN and node.op == "DynamicQuantizeMatMul":
             return _read_contrib(node, graph)
+        if node.domain == MS_DOMAIN and node.op == "MatMulNBits":
+            return _read_nbits(node, graph)
     except (ValueError, TypeError, IndexError, KeyError):  # a layout this module does not know
         return None
     return None
@@ -369,4 +374,61 @@ def _read_contrib(node: gs.Node, graph: gs.Graph) -> StoredLayer | None:
                         _grids(codes.astype(np.int64), _per_row(constant_value(node.inputs[2]), n), None, 1, n, k, k))
     if len(node.inputs) > 4 and node.inputs[4].name:
         layer.bias_slot = _bias_slot(node, 4, n)
+    return layer
+
+
+class NBitsLayer(StoredLayer):
+    """com.microsoft.MatMulNBits: codes packed low bits first, [N, blocks, block·bits/8]."""
+
+    bits: int = 4
+    block: int = 32
+    k: int = 0
+
+    def codes(self) -> np.ndarray:
+        packed = constant_value(self.codes_tensor)
+        n, blocks = packed.shape[0], packed.shape[1]
+        codes = unpack_low_first(packed, self.bits, self.block).reshape(n, blocks * self.block)[:, :self.k]
+        return codes.astype(np.int64)[None]
+
+    def write(self, codes: np.ndarray, bias: np.ndarray | None, names: NameTable) -> str:
+        old = self.codes_tensor
+        n, blocks = old.shape[0], old.shape[1]
+        padded = np.zeros((n, blocks * self.block), np.int64)
+        padded[:, :self.k] = codes[0]
+        packed = pack_low_first(padded.reshape(n, blocks, self.block), self.bits)
+        self.node.inputs[1] = new_constant(names, old.name or "codes", packed.astype(np.uint8))
+        if bias is not None and self.bias_slot is not None:
+            slot = self.bias_slot
+            slot.node.inputs[slot.index] = new_constant(names, slot.node.inputs[slot.index].name or "bias",
+                                                        np.asarray(bias, np.float32).reshape(-1))
+        return self.codes_tensor.name
+
+
+def _read_nbits(node: gs.Node, graph: gs.Graph) -> StoredLayer | None:
+    """MatMulNBits(A, B packed, scales[, zero points packed][, g_idx][, bias]): Y = A @ dequant(B)ᵀ + bias."""
+    bits, block = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 32))
+    k, n = int(node.attrs["K"]), int(node.attrs["N"])
+    present = [i < len(node.inputs) and bool(node.inputs[i].name) for i in range(6)]
+    if bits not in (4, 8) or present[4] or not all(isinstance(node.inputs[i], gs.Constant) for i in (1, 2)):
+        return None
+    packed = constant_value(node.inputs[1])
+    if packed is None or packed.dtype != np.uint8 or packed.ndim != 3:
+        return None
+    blocks = packed.shape[1]
+    scale = np.asarray(constant_value(node.inputs[2]), np.float64).reshape(n, blocks)
+    if present[3]:
+        zp = constant_value(node.inputs[3])
+        if zp is None or zp.dtype != np.uint8:
+            return None  # float zero points: not this module's grid
+        zero = unpack_low_first(zp.reshape(n, -1), bits, blocks).astype(np.float64)
+    else:
+        zero = np.full((n, blocks), 2.0 ** (bits - 1))
+    layer = NBitsLayer(graph, node, "nbits", "MatMul", node.inputs[0], node.outputs[0], node, 1, [])
+    layer.bits, layer.block, layer.k = bits, block, k
+    codes = layer.codes()[0]
+    layer.grids = [Grid(scale, zero, block, 0, 2 ** bits - 1)]
+    if codes.min() > 0 and codes.max() < 2 ** bits - 1 and not present[3]:  # symmetric codes stay off the edges
+        layer.grids = [Grid(scale, zero, block, int(codes.min()), int(codes.max()))]
+    if present[5]:
+        layer.bias_slot = _bias_slot(node, 5, n)
     return layer

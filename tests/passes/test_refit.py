@@ -84,17 +84,21 @@ def test_refit_after_static_int8_recovers_fidelity_and_keeps_the_int8_form(tmp_p
     assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.INT32 in kinds  # int8 weights, int32 biases
 
 
-def test_refit_of_int4_blocked_weights(tmp_path):
+@pytest.mark.parametrize("form, symmetric", [("standard", False), ("contrib", False), ("contrib", True)])
+def test_refit_of_int4_blocked_weights(tmp_path, form, symmetric):
     model = mlp()
     calib = correlated(tmp_path, (64, 64), "c.npz")
     data = correlated(tmp_path, (64, 64), "e.npz", batches=3, seed=1)
-    pipeline = "quantize-weights{format=standard,block_size=16,min_elements=1}"
+    pipeline = f"quantize-weights{{format={form},block_size=16,min_elements=1,symmetric={symmetric}}}"
     plain = optimize(model, pipeline, calib)
     refit = optimize(model, pipeline + ",refit", calib)
     assert refit.report["passes"][-1]["stats"]["refit"] == 2
     assert snr(model, refit, data) > snr(model, plain, data) + 1.0
-    types = {t.data_type for t in refit.model.graph.initializer}
-    assert onnx.TensorProto.INT4 in types or onnx.TensorProto.UINT4 in types
+    if form == "standard":
+        types = {t.data_type for t in refit.model.graph.initializer}
+        assert onnx.TensorProto.INT4 in types or onnx.TensorProto.UINT4 in types
+    else:
+        assert [n.op_type for n in refit.model.graph.node].count("MatMulNBits") == 2
 
 
 @pytest.mark.parametrize("form", ["standard", "contrib"])
