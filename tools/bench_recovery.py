@@ -111,8 +111,8 @@ def fidelity_rows(case: dict) -> list[dict]:
                      ("int8 per-tensor + refit", f"lossless,{q}{{per_channel=false}},refit")]
     else:
         variants += [("smooth-quant (Mul) + int8", f"lossless,smooth-quant{{insert_mul=true}},{q}{{smooth=false}}"),
-                     ("int4 weights", "lossless,quantize-weights{format=standard}"),
-                     ("int4 weights + refit", "lossless,quantize-weights{format=standard},refit")]
+                     ("int4 weights (MatMulNBits)", "lossless,quantize-weights"),
+                     ("int4 weights (MatMulNBits) + refit", "lossless,quantize-weights,refit")]
     metric = load_metric(case["metric"])
     rows = []
     for label, pipeline in variants:

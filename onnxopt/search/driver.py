@@ -209,9 +209,11 @@ def _sensitivity(pool, model, base: Plan, target, batches, use_cache: bool, repo
 
 # -- candidates ----------------------------------------------------------------------------------
 def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: int, seed: int, progress: bool,
-             report: dict) -> list[dict]:
+             report: dict, timing_runs: int = 20) -> list[dict]:
     """Steps 3 and 4 of the module docstring; every evaluated candidate, in order."""
     import optuna
+
+    from onnxopt.pipeline.text import format_pipeline
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     n = len(ranking)
@@ -227,6 +229,7 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
     study = optuna.create_study(directions=["minimize"] * 3, sampler=sampler)
     seen: dict[tuple, dict] = {}
     evaluated: list[dict] = []
+    prefix = format_pipeline(base.prefix)
     width = max(1, getattr(pool, "workers", 1))
 
     def run(cands: list[Candidate], trial_objs: list) -> list[dict]:
@@ -237,7 +240,9 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
             order.append(key)
             if key not in seen and all(key != k for k, _ in todo):
                 todo.append((key, c))
-        items = [{"id": len(evaluated) + i, "pipeline": build(base, c, ranking)} for i, (_, c) in enumerate(todo)]
+        plans = [build(base, c, ranking) for _, c in todo]
+        items = [{"id": len(evaluated) + i, "pipeline": p.text(), "prefix": prefix, "rest": p.after_prefix(),
+                  "runs": timing_runs} for i, p in enumerate(plans)]
         for (key, c), res in zip(todo, pool.map("evaluate", items)):
             res.update({"config": dict(c.config), "give_back": c.give_back})
             seen[key] = res

@@ -40,6 +40,10 @@ class Plan:
     def text(self) -> str:
         return format_pipeline(self.specs())
 
+    def after_prefix(self) -> str:
+        """The text of what runs after the lossless prefix (workers build the prefix once)."""
+        return format_pipeline(self.specs()[len(self.prefix):])
+
     def lossy_pass(self, name: str) -> PassSpec | None:
         return next((s for s in self.lossy if s.name == name), None)
 
@@ -147,9 +151,9 @@ class Candidate:
         return tuple(sorted(self.config.items())) + (("give_back", self.give_back),)
 
 
-def build(base: Plan, candidate: Candidate, ranking: list[tuple[str, str]]) -> str:
-    """The pipeline text of ``candidate`` on ``base``; ``ranking`` lists (layer key, the passes
-    that change it), most sensitive first: a layer given back is kept by every one of them."""
+def build(base: Plan, candidate: Candidate, ranking: list[tuple[str, tuple]]) -> Plan:
+    """The Plan of ``candidate`` on ``base``; ``ranking`` lists (layer key, the passes that
+    change it), most sensitive first: a layer given back is kept by every one of them."""
     plan = copy.deepcopy(base)
     for name, value in candidate.config.items():
         if name == "quantizers":
@@ -164,7 +168,7 @@ def build(base: Plan, candidate: Candidate, ranking: list[tuple[str, str]]) -> s
         option = get_pass(spec.name).keep_option
         if option and keep.get(spec.name):
             spec.options[option] = list(spec.options.get(option, [])) + keep[spec.name]
-    return plan.text()
+    return plan
 
 
 def base_config(knobs: dict[str, tuple]) -> dict:

@@ -59,6 +59,7 @@ class WorkerState:
         self._reference = None
         self._probe = None
         self._prefixes: dict[str, tuple] = {}
+        self._prefix_models: dict[str, object] = {}
 
     # -- the original's outputs --------------------------------------------------------------
     def outputs(self, proto) -> list[dict[str, np.ndarray]]:
@@ -110,8 +111,11 @@ def evaluate(state: WorkerState, item: dict) -> dict:
     started = time.perf_counter()
     out = {"id": item.get("id"), "pipeline": item["pipeline"]}
     try:
-        result = optimize(state.proto, target=state.target, pipeline=item["pipeline"],
-                          calibration=state.calibration, floor=Floor())
+        start, pipeline = state.proto, item["pipeline"]
+        if item.get("prefix"):  # the lossless prefix is the same for every candidate: built once here
+            start, pipeline = _prefix_model(state, item["prefix"]), item["rest"]
+        result = optimize(start, target=state.target, pipeline=pipeline, calibration=state.calibration,
+                          floor=Floor())
         proto = result.model
         out["size"] = len(proto.SerializeToString())
         got = state.outputs(proto)
@@ -158,6 +162,15 @@ def _target(state: WorkerState):
     return load_target(state.target)
 
 
+def _prefix_model(state: WorkerState, prefix: str):
+    """The original model after the lossless ``prefix`` (built once per worker)."""
+    if prefix not in state._prefix_models:
+        from onnxopt.optimize import optimize
+
+        state._prefix_models[prefix] = optimize(state.proto, target=state.target, pipeline=prefix).model
+    return state._prefix_models[prefix]
+
+
 def _prefix(state: WorkerState, prefix: str, pass_name: str, options: dict):
     """The model after the lossless ``prefix`` and a Calibration holding what ``pass_name``
     asks of it (computed once per prefix and pass in this worker)."""
@@ -166,11 +179,10 @@ def _prefix(state: WorkerState, prefix: str, pass_name: str, options: dict):
         from onnxopt.data.statistics import Calibration
         from onnxopt.data.calibration import open_source
         from onnxopt.ir.model import Model, Reference
-        from onnxopt.optimize import optimize
         from onnxopt.pipeline.context import PassContext
         from onnxopt.pipeline.registry import get_pass
 
-        proto = optimize(state.proto, target=state.target, pipeline=prefix).model if prefix else state.proto
+        proto = _prefix_model(state, prefix) if prefix else state.proto
         model = Model(proto)
         calibration = None
         if state.calibration is not None:
