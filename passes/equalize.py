@@ -88,7 +88,8 @@ class EqualizePass(Pass):
                 s = np.clip(s, 1.0 / o.max_scale, o.max_scale)
                 if np.all(np.abs(s - 1.0) <= o.tolerance):
                     continue
-                divide_outputs(chain, s, axis, rank, names)
+                for old, new in divide_outputs(chain, s, axis, rank, names):
+                    ctx.lineage.rescaled(old, new, 1.0 / s)
                 scale_inputs(reader, s, names)
                 worst = max(worst, float(np.max(np.abs(np.log(s)))))
                 total = np.append(total, s)

@@ -332,7 +332,7 @@ class QuantizeDynamicPass(Pass):
         o = self.options
         by_graph: dict[int, _Rewriter] = {}
         counts: dict[str, int] = {}
-        _insert_smoothing(model.graph, plan, scales)
+        _insert_smoothing(model.graph, plan, scales, lineage)
         for graph, node, kind in plan:
             rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib, lineage))
             getattr(rw, f"rewrite_{kind}")(node)
@@ -367,10 +367,10 @@ def _smoothable(plan, graph) -> list:
     return sites(graph, op_types=("MatMul",), readers=[node for g, node, kind in plan if g is graph and kind == "matmul"])
 
 
-def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
+def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray], lineage=None) -> None:
     """x @ W == (x / s) @ (s W): 1/s folded into x's producer, or one Mul per activation."""
     names = NameTable.of(graph)
     for site in _smoothable(plan, graph):
         s = scales.get(site.tensor.name)
         if s is not None:
-            smooth(site, s, graph, names, allow_mul=True)
+            smooth(site, s, graph, names, allow_mul=True, lineage=lineage)

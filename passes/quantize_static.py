@@ -356,6 +356,8 @@ class QuantizeStaticPass(Pass):
             lo, hi = group_range[plan.find(name)]
             scale, zp = qs.scale_zero_point(lo, hi, act)
             dq = self._insert(graph, names, tensor, scale, zp, plan)
+            if tensor.name != name:  # a graph output's float tensor, renamed: the same values
+                ctx.lineage.rescaled(name, tensor.name, None)
             if dq is not None:
                 scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
                 inserted += 1

@@ -68,7 +68,7 @@ class _Job:
     layer: StoredLayer
     prior_weight: np.ndarray  # [groups, rows, cols] float64
     prior_bias: np.ndarray | None  # [out] float64
-    teacher: str | None
+    teacher: tuple | None  # (reference tensor, per-channel factor or None)
 
 
 class _Source:
@@ -125,7 +125,7 @@ class RefitPass(Pass):
             bias = layer.bias()
             if origin.bias is not None and bias is not None and np.asarray(origin.bias).size == bias.size:
                 bias = np.asarray(origin.bias, np.float64).reshape(-1)
-            jobs.append(_Job(layer, prior, bias, teacher.tensor(layer.y.name) if teacher else None))
+            jobs.append(_Job(layer, prior, bias, teacher.tensor(layer.y.name, ctx.lineage) if teacher else None))
         return jobs, skipped
 
     def layers(self, model, ctx) -> list[str]:
@@ -164,6 +164,7 @@ class RefitPass(Pass):
                     changed += 1
         bar.close()
         stats.update({"layers": len(jobs), "refit": changed, "waves": len(waves),
+                      "with_teacher": sum(job.teacher is not None for job in jobs),
                       "groups_" + "_".join(CANDIDATES): [chosen[c] for c in CANDIDATES],
                       "check_error_before": before, "check_error_after": after})
         if before > 0:
@@ -194,9 +195,9 @@ class RefitPass(Pass):
             out = []
             for job in wave:
                 layer = job.layer
-                y = Tap(job.teacher, REFERENCE) if with_teacher and job.teacher else None
-                out.append(Gram(layer.x.name, axis=layer.x_axis, y=y, y_axis=layer.y_axis,
-                                patches=layer.patches, groups=layer.groups))
+                name, factor = job.teacher if with_teacher and job.teacher else (None, None)
+                out.append(Gram(layer.x.name, axis=layer.x_axis, y=Tap(name, REFERENCE) if name else None,
+                                y_axis=layer.y_axis, patches=layer.patches, groups=layer.groups, y_scale=factor))
             return out
 
         def collect(source, with_teacher: bool) -> list[Gram]:

@@ -66,7 +66,7 @@ class SmoothQuantPass(Pass):
             s = smoothquant_scales(a, site, o.alpha)
             if np.all(np.abs(np.log(s)) < 1e-3):  # balanced already (a second run computes s = 1)
                 continue
-            how = smooth(site, s, graph, names, o.insert_mul)
+            how = smooth(site, s, graph, names, o.insert_mul, ctx.lineage)
             if how:
                 done[how] += 1
         changed = done["folded"] + done["mul"] > 0

@@ -3,6 +3,7 @@
     python tools/bench_recovery.py fidelity [--models a,b,…]   int8 before/after refit, equalize, smooth-quant
     python tools/bench_recovery.py search [--models …] [--budget 0.01] [--trials 12] [--workers 2]
     python tools/bench_recovery.py timing [--models …]         the same search with 1, 2 workers and Ray
+    python tools/bench_recovery.py table --out FILE.jsonl       the results as markdown tables
 
 Models: the digits CNN (examples/), the PP-OCR det/rec/cls models with page/line images
 rendered as tools/bench_quantize.py does (16 calibration, 8 evaluation images, other
@@ -197,9 +198,60 @@ def run_case(kind: str, case: dict, args, workers: int, executor: str, out: Path
         print(line, flush=True)
 
 
+def tables(path: Path) -> None:
+    """Markdown tables of the rows in ``path`` (the last row of each model and variant wins)."""
+    fid, search = {}, []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "variant" in row:
+            fid[(row["model"], row["variant"])] = row
+        elif "budget" in row or "unmet" in row:
+            search.append(row)
+    if fid:
+        models = list(dict.fromkeys(m for m, _ in fid))
+        print("| model | int8 | + refit | equalize + int8 | smooth-quant + int8 | all + refit | per-tensor | "
+              "equalize + per-tensor | per-tensor + refit | refit s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+
+        def cell(model, variant):
+            r = fid.get((model, variant))
+            if r is None:
+                return "-"
+            if "error" in r:
+                return "failed"
+            return f"{r['snr_db']:.1f} dB / {r['cosine']:.4f}"
+
+        for m in models:
+            variants = [v for mm, v in fid if mm == m]
+            static = "int8 per-tensor" in variants or any(v.startswith("smooth-quant + int8") for v in variants)
+            refit = fid.get((m, "int8 + refit"), {})
+            cols = ["int8", "int8 + refit", "equalize + int8",
+                    "smooth-quant + int8" if static else "smooth-quant (Mul) + int8",
+                    "equalize + smooth-quant + int8 + refit" if static else "int4 weights (MatMulNBits)",
+                    "int8 per-tensor" if static else "int4 weights (MatMulNBits) + refit",
+                    "equalize + int8 per-tensor", "int8 per-tensor + refit"]
+            print(f"| {m} | " + " | ".join(cell(m, v) for v in cols) + f" | {refit.get('seconds', '-')} |")
+    if search:
+        print()
+        print("| model | workers | executor | int8 drop / size / latency | front (size, latency, drop) | "
+              "chosen | evaluations | search s (sensitivity s) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in search:
+            if "unmet" in r or "error" in r:
+                print(f"| {r['model']} | {r.get('workers')} | {r.get('executor')} | "
+                      f"{r.get('unmet') or r.get('error')} | | | | {r.get('wall_seconds')} |")
+                continue
+            i8 = r["int8"]
+            front = "; ".join(f"{c['size_ratio']:.3f}x {c['latency_ratio']:.2f}x {c['drop']:.2g}" for c in r["front"])
+            ch = r["chosen"]
+            print(f"| {r['model']} | {r['workers']} | {r['executor']} | {i8['drop']:.3g} / {i8['size_ratio']:.3f}x / "
+                  f"{i8['latency_ratio']:.2f}x | {front} | {ch['size_ratio']:.3f}x {ch['latency_ratio']:.2f}x "
+                  f"{ch['drop']:.2g} | {r['evaluations']} | {r['seconds']:.0f} ({r['sensitivity_seconds']:.0f}) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", nargs="?", choices=("fidelity", "search", "timing"))
+    ap.add_argument("command", nargs="?", choices=("fidelity", "search", "timing", "table"))
     ap.add_argument("--models", default="", help="comma-separated names (default: all present)")
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--trials", type=int, default=12)
@@ -213,6 +265,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker_main(args)
+        return
+    if args.command == "table":
+        tables(Path(args.out))
         return
     import onnxruntime
 

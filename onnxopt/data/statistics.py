@@ -357,6 +357,9 @@ class Gram(Reducer):
     layer's input and its output, possibly of two models: student and teacher). Kept: count,
     XᵀX, Σx, and with Y: XᵀY, Σy, Σ‖y‖² (for the residual of a least-squares fit).
 
+    ``y_scale`` multiplies Y's channel c by y_scale[c] before it is accumulated (a teacher
+    tensor compared with a student tensor that carries it rescaled per channel).
+
     ``groups`` > 1 (a grouped or depthwise Conv) keeps only the diagonal blocks: group i's
     columns of X (the i-th run of columns/groups, in the patch order) against group i's
     columns of Y. XᵀX is then [groups, d, d] and XᵀY [groups, d, m]; ``block(i)`` is group
@@ -367,9 +370,10 @@ class Gram(Reducer):
     kind = "gram"
 
     def __init__(self, x: str | Tap, axis: int = -1, y: str | Tap | None = None, y_axis: int = -1,
-                 patches: Patches | None = None, groups: int = 1):
+                 patches: Patches | None = None, groups: int = 1, y_scale=None):
         self.taps = (_tap(x),) + ((_tap(y),) if y is not None else ())
         self.axis, self.y_axis, self.patches, self.groups = axis, y_axis, patches, int(groups)
+        self.y_scale = None if y_scale is None else tuple(float(v) for v in np.ravel(y_scale))
         self._reset()
 
     def _reset(self) -> None:
@@ -378,7 +382,8 @@ class Gram(Reducer):
         self.y_sq = 0.0  # an array [groups] when grouped
 
     def params(self) -> tuple:
-        return (self.axis, self.y_axis, self.patches) + ((self.groups,) if self.groups > 1 else ())
+        return (self.axis, self.y_axis, self.patches) + ((self.groups,) if self.groups > 1 else ()) + \
+            ((self.y_scale,) if self.y_scale is not None else ())
 
     def _x_rows(self, x: np.ndarray) -> np.ndarray:
         rows = self.patches.rows(x) if self.patches is not None else _rows(x, self.axis)
@@ -396,6 +401,8 @@ class Gram(Reducer):
             part.xtx = xr.T @ xr
         if len(self.taps) > 1:
             yr = _rows(y, self.y_axis)
+            if self.y_scale is not None:
+                yr = yr * np.asarray(self.y_scale)
             if yr.shape[0] != xr.shape[0]:
                 raise CalibrationError(f"Gram of '{self.taps[0].name}' and '{self.taps[1].name}': "
                                        f"{xr.shape[0]} rows of x but {yr.shape[0]} of y in one batch")
@@ -426,7 +433,8 @@ class Gram(Reducer):
         """Group ``i`` of a grouped Gram as an ungrouped one (``self`` when not grouped)."""
         if self.groups == 1:
             return self
-        out = Gram(self.taps[0], self.axis, self.taps[1] if len(self.taps) > 1 else None, self.y_axis, self.patches)
+        out = Gram(self.taps[0], self.axis, self.taps[1] if len(self.taps) > 1 else None, self.y_axis, self.patches,
+                   y_scale=self.y_scale)
         d = self.xtx.shape[1]
         out.count, out.xtx, out.sum_x = self.count, self.xtx[i], self.sum_x[i * d:(i + 1) * d]
         if self.xty is not None:

@@ -198,16 +198,22 @@ def output_range(node: gs.Node) -> np.ndarray | None:
     return np.abs(w.reshape(w.shape[0], -1)).max(1)
 
 
-def divide_outputs(chain: list[gs.Node], s: np.ndarray, axis: int, rank: int | None, names: NameTable) -> None:
+def divide_outputs(chain: list[gs.Node], s: np.ndarray, axis: int, rank: int | None,
+                   names: NameTable) -> list[tuple[str, str]]:
     """Rewrite the constants of ``chain`` (from ``producer_chain``) so channel c of the
-    tensor it produces is divided by s_c. The tensors whose values change are renamed: a
-    name stands for the same values as in the original model (the teacher a refit matches,
-    ``onnxopt.pipeline.lineage``), and these no longer do."""
+    tensor it produces is divided by s_c. The tensors whose values change are renamed (a
+    name stands for the same values as in the original model, the teacher a refit matches,
+    and these no longer do): returns (name before, name after) of each, for the caller to
+    record how they relate (``onnxopt.pipeline.lineage.Lineage.rescaled``)."""
     inv = 1.0 / np.asarray(s, np.float64)
+    renamed = []
     for node in chain:
         for t in node.outputs[:1]:
-            if t.name and not t.name.endswith("_rescaled"):
-                t.name = names(f"{t.name}_rescaled")
+            if t.name:
+                old = t.name
+                if not old.endswith("_rescaled"):
+                    t.name = names(f"{old}_rescaled")
+                renamed.append((old, t.name))
         if node.op in HOMOGENEOUS:
             continue
         layer = _layer_out(node)
@@ -240,6 +246,7 @@ def divide_outputs(chain: list[gs.Node], s: np.ndarray, axis: int, rank: int | N
         shape[axis % rank] = len(inv)
         full = np.broadcast_to(value, np.broadcast_shapes(value.shape, tuple(shape))) * inv.reshape(shape)
         node.inputs[index] = new_constant(names, node.inputs[index].name or "c", np.asarray(full, np.float32))
+    return renamed
 
 
 def multiply_before(tensor: gs.Tensor, readers: list[gs.Node], s: np.ndarray, axis: int, rank: int | None,

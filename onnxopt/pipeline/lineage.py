@@ -19,6 +19,9 @@ Conv+BatchNormalization folded into one Conv writes the BatchNormalization's out
 name is the layer's identity across the pipeline. One exception is resolved here: static
 quantization folds a Relu or Clip(0, c) into the quantized output of the layer before it,
 which then writes the activation's output name; its teacher is the activation's input.
+And lossless passes that rescale a tensor per channel (equalize, smooth-quant) rename it and
+record how it relates to the original (``Lineage.rescaled``): its teacher is the original
+tensor times the recorded factor.
 """
 
 from __future__ import annotations
@@ -44,10 +47,28 @@ class Origin:
 
 
 class Lineage:
-    """Records of layers changed by lossy passes, by the name of the weight tensor written."""
+    """Records of layers changed by lossy passes, by the name of the weight tensor written;
+    and of tensors that lossless passes rescaled per channel (equalize, smooth-quant), by
+    their new name."""
 
     def __init__(self):
         self._records: dict[str, Origin] = {}
+        self._rescaled: dict[str, tuple[str, np.ndarray]] = {}
+
+    def rescaled(self, old: str, new: str, factor: np.ndarray | None) -> None:
+        """Tensor ``new`` holds tensor ``old`` with channel c multiplied by ``factor[c]`` (along
+        the channel axis of the layer that writes it); ``factor`` None: a plain rename."""
+        base, before = self._rescaled.get(old, (old, None))
+        if factor is None:
+            self._rescaled[new] = (base, before)
+            return
+        factor = np.asarray(factor, np.float64)
+        self._rescaled[new] = (base, factor if before is None else before * factor)
+
+    def original(self, name: str) -> tuple[str, np.ndarray | None]:
+        """(the name the tensor had in the original model, the per-channel factor it carries
+        since, or None when it carries the original values)."""
+        return self._rescaled.get(name, (name, None))
 
     def record(self, tensor: str, origin: Origin) -> None:
         self._records[tensor] = origin
@@ -74,12 +95,15 @@ class Teacher:
                 if out:
                     self._producer[out] = node
 
-    def tensor(self, output: str) -> str | None:
-        """The reference tensor a layer writing ``output`` must reproduce, or None when the
-        reference has no such tensor (a name the pipeline made up)."""
-        node = self._producer.get(output)
+    def tensor(self, output: str, lineage: Lineage | None = None) -> tuple[str, np.ndarray | None] | None:
+        """(the reference tensor a layer writing ``output`` must reproduce, the per-channel
+        factor to apply to it or None), or None when the reference has no such tensor (a
+        name the pipeline made up)."""
+        name, factor = lineage.original(output) if lineage is not None else (output, None)
+        node = self._producer.get(name)
         if node is None:
             return None
         if node.op_type in FOLDED_ACTIVATIONS and node.domain in ("", "ai.onnx") and node.input:
-            return node.input[0] if node.input[0] in self._producer else None
-        return output
+            # a Relu/Clip(0, c) folded by quantization commutes with a positive factor too
+            return (node.input[0], factor) if node.input[0] in self._producer else None
+        return name, factor

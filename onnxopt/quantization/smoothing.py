@@ -109,12 +109,17 @@ def foldable(site: Site, graph: gs.Graph) -> list[gs.Node] | None:
     return producer_chain(site.tensor, graph, site.axis, site.rank, site.channels)
 
 
-def smooth(site: Site, s: np.ndarray, graph: gs.Graph, names: NameTable, allow_mul: bool = True) -> str | None:
+def smooth(site: Site, s: np.ndarray, graph: gs.Graph, names: NameTable, allow_mul: bool = True,
+           lineage=None) -> str | None:
     """Make the site's readers take X/s (see the module docstring): "folded", "mul", or None
-    (nothing done: no producer takes 1/s and no Mul is allowed)."""
+    (nothing done: no producer takes 1/s and no Mul is allowed). Tensors a fold rescales are
+    recorded in ``lineage`` (``onnxopt.pipeline.lineage``) when given."""
     chain = foldable(site, graph)
     if chain is not None:
-        divide_outputs(chain, s, site.axis, site.rank, names)
+        renamed = divide_outputs(chain, s, site.axis, site.rank, names)
+        if lineage is not None:
+            for old, new in renamed:
+                lineage.rescaled(old, new, 1.0 / np.asarray(s, np.float64))
         how = "folded"
     elif allow_mul:
         multiply_before(site.tensor, site.readers, s, site.axis, site.rank, graph, names)

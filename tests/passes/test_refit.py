@@ -142,3 +142,17 @@ def test_refit_needs_calibration():
 
     with pytest.raises(CalibrationError):
         onnxopt.optimize(mlp(), pipeline="refit")
+
+
+def test_refit_finds_the_teacher_of_tensors_equalize_and_smooth_quant_rescaled(tmp_path):
+    """Rescaled tensors are renamed (they no longer hold the original's values) and recorded
+    with their factor, so every layer still has its teacher, scaled to match."""
+    model = conv_chain()
+    calib = correlated(tmp_path, (4, 8, 10, 10), "c.npz")
+    data = correlated(tmp_path, (4, 8, 10, 10), "e.npz", batches=3, seed=1)
+    plain = optimize(model, "equalize,smooth-quant{min_outlier=0},quantize-static", calib)
+    refit = optimize(model, "equalize,smooth-quant{min_outlier=0},quantize-static,refit", calib)
+    assert plain.report["passes"][0]["status"] == "changed"
+    stats = refit.report["passes"][-1]["stats"]
+    assert stats["with_teacher"] == stats["layers"] == 4
+    assert snr(model, refit, data) > snr(model, plain, data)

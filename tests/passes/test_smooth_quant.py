@@ -98,3 +98,12 @@ def test_quantize_dynamic_uses_the_shared_smoothing_and_folds_when_it_can():
     out, result = run_pass("quantize-dynamic", model, min_elements=1)
     assert result.stats["smoothed"] == 1
     assert "Mul" not in [n.op_type for n in out.graph.node if n.name.endswith("_smooth")]
+
+
+def test_smooth_quant_on_a_real_model_is_lossless():
+    from tests.real_models import real_model
+
+    path = real_model("ppocr_mobile_v2_cls.onnx")
+    result = onnxopt.optimize(str(path), pipeline="lossless,smooth-quant{min_outlier=0}", verify=True)
+    p = result.report["passes"][-1]
+    assert p["status"] == "changed" and p["verified"] == "equal" and p["stats"]["smoothed_folded"] >= 5
