@@ -46,7 +46,7 @@ import numpy as np
 from onnxopt.data.calibration import Subset, batch_count
 from onnxopt.data.statistics import REFERENCE, Calibration, Gram, Tap
 from onnxopt.errors import CalibrationError
-from onnxopt.ir.graphs import named, node_key
+from onnxopt.ir.graphs import named
 from onnxopt.ir.names import NameTable
 from onnxopt.ir.submodel import upstream
 from onnxopt.ir.surgery import topological_order
@@ -84,7 +84,8 @@ class RefitPass(Pass):
 
     lossless = False
     needs_calibration = True
-    keep_option = "exclude_nodes"
+    # no keep_option: under a fidelity floor, a refit that leaves the model below it is rolled
+    # back whole (the floor's search would run the whole sequential refit again per trial)
 
     @dataclass
     class Options:
@@ -127,9 +128,6 @@ class RefitPass(Pass):
                 bias = np.asarray(origin.bias, np.float64).reshape(-1)
             jobs.append(_Job(layer, prior, bias, teacher.tensor(layer.y.name, ctx.lineage) if teacher else None))
         return jobs, skipped
-
-    def layers(self, model, ctx) -> list[str]:
-        return [node_key(job.layer.node) for job in self._jobs(model, ctx)[0]]
 
     # -- run -----------------------------------------------------------------------------------
     def run(self, model, ctx) -> PassResult:

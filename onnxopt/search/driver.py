@@ -89,7 +89,7 @@ def search(model, max_drop: float, metric: str = "cosine", data=None, calibratio
                               "base_pipeline": base.text(), "knobs": {k: list(v) for k, v in knobs.items()},
                               "notes": notes}
     try:
-        ranking, sensitivities = _sensitivity(pool, m, base, target_obj, calib or evaluation, cache, report)
+        ranking, sensitivities = _sensitivity(pool, m, base, target_obj, calib or evaluation, cache, report, progress)
         candidates = _explore(pool, base, knobs, ranking, max_drop, trials, seed, progress, report)
     finally:
         pool.close()
@@ -160,7 +160,17 @@ def _retime(original, models: dict, feeds: dict, front: list[dict], rounds: int 
 
 
 # -- sensitivity ---------------------------------------------------------------------------------
-def _sensitivity(pool, model, base: Plan, target, batches, use_cache: bool, report: dict):
+def _mapped(pool, task: str, items: list, bar) -> list:
+    """``pool.map`` in chunks of a few per worker, so a progress bar moves."""
+    out: list = []
+    step = max(1, 2 * getattr(pool, "workers", 1))
+    for start in range(0, len(items), step):
+        out += pool.map(task, items[start:start + step])
+        bar.update(len(items[start:start + step]))
+    return out
+
+
+def _sensitivity(pool, model, base: Plan, target, batches, use_cache: bool, report: dict, progress: bool = False):
     """Per lossy pass of ``base`` with a keep option: each layer's fidelity alone (cached);
     returns the ranking [(layer, passes that change it)], most sensitive first, and the
     Sensitivities."""
@@ -190,7 +200,12 @@ def _sensitivity(pool, model, base: Plan, target, batches, use_cache: bool, repo
             items = [{"prefix": prefix, "pass": spec.name, "options": options, "layer": k, "keep": alone(keys, k)}
                      for k in keys]
             found = Sensitivity(spec.name, options, data=f"{min(4, len(batches))} calibration batch(es)")
-            for row in pool.map("layer_alone", items):
+            from tqdm import tqdm
+
+            with tqdm(total=len(items), desc=f"sensitivity {spec.name}", unit="layer", disable=not progress,
+                      leave=False) as bar:
+                rows = _mapped(pool, "layer_alone", items, bar)
+            for row in rows:
                 found.layers[row["layer"]] = Fidelity(row["snr_db"], row["cosine"], row["output"])
             if store:
                 store.put(model.source_sha256, found, data)
@@ -231,6 +246,9 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
     evaluated: list[dict] = []
     prefix = format_pipeline(base.prefix)
     width = max(1, getattr(pool, "workers", 1))
+    from tqdm import tqdm
+
+    bar = tqdm(desc="search", unit="candidate", disable=not progress, leave=False)
 
     def run(cands: list[Candidate], trial_objs: list) -> list[dict]:
         """Evaluate candidates (cached by key), tell optuna, return their results."""
@@ -243,7 +261,7 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
         plans = [build(base, c, ranking) for _, c in todo]
         items = [{"id": len(evaluated) + i, "pipeline": p.text(), "prefix": prefix, "rest": p.after_prefix(),
                   "runs": timing_runs} for i, p in enumerate(plans)]
-        for (key, c), res in zip(todo, pool.map("evaluate", items)):
+        for (key, c), res in zip(todo, _mapped(pool, "evaluate", items, bar)):
             res.update({"config": dict(c.config), "give_back": c.give_back})
             seen[key] = res
             evaluated.append(res)
@@ -304,4 +322,5 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
         cands = [Candidate({k: t.params[k] for k in knobs}, int(t.params["give_back"])) for t in batch]
         run(cands, batch)
         remaining -= len(batch)
+    bar.close()
     return evaluated
