@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-trials", type=int, default=16, metavar="N",
                    help="candidates the search samples after giving back sensitive layers (default 16)")
     p.add_argument("--search-prefer", choices=("latency", "size", "metric"), default="latency",
-                   help="which member of the Pareto front to write (default latency: the fastest)")
+                   help="which member of the Pareto front to write (default latency: the fastest, latencies "
+                        "within 5%% counting as equal and the smallest of those winning)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="search: parallel worker processes or Ray actors (default: one per core, at most 4)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",

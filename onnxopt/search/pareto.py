@@ -27,7 +27,13 @@ PREFERENCES = {"latency": ("latency_ratio", "size", "drop"), "size": ("size", "l
                "metric": ("drop", "latency_ratio", "size")}
 
 
-def choose(candidates: list[dict], prefer: str = "latency") -> dict:
-    """The front's member best on ``prefer`` (then the others in order)."""
+def choose(candidates: list[dict], prefer: str = "latency", tolerance: float = 0.05) -> dict:
+    """The front's member best on ``prefer``, then on the others in order; latencies within
+    ``tolerance`` of the best count as equal (timing noise is larger than that)."""
     order = PREFERENCES[prefer]
-    return min(candidates, key=lambda c: tuple(c[k] for k in order))
+    pool = candidates
+    if prefer == "latency":
+        best = min(c["latency_ratio"] for c in candidates)
+        pool = [c for c in candidates if c["latency_ratio"] <= best * (1 + tolerance)]
+        order = order[1:]
+    return min(pool, key=lambda c: tuple(c[k] for k in order))

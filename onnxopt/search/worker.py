@@ -123,8 +123,8 @@ def evaluate(state: WorkerState, item: dict) -> dict:
         stats = {name: M.output_stats(_flat(ref_all[name]), _flat(cand_all[name])) for name in ref_all}
         fid = M.evaluate(state.metric, stats, ref_all, cand_all)
         out["drop"], out["value"] = float(fid.drop), fid.value
-        speed = compare_speed(state.proto, proto, state.evaluation[0], None, 1, runs=int(item.get("runs", 20)),
-                              budget_s=float(item.get("budget_s", 10.0)))
+        speed = compare_speed(state.proto, proto, state.evaluation[0], None, 1, runs=int(item.get("runs", 400)),
+                              budget_s=float(item.get("budget_s", 4.0)))
         out["latency_ratio"], out["ms"] = float(speed.ratio), float(speed.ms_b)
         out["rolled_back"] = [p["name"] for p in result.report["passes"] if p["status"] in ("failed", "rolled-back")]
         if not math.isfinite(out["drop"]):
