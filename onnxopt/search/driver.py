@@ -15,7 +15,7 @@
 4. optuna (multi-objective TPE with the budget as a constraint) over every knob and the
    number of layers given back, seeded with what step 3 found;
 5. the Pareto front of size, latency and metric drop among the candidates within budget, timed
-   again in one process; the member written is the best on ``prefer`` (latency by default,
+   again member by member (A B B A pairs); the member written is the best on ``prefer`` (latency by default,
    latencies within 5 % of the best counting as equal and the smaller model winning).
 
 Every candidate is evaluated in full by a worker (``onnxopt.search.worker``): built from the
@@ -129,36 +129,15 @@ def search(model, max_drop: float, metric: str = "cosine", data=None, calibratio
     return SearchResult(result, report, candidates, front)
 
 
-def _retime(original, models: dict, feeds: dict, front: list[dict], rounds: int = 300, budget_s: float = 30.0) -> None:
-    """Latency of each front member against the original, all timed in turns in this process
-    (one thread; the median over rounds of each member's time over the original's)."""
-    import statistics
+def _retime(original, models: dict, feeds: dict, front: list[dict], runs: int = 400, budget_s: float = 8.0) -> None:
+    """Latency of each front member against the original, timed again here one member at a
+    time (A B B A pairs, one thread: ``onnxopt.measure.speed``), with no worker competing."""
+    from onnxopt.measure.speed import compare_speed
 
-    from onnxopt import runtime
-
-    sessions = {"original": runtime.session(original, None, 1, level="all", spinning=False)}
-    for key, proto in models.items():
-        sessions[key] = runtime.session(proto, None, 1, level="all", spinning=False)
-    inputs = {i.name for i in sessions["original"].get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in inputs}
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, feeds)
-    times: dict = {k: [] for k in sessions}
-    started = time.perf_counter()
-    for r in range(rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
-        for key in order:
-            t = time.perf_counter()
-            sessions[key].run(None, feeds)
-            times[key].append(time.perf_counter() - t)
-        if r >= 4 and time.perf_counter() - started > budget_s:
-            break
     for c in front:
-        ratios = [b / a for a, b in zip(times["original"], times[c["id"]]) if a > 0]
+        speed = compare_speed(original, models[c["id"]], feeds, None, 1, runs=runs, budget_s=budget_s)
         c["latency_ratio_parallel"] = c["latency_ratio"]
-        c["latency_ratio"] = float(statistics.median(ratios))
-        c["ms"] = float(statistics.median(times[c["id"]]) * 1e3)
+        c["latency_ratio"], c["ms"] = float(speed.ratio), float(speed.ms_b)
 
 
 # -- sensitivity ---------------------------------------------------------------------------------
