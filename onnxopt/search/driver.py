@@ -14,9 +14,10 @@
    they were, evaluated in parallel, then bisected to the fewest that meet the budget;
 4. optuna (multi-objective TPE with the budget as a constraint) over every knob and the
    number of layers given back, seeded with what step 3 found;
-5. the Pareto front of size, latency and metric drop among the candidates within budget, timed
-   again member by member (A B B A pairs); the member written is the best on ``prefer`` (latency by default,
-   latencies within 5 % of the best counting as equal and the smaller model winning).
+5. the Pareto front of size, latency and metric drop among the candidates within budget,
+   timed again here member by member (A B B A pairs); the member written is the best on
+   ``prefer`` (latency by default, latencies within 5 % of the best counting as equal and
+   the smaller model winning).
 
 Every candidate is evaluated in full by a worker (``onnxopt.search.worker``): built from the
 original model, measured on the evaluation data with the metric, timed against the original
@@ -113,8 +114,8 @@ def search(model, max_drop: float, metric: str = "cosine", data=None, calibratio
     from onnxopt.measure.fidelity import Floor
     from onnxopt.optimize import optimize
 
-    # Latency measured by workers side by side is noisy: the front is timed again here, its
-    # members and the original in turns, before one is chosen.
+    # Latency measured by workers side by side is noisy: the front is timed again here, with
+    # no worker running, before one is chosen.
     front = pareto.front(good)
     built = {c["id"]: optimize(m, target=target_obj, pipeline=c["pipeline"], calibration=calibration, floor=Floor())
              for c in front}
