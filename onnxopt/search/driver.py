@@ -12,8 +12,10 @@
    sensitive first;
 3. give back: the aggressive pipeline with the 0, 1, 2, 4, … most sensitive layers kept as
    they were, evaluated in parallel, then bisected to the fewest that meet the budget;
-4. optuna (multi-objective TPE with the budget as a constraint) over every knob and the
-   number of layers given back, seeded with what step 3 found;
+4. the recovery knobs (refit, equalize) on the aggressive pipeline with none and half of
+   those layers given back, then optuna (multi-objective TPE with the budget as a
+   constraint) over every knob and the number of layers given back (on a log scale), with
+   everything evaluated so far as its history;
 5. the Pareto front of size, latency and metric drop among the candidates within budget,
    timed again here member by member (A B B A pairs); the member written is the best on
    ``prefer`` (latency by default, latencies within 5 % of the best counting as equal and
@@ -216,7 +218,8 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
     n = len(ranking)
     distributions = {name: optuna.distributions.CategoricalDistribution(list(choices))
                      for name, choices in knobs.items()}
-    distributions["give_back"] = optuna.distributions.IntDistribution(0, max(n, 1))
+    # layers given back, plus one, on a log scale: a few layers matter more than the many after them
+    distributions["give_back"] = optuna.distributions.IntDistribution(1, n + 1, log=True)
 
     # the budget is a constraint (optuna's docs advise constraints over extra objectives);
     # optuna >= 5 takes it from the trial, older versions from a function
@@ -264,7 +267,7 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
     def asked(cands: list[Candidate]) -> list:
         out = []
         for c in cands:
-            study.enqueue_trial({**c.config, "give_back": c.give_back})
+            study.enqueue_trial({**c.config, "give_back": c.give_back + 1})
             out.append(study.ask(distributions))
         return out
 
@@ -297,11 +300,23 @@ def _explore(pool, base: Plan, knobs: dict, ranking, max_drop: float, trials: in
         report["give_back"] = hi
     else:
         report["give_back"] = None
-    # step 4: optuna over every knob and the count given back
+    # step 4: the recovery passes on the aggressive pipeline first (they tend to make the
+    # front), then optuna over every knob and the count given back
     remaining = max(0, trials)
+    known = report["give_back"]
+    seeds = []
+    for flags in (("refit",), ("equalize",), ("equalize", "refit")):
+        if all(f in knobs for f in flags):
+            for k in sorted({0, (known or 0) // 2}):
+                seeds.append(Candidate({**config, **{f: True for f in flags}}, k))
+    seeds = seeds[:remaining]
+    for start in range(0, len(seeds), width):
+        chunk = seeds[start:start + width]
+        run(chunk, asked(chunk))
+    remaining -= len(seeds)
     while remaining > 0:
         batch = [study.ask(distributions) for _ in range(min(width, remaining))]
-        cands = [Candidate({k: t.params[k] for k in knobs}, int(t.params["give_back"])) for t in batch]
+        cands = [Candidate({k: t.params[k] for k in knobs}, int(t.params["give_back"]) - 1) for t in batch]
         run(cands, batch)
         remaining -= len(batch)
     bar.close()
