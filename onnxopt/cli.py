@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation inputs (.npz file or folder) for fidelity, latency and the gate; "
                         "keep them apart from --calibration data (default: random inputs)")
     _add_fidelity_options(p, gate="--max-accuracy-drop")
+    p.add_argument("--search", action="store_true",
+                   help="with --max-accuracy-drop and --data: search compression settings (which layers stay "
+                        "float, calibration, per-channel, equalize/smooth-quant/refit, …) for the Pareto front of "
+                        "size, latency and the metric within the budget, and write the front's fastest model")
+    p.add_argument("--search-trials", type=int, default=16, metavar="N",
+                   help="candidates the search samples after giving back sensitive layers (default 16)")
+    p.add_argument("--search-prefer", choices=("latency", "size", "metric"), default="latency",
+                   help="which member of the Pareto front to write (default latency: the fastest, latencies "
+                        "within 5%% counting as equal and the smallest of those winning)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="search: parallel worker processes or Ray actors (default: one per core, at most 4)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="search: run candidates in local processes or on Ray (pip install 'onnxopt[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="search: the Ray cluster to use (auto, ray://host:port; default a local Ray instance)")
     p.add_argument("--min-snr-db", metavar="DB|off", type=_floor_value,
                    help="fidelity floor: a lossy pass whose worst output falls below this SNR keeps its "
                         "costliest layers as they were, or is rolled back (default: the target's)")
@@ -219,10 +234,15 @@ def cmd_optimize(args) -> int:
     metric = load_metric(args.metric)  # a bad metric fails before the pipeline runs
     input_shapes = parse_input_shapes(args.input_shape)
     progress = not args.quiet and sys.stderr.isatty()
-    result = optimize(args.input, target=args.target, pipeline=args.pipeline,
-                      calibration=args.calibration, verify=args.verify, strict=args.strict,
-                      progress=progress, data=args.data, floor=_floor(args), input_shapes=input_shapes,
-                      masks=args.masks)
+    if args.search:
+        result = _search(args, progress)
+    else:
+        if args.executor != "local" or args.ray_address or args.workers is not None:
+            raise UsageError("--workers, --executor and --ray-address go with --search")
+        result = optimize(args.input, target=args.target, pipeline=args.pipeline,
+                          calibration=args.calibration, verify=args.verify, strict=args.strict,
+                          progress=progress, data=args.data, floor=_floor(args), input_shapes=input_shapes,
+                          masks=args.masks)
     report = result.report
     comparison = None
     if args.report or args.data or args.max_drop is not None:
@@ -268,7 +288,32 @@ def cmd_optimize(args) -> int:
         _write_text_atomic(Path(args.report), render(report, args.report))
     if not args.quiet:
         print(_summary_table(report))
+        if "search" in report:
+            from onnxopt.measure.report import search_lines
+
+            print("\n".join(search_lines(report["search"])))
     return 0
+
+
+def _search(args, progress: bool):
+    """The accuracy-aware search (onnxopt.search): the chosen candidate's OptimizeResult,
+    with the search in its report."""
+    from onnxopt.search import search
+
+    if args.max_drop is None or args.data is None:
+        raise UsageError("--search needs --max-accuracy-drop X and --data DATA (the metric is measured on it)")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers takes a count of 1 or more, not {args.workers}")
+    if args.search_trials < 0:
+        raise UsageError(f"--search-trials takes 0 or more, not {args.search_trials}")
+    if args.input_shape or args.masks:
+        raise UsageError("--input-shape and --masks do not go with --search yet")
+    found = search(args.input, max_drop=args.max_drop, metric=args.metric, data=args.data,
+                   calibration=args.calibration, target=args.target, pipeline=args.pipeline,
+                   trials=args.search_trials, workers=args.workers, executor=args.executor,
+                   ray_address=args.ray_address, prefer=args.search_prefer, progress=progress)
+    found.result.report["search"] = found.report
+    return found.result
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -17,10 +17,11 @@ Outlier smoothing (``smooth``, on by default). One scale per tensor for the acti
 loses most on transformer activations with a few outlier channels (MiniLM: one channel of
 the FFN input reaches 28 where the 90th percentile of channel ranges is 2.4). The pass
 measures channel ranges on sample inputs, and for an activation whose outliers are large
-enough inserts one ``Mul`` by 1/s before its quantized consumers and multiplies the
-matching weight rows by s, which is exact in float; s = (range / percentile) ** strength
-for outlier channels and 1 elsewhere (a partial SmoothQuant migration that leaves the
-other channels alone).
+enough divides it by s and multiplies the matching weight rows by s, which is exact in
+float; s = (range / percentile) ** strength for outlier channels and 1 elsewhere (a partial
+SmoothQuant migration that leaves the other channels alone). 1/s is folded into the
+activation's producer when every reader takes the smoothed value, else one ``Mul`` feeds
+the quantized consumers (onnxopt/quantization/smoothing.py, shared with ``smooth-quant``).
 
 Embedding tables (``Gather`` of a constant 2-D table on axis 0) become int8 with one
 scale per row, dequantized after the lookup (Gather, Cast, Mul by the gathered scale).
@@ -46,15 +47,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.data.samples import sample_batches
-from onnxopt.data.statistics import Calibration, ChannelMoments
-from onnxopt.errors import OnnxoptError, PipelineError
+from onnxopt.errors import PipelineError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import named, node_key
-from onnxopt.ir.names import NameTable, new_constant
+from onnxopt.ir.names import NameTable
 from onnxopt.ir.weights import bias_add_after, dense_layer
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
+from onnxopt.quantization.smoothing import activation_absmax, outlier_scales, sites, smooth
 from onnxopt.quantization.scheme import (REDUCE_RANGE_CHOICES, REDUCE_RANGE_HELP, QuantScheme, quantize_weight,
                                          reduce_range_choice, target_schemes)
 
@@ -105,8 +106,9 @@ def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str 
 
 # -- rewrites --------------------------------------------------------------------------------
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, per_channel: bool, reduce_range: bool, contrib: bool):
+    def __init__(self, graph: gs.Graph, per_channel: bool, reduce_range: bool, contrib: bool, lineage=None):
         self.graph = graph
+        self.lineage = lineage  # where to record what each layer was (onnxopt.pipeline.lineage)
         self.per_channel = per_channel
         self.reduce_range = reduce_range
         self.contrib = contrib
@@ -120,6 +122,13 @@ class _Rewriter:
 
     def _const(self, name: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.names(name), values)
+
+    def _record(self, codes: gs.Constant, out: gs.Tensor, weight: np.ndarray, bias) -> None:
+        """What the layer was, for passes that recover from the rounding (refit)."""
+        if self.lineage is not None:
+            value = constant_value(bias) if isinstance(bias, gs.Constant) else bias
+            self.lineage.record(codes.name, Origin("quantized", out.name, weight,
+                                                   None if value is None else np.asarray(value, np.float32)))
 
     def _quantized_activation(self, x: gs.Variable):
         if x.name not in self.dql:
@@ -140,6 +149,7 @@ class _Rewriter:
         ws = self._const(f"{base}_weight_scale", scale)
         # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
         wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
+        self._record(wq, out, weight, bias)
         if self.contrib:
             inputs = [a, wq, ws, wz] + ([bias] if bias is not None else [])
             self.new_nodes.append(gs.Node("DynamicQuantizeMatMul", f"{base}_quant", domain=MS_DOMAIN,
@@ -197,6 +207,7 @@ class _Rewriter:
         weight = constant_value(w)
         q, scale = symmetric_int8(weight, 0 if self.per_channel else None, self.reduce_range)
         wq = self._const(f"{base}_weight_quantized", q)
+        self._record(wq, node.outputs[0], weight, bias)
         # symmetric weights: one zero point 0 serves every channel (ConvInteger takes no other)
         wz = self._const(f"{base}_weight_zero_point", np.array(0, np.int8))
         ws = self._const(f"{base}_weight_scale", scale.reshape([-1] + [1] * (weight.ndim - 2))
@@ -296,7 +307,7 @@ class QuantizeDynamicPass(Pass):
         if contrib and any(k in ("matmul", "gemm") for _, _, k in plan):
             model.require_opset(MS_DOMAIN, 1)
         scales = self._smoothing(model, ctx, plan) if o.smooth else {}
-        stats = self._apply(model, plan, contrib, scales, reduce)
+        stats = self._apply(model, plan, contrib, scales, reduce, ctx.lineage)
         stats["smoothed"] = len(scales)
         stats["format"] = "contrib" if contrib else "standard"
         stats["reduce_range"] = reduce
@@ -317,13 +328,13 @@ class QuantizeDynamicPass(Pass):
     def layers(self, model, ctx) -> list[str]:
         return [node_key(node) for _, node, _ in self._plan(model)]
 
-    def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool) -> dict:
+    def _apply(self, model, plan, contrib: bool, scales: dict[str, np.ndarray], reduce: bool, lineage=None) -> dict:
         o = self.options
         by_graph: dict[int, _Rewriter] = {}
         counts: dict[str, int] = {}
-        _insert_smoothing(model.graph, plan, scales)
+        _insert_smoothing(model.graph, plan, scales, lineage)
         for graph, node, kind in plan:
-            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib))
+            rw = by_graph.setdefault(id(graph), _Rewriter(graph, o.per_channel, reduce, contrib, lineage))
             getattr(rw, f"rewrite_{kind}")(node)
             counts[kind] = counts.get(kind, 0) + 1
         for rw in by_graph.values():
@@ -334,57 +345,32 @@ class QuantizeDynamicPass(Pass):
     def _smoothing(self, model, ctx, plan) -> dict[str, np.ndarray]:
         """Per activation tensor: the factor s of every channel (1 for all but the outliers),
         from the channels' largest magnitudes over the calibration data, else over sample
-        inputs made from the input specs."""
-        groups = _smoothable(plan, model.graph)
-        if not groups:
-            return {}
-        calib = ctx.calibration
-        if calib is None:
-            feeds, _ = sample_batches(model, ctx)
-            if not feeds:
-                return {}
-            calib = Calibration(source=feeds, providers=ctx.providers, threads=ctx.threads)
-        try:
-            moments = calib.reduce(model, [ChannelMoments(name, axis=-1) for name in groups])
-        except OnnxoptError as exc:  # the model does not run on the samples: no smoothing
-            logger.warning("quantize-dynamic: cannot run the model on sample data (%s); no smoothing", exc)
-            return {}
-        amax = {m.taps[0].name: m.abs_max for m in moments if m.count}
+        inputs made from the input specs (onnxopt.quantization.smoothing)."""
+        found = _smoothable(plan, model.graph)
+        amax, _ = activation_absmax(model, ctx, found)
         o = self.options
         scales = {}
-        for name in groups:
-            if name not in amax:
+        for site in found:
+            a = amax.get(site.tensor.name)
+            if a is None or a.size != site.channels:
                 continue
-            a = np.maximum(amax[name], 1e-6)
             # Only channels above the percentile are scaled down, and only part of the way:
             # sample ranges are estimates, and each scaled channel grows its weight row.
-            s = np.maximum(1.0, a / np.percentile(a, o.smooth_percentile)) ** o.smooth_strength
+            s = outlier_scales(a, o.smooth_percentile, o.smooth_strength)
             if s.max() >= o.smooth_min_factor:  # each Mul costs a pass over the activation
-                scales[name] = s.astype(np.float32)
+                scales[site.tensor.name] = s.astype(np.float32)
         return scales
 
 
-def _smoothable(plan, graph) -> dict[str, list[gs.Node]]:
-    """Activation name -> the MatMuls (in ``plan``, main graph) that read it as input A."""
-    groups: dict[str, list[gs.Node]] = {}
-    for g, node, kind in plan:
-        if g is graph and kind == "matmul":
-            groups.setdefault(node.inputs[0].name, []).append(node)
-    return groups
+def _smoothable(plan, graph) -> list:
+    """The activations the MatMuls of ``plan`` (main graph) read as input A, with those MatMuls."""
+    return sites(graph, op_types=("MatMul",), readers=[node for g, node, kind in plan if g is graph and kind == "matmul"])
 
 
-def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray]) -> None:
-    """x @ W == (x / s) @ (s W): one Mul per activation, weights rescaled by row."""
+def _insert_smoothing(graph, plan, scales: dict[str, np.ndarray], lineage=None) -> None:
+    """x @ W == (x / s) @ (s W): 1/s folded into x's producer, or one Mul per activation."""
     names = NameTable.of(graph)
-    for name, nodes in _smoothable(plan, graph).items():
-        s = scales.get(name)
-        if s is None:
-            continue
-        x = nodes[0].inputs[0]
-        xs = gs.Variable(names(f"{name}_smoothed"), dtype=np.float32)
-        inv = gs.Constant(names(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
-        graph.nodes.append(gs.Node("Mul", f"{name}_smooth", inputs=[x, inv], outputs=[xs]))
-        for node in nodes:
-            w = node.inputs[1]
-            node.inputs[0] = xs
-            node.inputs[1] = new_constant(names, f"{w.name}_smoothed", (constant_value(w) * s[:, None]).astype(np.float32))
+    for site in _smoothable(plan, graph):
+        s = scales.get(site.tensor.name)
+        if s is not None:
+            smooth(site, s, graph, names, allow_mul=True, lineage=lineage)

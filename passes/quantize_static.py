@@ -53,6 +53,7 @@ from onnxopt.ir.ops import data_input_indices
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.surgery import topological_order
 from onnxopt.ir.weights import WEIGHT_OPS, output_channel_axis
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 from onnxopt.quantization import qdq
@@ -357,13 +358,15 @@ class QuantizeStaticPass(Pass):
             lo, hi = group_range[plan.find(name)]
             scale, zp = qs.scale_zero_point(lo, hi, act)
             dq = self._insert(graph, names, tensor, scale, zp, plan)
+            if tensor.name != name:  # a graph output's float tensor, renamed: the same values
+                ctx.lineage.rescaled(name, tensor.name, None)
             if dq is not None:
                 scales[id(dq)] = scale  # by dequantized tensor: what a bias's node reads
                 inserted += 1
         by_op = self._op_weight_schemes(ctx, wt, self.options.per_channel and model.opset >= qs.PER_CHANNEL_OPSET)
         if by_op:
             stats["weight_schemes"] = {op: f"{w.dtype} {w.granularity}" for op, w in by_op.items()}
-        weights = self._quantize_weights(graph, names, plan, wt, by_op)
+        weights = self._quantize_weights(graph, names, plan, wt, by_op, ctx)
         biases = self._quantize_biases(graph, names, plan, scales, weights) \
             if int(ctx.target.quantization.get("bias_bits", 32)) == 32 else 0
         constants = self._quantize_constants(graph, names, plan, act)
@@ -420,7 +423,7 @@ class QuantizeStaticPass(Pass):
             out[op] = qs.QuantScheme(own.dtype, own.symmetric, "per_channel" if per_channel else "per_tensor", reduce)
         return out
 
-    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme, by_op: dict) -> dict:
+    def _quantize_weights(self, graph, names, plan: Plan, wt: qs.QuantScheme, by_op: dict, ctx) -> dict:
         done: dict = {}
         cache: dict = {}
         for node, index, axis in plan.weights:
@@ -432,6 +435,9 @@ class QuantizeStaticPass(Pass):
                 dq = qdq.make_dequantized_constant(graph, names, const.name or "w", q, scale, zp, used)
                 cache[key] = (dq, scale)
             dq, scale = cache[key]
+            # what the layer was, for passes that recover from the rounding (refit)
+            ctx.lineage.record(dq.inputs[0].inputs[0].name, Origin(
+                "quantized", node.outputs[0].name, constant_value(const), _float_bias(node)))
             node.inputs[index] = dq
             done[id(node)] = scale
         return done
@@ -473,6 +479,14 @@ class QuantizeStaticPass(Pass):
             node.inputs[index] = done[key]
             count += 1
         return count
+
+
+def _float_bias(node: gs.Node) -> np.ndarray | None:
+    """The float bias of a Conv/Gemm (its third input), or None."""
+    if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    value = constant_value(node.inputs[2])
+    return None if value is None or value.dtype != np.float32 else value
 
 
 def _clip_from_zero(node: gs.Node) -> bool:

@@ -35,8 +35,10 @@ from onnxopt.ir.names import NameTable
 from onnxopt.ir.opsets import raise_opset
 from onnxopt.ir.weights import bias_add_after, dense_layer
 from onnxopt.errors import PipelineError
+from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
+from onnxopt.quantization.scheme import pack_low_first, unpack_low_first  # noqa: F401  (unpack: part of this API)
 
 logger = logging.getLogger(__name__)
 
@@ -118,32 +120,6 @@ def _clip_ratios(method: str, grid: int) -> list[float]:
     return [1.0 - 0.25 * i / grid for i in range(grid + 1)]
 
 
-def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis into uint8, lowest bits first.
-
-    4-bit: element 2i in the low nibble, 2i+1 in the high one; an odd count gets a zero
-    high nibble in the last byte.
-    """
-    codes = np.asarray(codes).astype(np.uint8)
-    if bits == 8:
-        return codes
-    if bits != 4:
-        raise ValueError(f"cannot pack {bits}-bit codes")
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
-
-
-def unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of pack_low_first (tests and round trips)."""
-    if bits == 8:
-        return packed[..., :count]
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out[..., :count]
-
-
 # -- candidates ------------------------------------------------------------------------------
 def _weight_of(node: gs.Node, min_elements: int):
     """(weight [K, N] as numpy, bias [N] or None) when ``node`` can be rewritten."""
@@ -209,6 +185,10 @@ class QuantizeWeightsPass(Pass):
             q = quantize_blocks(w, o.bits, o.block_size, o.symmetric, o.method)
             before += w.size * 4
             new_nodes, size = (self._contrib(graph, node, q, bias) if contrib else self._standard(node, q))
+            # what the layer was, for passes that recover from the rounding (refit)
+            codes = new_nodes[0].inputs[1 if contrib else 0].name
+            output = (new_nodes[0] if contrib else node).outputs[0].name
+            ctx.lineage.record(codes, Origin("quantized", output, w, bias))
             after += size
             entry = by_graph.setdefault(id(graph), (graph, [], set()))
             entry[1].extend(new_nodes)

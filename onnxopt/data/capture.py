@@ -48,6 +48,9 @@ class Capture:
                 copy.graph.output.add().name = name  # no type: the session returns it as computed
         self.outputs = wanted
         self.what = what
+        self.session = None
+        if not wanted:  # graph inputs only: they come from the feeds, no session needed
+            return
         try:
             # Basic level folds constants but keeps every requested tensor (they are outputs).
             self.session = runtime.session(copy, providers, threads, level="basic", arena=False)

@@ -366,39 +366,63 @@ class Gram(Reducer):
     Y likewise along ``y_axis``; X and Y must give the same number of rows per batch (a
     layer's input and its output, possibly of two models: student and teacher). Kept: count,
     XᵀX, Σx, and with Y: XᵀY, Σy, Σ‖y‖² (for the residual of a least-squares fit).
+
+    ``y_scale`` multiplies Y's channel c by y_scale[c] before it is accumulated (a teacher
+    tensor compared with a student tensor that carries it rescaled per channel).
+
+    ``groups`` > 1 (a grouped or depthwise Conv) keeps only the diagonal blocks: group i's
+    columns of X (the i-th run of columns/groups, in the patch order) against group i's
+    columns of Y. XᵀX is then [groups, d, d] and XᵀY [groups, d, m]; ``block(i)`` is group
+    i as an ungrouped Gram (what ``solve`` and ``residual`` work on). A depthwise Conv of
+    960 channels keeps 960 blocks of 9×9 instead of one 8640×8640 matrix.
     """
 
     kind = "gram"
 
     def __init__(self, x: str | Tap, axis: int = -1, y: str | Tap | None = None, y_axis: int = -1,
-                 patches: Patches | None = None):
+                 patches: Patches | None = None, groups: int = 1, y_scale=None):
         self.taps = (_tap(x),) + ((_tap(y),) if y is not None else ())
-        self.axis, self.y_axis, self.patches = axis, y_axis, patches
+        self.axis, self.y_axis, self.patches, self.groups = axis, y_axis, patches, int(groups)
+        self.y_scale = None if y_scale is None else tuple(float(v) for v in np.ravel(y_scale))
         self._reset()
 
     def _reset(self) -> None:
         self.count = 0
         self.xtx = self.sum_x = self.xty = self.sum_y = None
-        self.y_sq = 0.0
+        self.y_sq = 0.0  # an array [groups] when grouped
 
     def params(self) -> tuple:
-        return (self.axis, self.y_axis, self.patches)
+        return (self.axis, self.y_axis, self.patches) + ((self.groups,) if self.groups > 1 else ()) + \
+            ((self.y_scale,) if self.y_scale is not None else ())
 
     def _x_rows(self, x: np.ndarray) -> np.ndarray:
         rows = self.patches.rows(x) if self.patches is not None else _rows(x, self.axis)
         return rows.astype(np.float64, copy=False)
 
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        part = Gram(*self.taps[:1], axis=self.axis, y=self.taps[1] if len(self.taps) > 1 else None,
-                    y_axis=self.y_axis, patches=self.patches)
+        part = self.empty()
         xr = self._x_rows(x)
-        part.count, part.xtx, part.sum_x = xr.shape[0], xr.T @ xr, xr.sum(0)
+        g = self.groups
+        part.count, part.sum_x = xr.shape[0], xr.sum(0)
+        if g > 1:
+            xg = xr.reshape(xr.shape[0], g, -1)
+            part.xtx = np.einsum("rgi,rgj->gij", xg, xg, optimize=True)
+        else:
+            part.xtx = xr.T @ xr
         if len(self.taps) > 1:
             yr = _rows(y, self.y_axis)
+            if self.y_scale is not None:
+                yr = yr * np.asarray(self.y_scale)
             if yr.shape[0] != xr.shape[0]:
                 raise CalibrationError(f"Gram of '{self.taps[0].name}' and '{self.taps[1].name}': "
                                        f"{xr.shape[0]} rows of x but {yr.shape[0]} of y in one batch")
-            part.xty, part.sum_y, part.y_sq = xr.T @ yr, yr.sum(0), float((yr * yr).sum())
+            part.sum_y = yr.sum(0)
+            if g > 1:
+                yg = yr.reshape(yr.shape[0], g, -1)
+                part.xty = np.einsum("rgi,rgo->gio", xg, yg, optimize=True)
+                part.y_sq = (yg * yg).sum((0, 2))
+            else:
+                part.xty, part.y_sq = xr.T @ yr, float((yr * yr).sum())
         self.merge(part)
 
     def merge(self, other: "Gram") -> "Gram":
@@ -412,8 +436,21 @@ class Gram(Reducer):
         self.sum_x = self.sum_x + other.sum_x
         if other.xty is not None:
             self.xty, self.sum_y = self.xty + other.xty, self.sum_y + other.sum_y
-            self.y_sq += other.y_sq
+            self.y_sq = self.y_sq + other.y_sq
         return self
+
+    def block(self, i: int) -> "Gram":
+        """Group ``i`` of a grouped Gram as an ungrouped one (``self`` when not grouped)."""
+        if self.groups == 1:
+            return self
+        out = Gram(self.taps[0], self.axis, self.taps[1] if len(self.taps) > 1 else None, self.y_axis, self.patches,
+                   y_scale=self.y_scale)
+        d = self.xtx.shape[1]
+        out.count, out.xtx, out.sum_x = self.count, self.xtx[i], self.sum_x[i * d:(i + 1) * d]
+        if self.xty is not None:
+            m = self.xty.shape[2]
+            out.xty, out.sum_y, out.y_sq = self.xty[i], self.sum_y[i * m:(i + 1) * m], float(self.y_sq[i])
+        return out
 
     @property
     def mean_x(self) -> np.ndarray:
@@ -424,14 +461,17 @@ class Gram(Reducer):
         return self.xtx / max(self.count, 1)
 
     def solve(self, ridge: float = 1e-4, columns: np.ndarray | None = None,
-              bias: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+              bias: bool = True, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Least squares from the accumulated sums: (W, b) minimizing ‖X W + b − Y‖² +
-        λ‖W‖², with λ = ``ridge`` × the mean diagonal of XᵀX (scale-free). ``columns``
-        restricts X to those columns (the channels a pruned layer keeps); with ``bias`` the
-        intercept is fitted too (the sums of x and y center the problem). W is
-        [len(columns), D] float64, b is [D] or None. Needs a Gram with Y."""
+        λ‖W − P‖², with λ = ``ridge`` × the mean diagonal of XᵀX (scale-free) and P the
+        ``prior`` (zero by default; a layer's own weights keep a fit on few samples close to
+        them). ``columns`` restricts X to those columns (the channels a pruned layer keeps);
+        with ``bias`` the intercept is fitted too (the sums of x and y center the problem).
+        W is [len(columns), D] float64, b is [D] or None. Needs an ungrouped Gram with Y."""
         if self.xty is None:
             raise ValueError("solve() needs a Gram of x and y")
+        if self.groups > 1:
+            raise ValueError("solve() works on one group: use block(i)")
         cols = np.arange(self.xtx.shape[0]) if columns is None else np.asarray(columns)
         n = max(self.count, 1)
         xtx = self.xtx[np.ix_(cols, cols)]
@@ -441,8 +481,22 @@ class Gram(Reducer):
             xtx = xtx - n * np.outer(mx, mx)
             xty = xty - n * np.outer(mx, my)
         lam = ridge * max(float(np.mean(np.diag(xtx))), 1e-12)
+        if prior is not None:
+            xty = xty + lam * np.asarray(prior, np.float64)
         w = np.linalg.solve(xtx + lam * np.eye(len(cols)), xty)
         return w, (my - mx @ w) if bias else None
+
+    def residual(self, w: np.ndarray, b: np.ndarray | None = None) -> float:
+        """‖Y − (X W + b)‖² over the accumulated rows, from the sums alone (no data is read
+        again): how well a candidate (W [d, m], b [m]) reproduces Y. Ungrouped, with Y."""
+        if self.xty is None:
+            raise ValueError("residual() needs a Gram of x and y")
+        w = np.asarray(w, np.float64)
+        total = float(self.y_sq) - 2.0 * float(np.sum(w * self.xty)) + float(np.sum(w * (self.xtx @ w)))
+        if b is not None:
+            b = np.asarray(b, np.float64)
+            total += -2.0 * float(b @ self.sum_y) + 2.0 * float(b @ (self.sum_x @ w)) + self.count * float(b @ b)
+        return max(total, 0.0)
 
 
 # -- the calibration object passes see ------------------------------------------------------------

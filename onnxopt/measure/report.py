@@ -155,6 +155,35 @@ def fidelity_line(report: dict) -> str | None:
     return text
 
 
+def search_lines(search: dict) -> list[str]:
+    """The search's outcome as text: budget, evaluations, the Pareto front, the choice."""
+    lines = [f"search: {search['evaluations']} candidate(s) on {search['executor']} in {search['seconds']:.1f} s "
+             f"(sensitivity {search.get('sensitivity_seconds', 0):.1f} s); budget {search['metric']} drop <= "
+             f"{search['max_drop']:g}; Pareto front of {len(search['front'])}:"]
+    lines.append(f"  {'size':>7} {'latency':>8} {'drop':>10}  pipeline (after the lossless prefix)")
+    for c in search["front"]:
+        mark = "*" if c is search.get("chosen") or c.get("id") == search.get("chosen", {}).get("id") else " "
+        lines.append(f"{mark} {c['size_ratio']:>6.3f}x {c['latency_ratio']:>7.3f}x {c['drop']:>10.4g}  "
+                     f"{short_pipeline(c['pipeline'], search.get('base_pipeline', ''))}")
+    return lines
+
+
+def short_pipeline(text: str, base: str) -> str:
+    """A candidate's pipeline from where it departs from the base's lossless prefix."""
+    from onnxopt.pipeline.text import parse
+
+    try:
+        mine, theirs = parse(text), parse(base)
+    except Exception:  # noqa: BLE001
+        return text
+    i = 0
+    while i < min(len(mine), len(theirs)) and mine[i].name == theirs[i].name and mine[i].options == theirs[i].options:
+        i += 1
+    from onnxopt.pipeline.text import format_pipeline
+
+    return ("…," if i else "") + format_pipeline(mine[i:])
+
+
 # -- files ---------------------------------------------------------------------------------
 def to_json(report: dict) -> str:
     def default(x):
@@ -235,6 +264,9 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         ax.legend(fontsize=7, loc="lower right")
         ax.set_title("Size breakdown by weight kind and type")
         out.append(("Size breakdown", _png(fig)))
+    search = report.get("search")
+    if search:
+        out.extend(_search_plots(plt, search))
     fid = report.get("fidelity")
     if fid and fid.get("outputs"):
         names = [n for n, s in fid["outputs"].items() if "snr_db" in s]
@@ -249,6 +281,52 @@ def _plots(report: dict) -> list[tuple[str, str]]:
             ax.set_xlabel("SNR dB (capped at 200; inf = identical)")
             ax.set_title("Fidelity per output")
             out.append(("Fidelity per output", _png(fig)))
+    return out
+
+
+def _search_plots(plt, search: dict) -> list[tuple[str, str]]:
+    """Per-layer sensitivity bars, and the candidates' size against latency with the front."""
+    out = []
+    for sens in search.get("sensitivity", []):
+        rows = sens["layers"]
+        if not rows:
+            continue
+        snr = [min(float(r["snr_db"]) if not isinstance(r["snr_db"], str) else
+                   (200.0 if r["snr_db"] == "inf" else 0.0), 200.0) for r in rows]
+        fig, ax = plt.subplots(figsize=(max(6, min(24, 0.22 * len(rows) + 3)), 3.5))
+        ax.bar(range(len(rows)), snr, color="tab:red")
+        ax.set_ylabel("SNR dB, only this layer compressed")
+        if len(rows) <= 60:
+            ax.set_xticks(range(len(rows)))
+            ax.set_xticklabels([r["layer"][-28:] for r in rows], rotation=90, fontsize=6)
+        title = f"Sensitivity: {sens['pass']} one layer at a time (most sensitive first)"
+        ax.set_title(title)
+        out.append((title, _png(fig)))
+    done = [c for c in search.get("candidates", []) if "error" not in c]
+    if done:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        budget = search["max_drop"]
+        inside = [c for c in done if c["drop"] <= budget]
+        outside = [c for c in done if c["drop"] > budget]
+        if outside:
+            ax.scatter([c["size_ratio"] for c in outside], [c["latency_ratio"] for c in outside], marker="x",
+                       color="0.6", label="over budget")
+        if inside:
+            sc = ax.scatter([c["size_ratio"] for c in inside], [c["latency_ratio"] for c in inside],
+                            c=[c["drop"] for c in inside], cmap="viridis", label="within budget")
+            fig.colorbar(sc, ax=ax, label=f"{search['metric']} drop")
+        front = sorted(search.get("front", []), key=lambda c: c["size_ratio"])
+        ax.plot([c["size_ratio"] for c in front], [c["latency_ratio"] for c in front], "o--", color="tab:red",
+                mfc="none", markersize=10, label="Pareto front")
+        chosen = search.get("chosen")
+        if chosen:
+            ax.plot([chosen["size_ratio"]], [chosen["latency_ratio"]], "*", color="tab:red", markersize=16,
+                    label="written")
+        ax.set_xlabel("size (x original)")
+        ax.set_ylabel("latency (x original)")
+        ax.legend(fontsize=7)
+        ax.set_title("Search: size, latency and metric drop of every candidate")
+        out.append(("Search: Pareto front", _png(fig)))
     return out
 
 
@@ -299,6 +377,16 @@ def to_html(report: dict) -> str:
                              f"<td>{s['top1']:.4f}</td></tr>" if "top1" in s else
                              f"<tr><td>{esc(name)}</td><td>{s['cosine']:.6f}</td><td>{s['snr_db']:.1f}</td>"
                              f"<td>{s['max_abs']:.3g}</td><td>{s['mean_abs']:.3g}</td><td>-</td></tr>")
+        parts.append("</table>")
+    search = report.get("search")
+    if search:
+        parts.append("<h2>Search: Pareto front</h2><p>" + "<br>".join(esc(line) for line in search_lines(search)[:1])
+                     + "</p><table><tr><th>pipeline (after the lossless prefix)</th><th>size</th><th>latency</th>"
+                     "<th>drop</th></tr>")
+        for c in search["front"]:
+            parts.append(f"<tr><td>{esc(short_pipeline(c['pipeline'], search.get('base_pipeline', '')))}</td>"
+                         f"<td>{c['size_ratio']:.3f}x</td><td>{c['latency_ratio']:.3f}x</td>"
+                         f"<td>{c['drop']:.4g}</td></tr>")
         parts.append("</table>")
     # The whole report, for tools that read the page.
     data = to_json(report).replace("</", "<\\/")

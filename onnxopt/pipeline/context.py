@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from onnxopt.pipeline.lineage import Lineage
 from onnxopt.target import Target
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class PassContext:
     # write (``--export-masks``). Passes never read or write mask files themselves.
     masks: dict[str, Any] = field(default_factory=dict)
     pruned_masks: dict[str, Any] = field(default_factory=dict)
+    # Layers that lossy passes changed, what they were, for passes that recover from them
+    # (refit): onnxopt.pipeline.lineage.
+    lineage: Lineage = field(default_factory=Lineage)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _providers: list[str] | None = field(default=None, repr=False)
 

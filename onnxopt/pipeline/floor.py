@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,27 +36,13 @@ import numpy as np
 from onnxopt import runtime
 from onnxopt.data.capture import Capture, capturable
 from onnxopt.errors import OnnxoptError
-from onnxopt.ir.constants import constant_value, is_constant
 from onnxopt.ir.graphs import node_key
 from onnxopt.ir.model import ModelState
-from onnxopt.ir.submodel import submodel
-from onnxopt.ir.validate import structural_problem
-from onnxopt.measure.fidelity import Fidelity, FidelityProbe, Floor
+from onnxopt.measure.fidelity import FidelityProbe, Floor
+from onnxopt.pipeline.sensitivity import LayerTrials, Trial, clone_model, clone_state, describe, fewest, \
+    rank_by_own_error
 
 logger = logging.getLogger(__name__)
-
-_SNR_CAP = 120.0  # dB standing for "unchanged" when ranking
-
-
-@dataclass
-class Trial:
-    """One run of the pass with some layers kept: what it gave and what it said."""
-
-    fidelity: Fidelity
-    state: ModelState
-    stats: dict
-    notes: list[str]
-    metadata: dict
 
 
 class FloorKeeper:
@@ -92,48 +77,49 @@ class FloorKeeper:
         start = time.perf_counter()
         report: dict[str, Any] = {"floor": self.floor.describe(), "data": self.probe.source}
         record.fidelity = report
-        saved = (len(ctx.notes), dict(ctx.metadata))
+        trials = LayerTrials(cls, options, model, ctx, before, self.probe.measure)
         kept: list[str] = []
         problem = None
         if ctx.target.capabilities.get("integer_only"):
             # the hardware computes in integer only: no layer can go back to float, and this
             # machine's timing says nothing of it; the fidelity is measured and said
             if self.floor.fidelity_bound:
-                measured = self._measure(model)
+                measured = trials.fidelity()
                 report["after_pass"] = measured.to_json()
                 if not self.floor.holds(measured):
-                    ctx.notes.append(f"{cls.name}: {_describe(measured)} is below the fidelity floor "
+                    ctx.notes.append(f"{cls.name}: {describe(measured)} is below the fidelity floor "
                                      f"({self.floor.describe()}); target '{ctx.target.name}' computes in "
                                      "integer only, so no layer went back to float")
             report["seconds"] = round(time.perf_counter() - start, 2)
             return None
         if self.floor.fidelity_bound:
-            problem, kept = self._hold_fidelity(cls, options, model, ctx, before, record, report, saved)
+            problem, kept = self._hold_fidelity(trials, record, report)
         if problem is None and cls.promises_speed and self.floor.max_latency_ratio is not None:
-            problem = self._hold_speed(cls, options, model, ctx, before, record, report, saved, kept)
+            problem = self._hold_speed(trials, record, report, kept)
         report["seconds"] = round(time.perf_counter() - start, 2)
         return problem
 
     # -- fidelity ----------------------------------------------------------------------------
-    def _hold_fidelity(self, cls, options, model, ctx, before, record, report, saved) -> tuple[str | None, list]:
-        first = self._measure(model)
+    def _hold_fidelity(self, trials: LayerTrials, record, report) -> tuple[str | None, list]:
+        cls, options, model, ctx, before = trials.cls, trials.options, trials.model, trials.ctx, trials.before
+        first = trials.fidelity()
         report["after_pass"] = first.to_json()
         if self.floor.holds(first):
             return None, []
-        below = f"{_describe(first)} is below the fidelity floor ({self.floor.describe()})"
+        below = f"{describe(first)} is below the fidelity floor ({self.floor.describe()})"
         if cls.keep_option is None:
             return below, []
         after = model.snapshot()
-        model.restore(_clone(before))
+        model.restore(clone_state(before))
         candidates = [k for k in cls(**options).layers(model, ctx) if k]
         if not candidates:
             model.restore(after)
             return below, []
-        ranked = self._rank(candidates, model, after)
+        ranked = rank_by_own_error(candidates, model, after, self.probe)
         # the first layers of the ranking, measured: the fidelity with each one alone kept
         measured = {}
         for key in ranked[:self.measured]:
-            alone = self._trial(cls, options, [key], model, ctx, before, saved)
+            alone = trials.run([key])
             measured[key] = alone.fidelity.snr_db if alone is not None else -math.inf
         ranked = sorted(measured, key=lambda k: -measured[k]) + ranked[self.measured:]
         report["sensitivity_trials"] = len(measured)
@@ -141,39 +127,40 @@ class FloorKeeper:
 
         def holds(k: int) -> bool:
             if k not in tried:
-                tried[k] = self._trial(cls, options, ranked[:k], model, ctx, before, saved)
+                tried[k] = trials.run(ranked[:k])
             return tried[k] is not None and self.floor.holds(tried[k].fidelity)
 
         most = max(1, int(self.max_kept_fraction * len(ranked)))
-        good = _fewest(holds, most, self.max_trials)
+        good = fewest(holds, most, self.max_trials)
         report["trials"] = len(tried)
         if good is None:
             model.restore(after)
             best = max((r.fidelity for r in tried.values() if r is not None), key=lambda f: f.snr_db,
                        default=first)
             return (f"{below}, and keeping {max(tried)} of {len(ranked)} layers as they were (at most "
-                    f"{self.max_kept_fraction:.0%}) still gives {_describe(best)}"), []
+                    f"{self.max_kept_fraction:.0%}) still gives {describe(best)}"), []
         chosen = tried[good]
-        self._accept(chosen, ctx, saved, record, model)
+        trials.accept(chosen, record)
         report["kept"] = ranked[:good]
         report["final"] = chosen.fidelity.to_json()
         ctx.notes.append(f"{cls.name}: {good} of {len(ranked)} layer(s) kept as they were to hold the "
-                         f"fidelity floor ({self.floor.describe()}): {_describe(chosen.fidelity)}")
+                         f"fidelity floor ({self.floor.describe()}): {describe(chosen.fidelity)}")
         ctx.metadata[f"floor.{cls.name}"] = f"{good} layer(s) kept for fidelity (measured on {self.probe.source})"
         return None, ranked[:good]
 
     # -- speed -------------------------------------------------------------------------------
-    def _hold_speed(self, cls, options, model, ctx, before, record, report, saved, kept) -> str | None:
+    def _hold_speed(self, trials: LayerTrials, record, report, kept) -> str | None:
         """The model must not be slower than before the pass (``max_latency_ratio``): regions
         of layers that cost more in Q/DQ transitions than they save go back, worst first."""
-        before_proto = _clone_model(model, before).export()
+        cls, options, model, ctx, before = trials.cls, trials.options, trials.model, trials.ctx, trials.before
+        before_proto = clone_model(model, before).export()
         speed = self._speed(before_proto, model)
         report["speed"] = speed.to_json() if speed else None
         if speed is None or self.floor.fast_enough(speed.ratio):
             return None
         limit = self.floor.max_latency_ratio
         after = model.snapshot()
-        model.restore(_clone(before))
+        model.restore(clone_state(before))
         base = dict(options)
         base[cls.keep_option] = list(base.get(cls.keep_option, [])) + kept if cls.keep_option else []
         regions = self._regions(cls(**base).layers(model, ctx), model, ctx) if cls.keep_option else []
@@ -183,13 +170,13 @@ class FloorKeeper:
         def fast(j: int) -> bool:
             if j not in tried:
                 keep = kept + [k for region in regions[:j] for k in region]
-                result = self._trial(cls, options, keep, model, ctx, before, saved)
+                result = trials.run(keep)
                 tried[j] = None if result is None else (result, self._speed(before_proto, model))
             got = tried[j]
             return got is not None and got[1] is not None and self.floor.fast_enough(got[1].ratio) \
                 and (not self.floor.fidelity_bound or self.floor.holds(got[0].fidelity))
 
-        good = _fewest(fast, len(regions), max(4, self.max_trials // 2)) if regions else None
+        good = fewest(fast, len(regions), max(4, self.max_trials // 2)) if regions else None
         report["speed_trials"] = len(tried)
         total = sum(len(r) for r in regions) + len(kept)
         given = len(kept) + sum(len(r) for r in regions[:good]) if good is not None else total
@@ -198,7 +185,7 @@ class FloorKeeper:
             return (f"the model runs {speed.ratio:.2f}x the time it took before the pass, above the speed "
                     f"floor ({limit:g}x), and no large enough part of the pass pays for itself on this target")
         chosen, chosen_speed = tried[good]
-        self._accept(chosen, ctx, saved, record, model)
+        trials.accept(chosen, record)
         given_back = [k for region in regions[:good] for k in region]
         report["kept_for_speed"] = given_back
         report["speed_final"] = chosen_speed.to_json()
@@ -280,147 +267,6 @@ class FloorKeeper:
 
         return sorted(groups.values(), key=score)
 
-    def _accept(self, chosen: "Trial", ctx, saved, record, model) -> None:
-        """Make ``chosen`` the model, with what its run said."""
-        model.restore(chosen.state)
-        del ctx.notes[saved[0]:]
-        ctx.notes.extend(chosen.notes)
-        ctx.metadata.clear()
-        ctx.metadata.update(chosen.metadata)
-        record.stats = dict(chosen.stats)
-
-    # -- one trial --------------------------------------------------------------------------
-    def _trial(self, cls, options: dict, keep: list[str], model, ctx, before: ModelState, saved) -> "Trial | None":
-        """The pass run again from ``before`` with ``keep`` left alone, or None when it failed."""
-        model.restore(_clone(before))
-        del ctx.notes[saved[0]:]
-        ctx.metadata.clear()
-        ctx.metadata.update(saved[1])
-        ctx.invalidate(frozenset({"statistics"}))  # the model is the one the statistics are of
-        opts = dict(options)
-        opts[cls.keep_option] = list(opts.get(cls.keep_option, [])) + list(keep)
-        try:
-            result = cls(**opts).run(model, ctx)
-        except OnnxoptError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (the trial fails; the search goes on)
-            logger.debug("%s with %d layer(s) kept raised: %s", cls.name, len(keep), exc)
-            return None
-        if result.changed and structural_problem(model.graph) is not None:
-            return None
-        fidelity = self._measure(model)
-        logger.info("%s with %d layer(s) kept: %s", cls.name, len(keep), _describe(fidelity))
-        return Trial(fidelity, model.snapshot(), dict(result.stats), list(ctx.notes[saved[0]:]), dict(ctx.metadata))
-
-    def _measure(self, model) -> Fidelity:
-        try:
-            return self.probe.measure(model.export())
-        except runtime.CannotRun as exc:
-            return Fidelity(-math.inf, 0.0, f"(onnxruntime cannot run it: {exc})")
-
-    # -- ranking ----------------------------------------------------------------------------
-    def _rank(self, candidates: list[str], model, after: ModelState) -> list[str]:
-        """``candidates`` (keys of layers of ``model``, the model before the pass) ordered by
-        the error each adds by itself, most first: the layer's output in the model after the
-        pass against the original layer run in float on the inputs it saw there. Layers that
-        cannot be measured (inside subgraphs, renamed, non-numeric) come last."""
-        nodes = {node_key(n): n for n in model.graph.nodes}
-        layers = {}
-        for key in candidates:
-            node = nodes.get(key)
-            if node is None or not node.outputs or not node.outputs[0].name:
-                continue
-            constants, data = {}, []
-            for t in node.inputs:
-                if not t.name:
-                    continue
-                if is_constant(t):
-                    value = constant_value(t)
-                    if value is None:
-                        break
-                    constants[t.name] = value
-                else:
-                    data.append(t.name)
-            else:
-                layers[key] = (node, constants, data, node.outputs[0].name)
-        after_proto = _clone_model(model, after).export()
-        available = capturable(after_proto)
-        layers = {k: v for k, v in layers.items() if v[3] in available and all(n in available for n in v[2])}
-        own = self._own_snr(layers, after_proto, model)
-        measured = sorted(own, key=lambda k: own[k])  # noisiest first
-        return measured + [k for k in candidates if k not in own]
-
-    def _own_snr(self, layers: dict, after_proto, model) -> dict[str, float]:
-        """Per layer: the SNR (dB) of its output in ``after_proto`` against the original
-        layer computed in float on the inputs it saw there, over the probe's batches."""
-        if not layers:
-            return {}
-        probe = self.probe
-        names = sorted({n for _, _, data, out in layers.values() for n in data + [out]})
-        try:
-            cap = Capture(after_proto, names, probe.providers, probe.threads, what="the model after the pass")
-        except OnnxoptError as exc:
-            logger.debug("cannot rank layers: %s", exc)
-            return {}
-        opsets, ir_version = model.opset_protos(), model.template.ir_version
-        sessions: dict[str, Any] = {}
-        signal = dict.fromkeys(layers, 0.0)
-        noise = dict.fromkeys(layers, 0.0)
-        for i, batch in enumerate(probe.batches):
-            seen = cap.run(batch, i)
-            for key, (node, constants, data, out) in layers.items():
-                if key not in signal:
-                    continue
-                feeds = {n: _float32(seen[n]) for n in data}
-                got = seen[out]
-                try:
-                    if key not in sessions:
-                        sessions[key] = runtime.session(submodel([node], constants, feeds, opsets, ir_version),
-                                                        ["CPUExecutionProvider"], 1)
-                    (want,) = sessions[key].run([out], feeds)
-                except Exception as exc:  # noqa: BLE001  (a layer that cannot run alone is not ranked)
-                    logger.debug("cannot run layer %s alone: %s", key, exc)
-                    signal.pop(key)
-                    continue
-                if not isinstance(got, np.ndarray) or got.shape != want.shape or want.dtype.kind != "f":
-                    signal.pop(key)
-                    continue
-                w, g = want.astype(np.float64), got.astype(np.float64)
-                signal[key] += float(np.sum(w * w))
-                noise[key] += float(np.sum((w - g) ** 2))
-        return {k: (math.inf if noise[k] == 0 else 10 * math.log10(max(signal[k], 1e-300) / noise[k]))
-                for k in signal}
-
-
-def _float32(value: np.ndarray) -> np.ndarray:
-    """A low-precision float activation (the pass converted it) as the original's float32."""
-    return value.astype(np.float32) if isinstance(value, np.ndarray) and value.dtype == np.float16 else value
-
-
-def _fewest(ok, n: int, budget: int) -> int | None:
-    """The smallest k in 1..n with ``ok(k)``, assuming ``ok`` is monotone: doubling k until it
-    holds, then bisecting; None when even n does not hold (or the budget of calls ends)."""
-    calls, k, good = 0, 1, None
-    while calls < budget:
-        calls += 1
-        if ok(min(k, n)):
-            good = min(k, n)
-            break
-        if k >= n:
-            return None
-        k *= 2
-    if good is None:
-        return None
-    lo = good // 2
-    while good - lo > 1 and calls < budget:
-        calls += 1
-        mid = (lo + good) // 2
-        if ok(mid):
-            good = mid
-        else:
-            lo = mid
-    return good
-
 
 def _count(cost) -> float:
     """MACs plus FLOPs of a node's cost (0 when unknown or symbolic)."""
@@ -443,22 +289,3 @@ def _tensor_sizes(proto, feeds: dict, names: set[str]) -> dict[str, int]:
     except OnnxoptError:
         return {}
     return {n: int(np.size(v)) for n, v in values.items() if isinstance(v, np.ndarray)}
-
-
-def _describe(f: Fidelity) -> str:
-    return f"worst output '{f.output}' at {f.snr_db:.1f} dB SNR, cosine {f.cosine:.5f}"
-
-
-def _clone(state: ModelState) -> ModelState:
-    """A copy of a snapshot, so the snapshot itself can be restored again later."""
-    return ModelState(state.graph.copy(), list(state.opset_import), state.modified)
-
-
-def _clone_model(model, state: ModelState):
-    """A Model sharing ``model``'s template with ``state`` as its contents (for export)."""
-    from onnxopt.ir.model import Model
-
-    other = Model.__new__(Model)
-    other.__dict__.update(model.__dict__)
-    other.restore(_clone(state))
-    return other

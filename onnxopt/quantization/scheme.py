@@ -188,3 +188,30 @@ def reduce_range_choice(option: str, weights: QuantScheme, u8s8: bool, ctx) -> t
     why = f"auto: {describe_cpu()}" + ("" if u8s8 else ", not uint8 x int8")
     ctx.metadata["reduce_range"] = f"{'on' if chosen else 'off'} ({why})"
     return chosen, why
+
+
+# -- packing sub-byte codes ---------------------------------------------------------------------
+def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis into uint8, lowest bits first.
+
+    4-bit: element 2i in the low nibble, 2i+1 in the high one; an odd count gets a zero
+    high nibble in the last byte.
+    """
+    codes = np.asarray(codes).astype(np.uint8)
+    if bits == 8:
+        return codes
+    if bits != 4:
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_low_first."""
+    if bits == 8:
+        return packed[..., :count]
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]
