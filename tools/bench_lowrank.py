@@ -13,11 +13,14 @@ layers into low-rank factors (see ../shared/reading/peers.md), so the comparison
 original model itself.
 
 Variants, for each budget (keep that fraction of the candidate layers' parameters):
-  plain     no calibration data: plain SVD, no refit
-  whitened  calibration data: each weight whitened by its input statistics, no refit
+  lossless  the lossless pipeline alone (every variant runs it first)
+  plain     no calibration data: plain SVD, ranks by output error measured on generated
+            inputs, no refit
+  spectrum  calibration data: whitened SVD, ranks from the whitened spectra alone, no refit
+  whitened  calibration data: whitened SVD, ranks by output error measured on calibration
+            batches (the default), no refit
   refit     whitened, then the last factor and bias refitted to the original's outputs
-  sensitivity  whitened, ranks chosen by measured output error, refit
-Calibration and evaluation data are disjoint: MiniLM calibrates on 112 sentences written
+Calibration and evaluation data are disjoint: MiniLM calibrates on 254 sentences written
 for this benchmark (tools/bench_lowrank_data.py and bench_minilm's SAMPLE) and is judged on
 bench_minilm's 32 EVAL sentences; zoo models use NAME.calib.npz / NAME.eval.npz;
 ppocr_v4_rec, which has no data here, calibrates on the zoo's synthetic text lines
@@ -155,10 +158,11 @@ MODEL_SETUPS = {
 }
 
 VARIANTS = {
+    "lossless": ({}, False),  # the lossless pipeline alone: what the splits add is measured beside it
     "plain": ({"refit": "false"}, False),
+    "spectrum": ({"refit": "false", "select": "spectrum"}, True),
     "whitened": ({"refit": "false"}, True),
     "refit": ({"refit": "true"}, True),
-    "sensitivity": ({"refit": "true", "select": "sensitivity"}, True),
 }
 
 
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxopt
     from onnxopt.analysis.cost import model_cost
-    from onnxopt.measure.microbench import machine
+    from onnxopt.hardware import cpu_model
 
     rows = []
     load_start = os.getloadavg()[0]
@@ -256,31 +260,33 @@ def main(argv: list[str] | None = None) -> int:
                               feeds=feeds, memory=False)
             rows.append({"model": model_name, "variant": "original", "params": base.params,
                          "macs": int(base.macs) if base.macs.is_constant else str(base.macs)})
-            for budget in args.budgets:
-                for variant in args.variants.split(","):
-                    extra, calibrated = VARIANTS[variant]
-                    text = pipeline_text(setup["passes"], budget, extra)
-                    out = tmp / f"{model_name}_{variant}_{budget}.onnx"
-                    started = time.perf_counter()
-                    try:
-                        result = onnxopt.optimize(str(original), pipeline=text,
-                                                  calibration=str(setup["calibration"]) if calibrated else None)
-                    except onnxopt.OnnxoptError as exc:
-                        rows.append({"model": model_name, "variant": variant, "budget": budget,
-                                     "error": str(exc)})
-                        continue
-                    result.save(out)
-                    row = {"model": model_name, "variant": variant, "budget": budget, "pipeline": text,
-                           "seconds": time.perf_counter() - started, **_pass_stats(result.report)}
-                    row.update(measure(original, out, setup, args.runs))
-                    row["params_ratio"] = row["params"] / base.params
-                    if isinstance(row["macs"], int) and base.macs.is_constant:
-                        row["macs_ratio"] = row["macs"] / int(base.macs)
-                    rows.append(row)
-                    print(f"# {model_name} {variant} {budget}: params {row['params_ratio']:.3f}x, "
-                          f"latency {row['latency_ratio']:.3f}x, {row['fidelity']}, split {row['split']}, "
-                          f"{row['seconds']:.0f} s", file=sys.stderr, flush=True)
-    print(f"onnxruntime {ort.__version__}, {machine()} ({os.cpu_count()} cores), 1 thread; load average "
+            runs = [(None, "lossless")] + [(b, v) for b in args.budgets for v in args.variants.split(",")]
+            for budget, variant in runs:
+                extra, calibrated = VARIANTS[variant]
+                text = "lossless" if variant == "lossless" else pipeline_text(setup["passes"], budget, extra)
+                out = tmp / f"{model_name}_{variant}_{budget}.onnx"
+                started = time.perf_counter()
+                try:
+                    result = onnxopt.optimize(str(original), pipeline=text,
+                                              calibration=str(setup["calibration"]) if calibrated else None)
+                except onnxopt.OnnxoptError as exc:
+                    rows.append({"model": model_name, "variant": variant, "budget": budget,
+                                 "error": str(exc)})
+                    continue
+                result.save(out)
+                row = {"model": model_name, "variant": variant, "budget": budget, "pipeline": text,
+                       "seconds": time.perf_counter() - started, **_pass_stats(result.report)}
+                row.update(measure(original, out, setup, args.runs))
+                row["params_ratio"] = row["params"] / base.params
+                if isinstance(row["macs"], int) and base.macs.is_constant:
+                    row["macs_ratio"] = row["macs"] / int(base.macs)
+                rows.append(row)
+                if args.json:  # after every row: a long run that stops keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+                print(f"# {model_name} {variant} {budget}: params {row['params_ratio']:.3f}x, "
+                      f"latency {row['latency_ratio']:.3f}x, {row['fidelity']}, split {row['split']}, "
+                      f"{row['seconds']:.0f} s", file=sys.stderr, flush=True)
+    print(f"onnxruntime {ort.__version__}, {cpu_model()} ({os.cpu_count()} cores), 1 thread; load average "
           f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {platform.python_version()}")
     print()
     print("| model | budget | variant | layers split | params | MACs | latency 1T | fidelity | time s |")
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {r['model']} | {r['budget']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
             continue
-        print(f"| {r['model']} | {r['budget']} | {r['variant']} | {r['split']} of {r['split'] + r['left']} | "
+        split = f"{r['split']} of {r['split'] + r['left']}" if r["variant"] != "lossless" else "-"
+        print(f"| {r['model']} | {r['budget'] or '-'} | {r['variant']} | {split} | "
               f"{r['params_ratio']:.3f}x | {r.get('macs_ratio', float('nan')):.3f}x | "
               f"{r['latency_ratio']:.3f}x ({r['latency_ms']:.1f} vs {r['original_ms']:.1f} ms) | "
               f"{r['fidelity']} | {r['seconds']:.0f} |")

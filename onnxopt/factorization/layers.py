@@ -67,9 +67,19 @@ class Split:
     last: gs.Node | None = None  # after rewrite: the node holding the last factor
     z: gs.Tensor | None = None  # after rewrite: the input of the last factor
 
+    array: np.ndarray  # the weight as factored: [..., K, N] (alpha folded in) or the Conv kernel
+
     @property
     def name(self) -> str:
         return self.node.name or self.node.outputs[0].name
+
+    @property
+    def weight_shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    @property
+    def full_params(self) -> int:
+        return int(self.array.size)
 
     def set_shapes(self, x_shape, y_shape) -> None:
         """The concrete shapes of the layer's input and output on the sample batch."""
@@ -190,7 +200,7 @@ class DenseSplit(Split):
         self.node, self.graph = node, graph
         self.x = node.inputs[0]
         self.op = node.op
-        self.w_kn = w_kn  # [..., K, N] float64, alpha folded in
+        self.w_kn = self.array = w_kn  # [..., K, N] float64, alpha folded in
         self.stacked = w_kn.ndim > 2
         self.bias_add = bias_add  # (Add node, constant [N]) after a MatMul, or None
         attrs = node.attrs if node.op == "Gemm" else {}
@@ -210,14 +220,6 @@ class DenseSplit(Split):
     @property
     def n(self) -> int:
         return self.w_kn.shape[-1]
-
-    @property
-    def weight_shape(self) -> tuple:
-        return tuple(self.w_kn.shape)
-
-    @property
-    def full_params(self) -> int:
-        return int(self.w_kn.size)
 
     def gram_width(self) -> int:
         """The side of the Gram ``gram()`` asks for."""
@@ -436,7 +438,7 @@ class ConvSplit(Split):
     def __init__(self, node: gs.Node, kernel: np.ndarray, method: str):
         self.node = node
         self.x = node.inputs[0]
-        self.kernel = kernel.astype(np.float64)
+        self.kernel = self.array = kernel.astype(np.float64)
         self.method = method
         self.groups = int(node.attrs.get("group", 1))
         self.b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -444,14 +446,6 @@ class ConvSplit(Split):
         self.strides = list(node.attrs.get("strides", [1, 1]))
         self.dilations = list(node.attrs.get("dilations", [1, 1]))
         self.pads: list[int] | None = None  # explicit, once the input shape is known
-
-    @property
-    def weight_shape(self) -> tuple:
-        return tuple(self.kernel.shape)
-
-    @property
-    def full_params(self) -> int:
-        return int(self.kernel.size)
 
     @property
     def output(self) -> gs.Tensor:

@@ -55,6 +55,29 @@ def whitening(covariance: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, n
     return s, np.linalg.inv(s)
 
 
+GRAM_SVD_FROM = 1024  # a smaller side from which the SVD goes through the Gram matrix
+
+
+def svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U, σ, Vᵀ), thin, σ descending. Up to a smaller side of ``GRAM_SVD_FROM`` LAPACK's
+    divide and conquer; above, the eigenvectors of the smaller Gram matrix (AᵀA = V σ² Vᵀ,
+    U = A V / σ): one matrix product and an n×n eigendecomposition instead of an SVD of the
+    whole matrix, several times faster for a 25088×4096 classifier. It loses the relative
+    accuracy of singular values below √ε·σ_max, far below anything a truncation keeps."""
+    k, n = a.shape[-2:]
+    if min(k, n) < GRAM_SVD_FROM:
+        return np.linalg.svd(a, full_matrices=False)
+    if k < n:
+        v, sigma, ut = svd(np.swapaxes(a, -1, -2))
+        return np.swapaxes(ut, -1, -2), sigma, np.swapaxes(v, -1, -2)
+    values, vectors = np.linalg.eigh(np.swapaxes(a, -1, -2) @ a)
+    values, vectors = values[..., ::-1], vectors[..., ::-1]
+    sigma = np.sqrt(np.maximum(values, 0.0))
+    safe = np.where(sigma > sigma[..., :1] * 1e-12, sigma, np.inf)
+    u = (a @ vectors) / safe[..., None, :]
+    return u, sigma, np.swapaxes(vectors, -1, -2)
+
+
 class Factorization:
     """The SVD of (S) W, ready to give the factors at any rank.
 
@@ -74,7 +97,7 @@ class Factorization:
         else:
             self._s = self._s_inv = None
             target = w
-        u, sigma, vt = np.linalg.svd(target, full_matrices=False)
+        u, sigma, vt = svd(target)
         self._u, self.sigma, self._vt = u, sigma, vt  # sigma: [..., min(K, N)], descending
         energy = (sigma ** 2).reshape(-1, sigma.shape[-1]).sum(0)  # summed over the stack
         self._cumulative = np.concatenate([[0.0], np.cumsum(energy)])

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from onnxopt.hardware import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "onnxopt"
 
 
-def machine() -> str:
-    """The CPU model name (what makes timings of one machine useless on another)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class MicroBenchmark:
     """Times pairs of models in onnxruntime; see the module docstring."""
 
@@ -87,7 +77,7 @@ class MicroBenchmark:
         """A stable digest of the caller's key and everything else a timing depends on."""
         import onnxruntime as ort
 
-        text = json.dumps([key, self.providers, self.threads, ort.__version__, machine()],
+        text = json.dumps([key, self.providers, self.threads, ort.__version__, cpu_model()],
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
