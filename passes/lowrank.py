@@ -12,13 +12,15 @@ views from ``onnxopt.factorization.layers``; this module decides where and at wh
    when the layer has a bias to absorb the mean's share; the truncation then minimizes the
    layer's output error. Without data: plain SVD.
 3. Ranks: ``rank`` or ``rank_ratio`` for every layer, ``energy`` per layer, or ``budget``:
-   keep that fraction of the candidate layers' parameters (or MACs) by a greedy allocation
-   across layers (``onnxopt.factorization.ranks.allocate``), the error of each option from
-   the spectrum, or with ``select=sensitivity`` measured at the model's outputs on sample
-   data. Ranks are multiples of the target's ``channel_multiple``; a split must save at
-   least ``min_saving`` of the layer's parameters and MACs. Under ``energy`` and ``budget``
-   a layer whose spectrum needs more than ``full_rank_fraction`` of its rank for
-   ``full_rank_energy`` of its energy is full rank in practice and left alone.
+   keep that fraction of the parameters (or MACs) of the layers that can be split by a
+   greedy allocation across them (``onnxopt.factorization.ranks.allocate``), the error of
+   each option measured at the model's outputs on sample data for a few ranks per layer
+   and scaled from the spectrum in between (``select=sensitivity``), or read from the
+   spectrum alone (``select=spectrum``). Ranks are multiples of the target's
+   ``channel_multiple``; a split must save at least ``min_saving`` of the layer's
+   parameters and MACs. Under ``energy`` and ``budget`` a layer whose spectrum needs more
+   than ``full_rank_fraction`` of its rank for ``full_rank_energy`` of its energy is full
+   rank in practice and left alone (and out of the budget's base).
 4. Speed (``speed_check``): every split the choice keeps is timed against the original
    layer in onnxruntime on the target's providers, one thread, at its real input shape
    (``onnxopt.measure.microbench``, cached per shape and rank); a split that is not
@@ -58,8 +60,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Options:
-    budget: float = option(0.0, "keep this fraction (0-1) of the candidate layers' parameters (or MACs, "
-                                "budget_on) by choosing ranks for all layers at once; 0 = per layer")
+    budget: float = option(0.0, "keep this fraction (0-1) of the parameters (or MACs, budget_on) of the layers "
+                                "that can be split (not full rank, not too small, not slower split) by "
+                                "choosing their ranks all at once; 0 = per layer")
     budget_on: str = option("params", "what budget counts", choices=["params", "macs"])
     energy: float = option(0.99, "per layer: the smallest rank keeping this share of the (whitened) "
                                  "spectrum's energy (used when budget, rank_ratio and rank are 0)")
@@ -296,15 +299,18 @@ class _LowRankPass(Pass):
                         err = lay.measured.get(r, err * _amplification(lay, r))
                     opts.append(Option(r, cost(lay.split, r), err))
             options.append(opts)
-        total = sum(opts[0].cost for opts in options)
-        stats["budget_total"] = total
         for attempt in range(5):
-            live = [[opts[0]] if lay.reason is not None else opts for lay, opts in zip(layers, options)]
-            result = allocate(live, o.budget * total)
-            for lay, option_ in zip(layers, result.chosen(live)):
-                lay.rank = option_.rank
-                lay.error = option_.error if option_.rank is not None else None
-            stats["budget_met"] = result.met
+            # the budget is a share of the layers that can be split: one left alone (full rank,
+            # too small, slower when split) neither counts nor makes the others pay for it
+            live = [i for i, lay in enumerate(layers) if lay.reason is None]
+            total = sum(options[i][0].cost for i in live)
+            result = allocate([options[i] for i in live], o.budget * total)
+            for lay in layers:
+                lay.rank = lay.error = None
+            for i, option_ in zip(live, result.chosen([options[i] for i in live])):
+                layers[i].rank = option_.rank
+                layers[i].error = option_.error if option_.rank is not None else None
+            stats.update(budget_base=total, budget_cost=result.cost, budget_met=result.met)
             if not o.speed_check:
                 return
             slow = self._check_speed(layers, ctx, stats)

@@ -251,6 +251,22 @@ def test_sensitivity_spends_the_budget_where_the_outputs_do_not_see_it():
     assert rows["damped"]["rank"] == rows["direct"]["rank"]  # blind to the damping: an even split
 
 
+def test_layers_left_alone_are_out_of_the_budget():
+    """A big full-rank layer cannot be split: the budget applies to the small low-rank one,
+    which is not driven to rank 1 to pay for the giant."""
+    big = rng(3).standard_normal((96, 96)).astype(np.float32)
+    small = low_rank(64, 48, 8, seed=4, noise=0.02)
+    nodes = [helper.make_node("MatMul", ["x", "big"], ["h"], name="giant"),
+             helper.make_node("MatMul", ["x2", "small"], ["y2"], name="small")]
+    proto = make_model(nodes, [tensor("x", [4, 96]), tensor("x2", [4, 64])],
+                       [tensor("h", [4, 96]), tensor("y2", [4, 48])], [init("big", big), init("small", small)])
+    _, result = run_pass("lowrank-matmul", proto, budget=0.5, **QUIET, select="spectrum")
+    rows = {r["node"]: r for r in layer_rows(result)}
+    assert rows["giant"]["reason"].startswith("full rank in practice")
+    assert result.stats["budget_base"] == 64 * 48 and result.stats["budget_met"]
+    assert rows["small"]["action"] == "split" and rows["small"]["rank"] >= 8
+
+
 def test_budget_on_macs():
     proto = two_layers()
     _, result = run_pass("lowrank-matmul", proto, budget=0.7, budget_on="macs", **QUIET, full_rank_energy=0.0)
