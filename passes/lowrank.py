@@ -96,6 +96,8 @@ class _Options:
     benchmark_cache: bool = option(True, "keep micro-benchmark timings in the user's cache folder "
                                          "($ONNXOPT_CACHE_DIR or ~/.cache/onnxopt)")
     max_gram: int = option(4608, "largest input width (C·kh·kw for a Conv) to whiten; wider ones use plain SVD")
+    whiten_min_rows: float = option(2.0, "whiten a layer only when the calibration data gives at least this "
+                                         "many rows (samples, tokens, positions) per input dimension")
 
 
 @dataclass
@@ -113,6 +115,7 @@ class _Layer:
     speed_rank: int | None = None
     speed_cached: bool = False
     refit: str | None = None
+    note: str | None = None  # why the weight was not whitened
 
 
 class _LowRankPass(Pass):
@@ -224,6 +227,15 @@ class _LowRankPass(Pass):
         asked = [r for r in requests if r is not None]
         filled = iter(ctx.calibration.reduce(model, asked)) if asked else iter(())
         out = [next(filled) if r is not None else None for r in requests]
+        for i, (lay, gram) in enumerate(zip(layers, out)):
+            width = lay.split.gram_width()
+            if requests[i] is None:
+                lay.note = f"plain SVD: input width {width} > max_gram {o.max_gram}"
+            elif gram.count < o.whiten_min_rows * width:
+                # fewer rows than dimensions: the whitened error of any split that fits those
+                # rows is ~0 however wrong it is elsewhere (8 images for a 4096-wide layer)
+                lay.note = f"plain SVD: {gram.count} calibration rows for {width} input dimensions"
+                out[i] = None
         stats["whitening"] = f"{sum(1 for g in out if g is not None and g.count)} of {len(layers)} layers"
         return out
 
@@ -480,6 +492,8 @@ def _row(split: Split, lay: _Layer | None = None, reason: str | None = None) -> 
     if lay is not None:
         if split.decomposition is not None:
             row["whitened"] = bool(split.whitened)
+        if lay.note:
+            row["whitening"] = lay.note
         if lay.speed is not None:
             row["speed_ratio"] = round(lay.speed, 3)
         if lay.measured and rank in lay.measured:

@@ -122,7 +122,7 @@ def _zoo(name: str, passes: list[str]):
     def make(tmp: Path) -> dict:
         calib = _npz_batches(ZOO / f"{name}.calib.npz")
         return {"path": ZOO / f"{name}.onnx", "calibration": _write_folder(calib, tmp / f"{name}_calib"),
-                "eval": _npz_batches(ZOO / f"{name}.eval.npz")[:4], "fidelity": _output_fidelity, "passes": passes}
+                "eval": _npz_batches(ZOO / f"{name}.eval.npz"), "fidelity": _output_fidelity, "passes": passes}
     return make
 
 

@@ -305,6 +305,15 @@ def test_data_aware_split_beats_plain_svd_on_correlated_inputs():
     assert rel_error(proto, aware, held_out) < 0.5 * rel_error(proto, plain, held_out)
 
 
+def test_too_few_calibration_rows_fall_back_to_plain_svd():
+    proto = matmul_add(k=48, n=40)
+    calib = correlated_batches(48, 1, seed=1, rows=(2, 3))  # 6 rows for 48 input dimensions
+    _, result = run_pass("lowrank-matmul", proto, ctx=with_calibration(proto, calib), rank=6, refit=False,
+                         **QUIET, full_rank_energy=0.0)
+    row = layer_rows(result)[0]
+    assert row["whitened"] is False and row["whitening"] == "plain SVD: 6 calibration rows for 48 input dimensions"
+
+
 def test_refit_pairs_the_students_activations_with_the_teachers_outputs():
     proto = two_layers()
     calib = [{"x": rng(10 + i).standard_normal((8, 48)).astype(np.float32)} for i in range(8)]
