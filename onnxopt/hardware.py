@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from pathlib import Path
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,3 +31,15 @@ def cpu_has_vnni() -> bool:
 def describe_cpu() -> str:
     """One line for reports: architecture and whether it has VNNI."""
     return f"{platform.machine()} ({'with' if cpu_has_vnni() else 'without'} VNNI dot products)"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (what makes a timing taken on one machine useless on another)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

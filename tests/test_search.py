@@ -35,7 +35,7 @@ def mlp() -> onnx.ModelProto:
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path / "cache"))
     model = mlp()
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
@@ -129,3 +129,20 @@ def test_cli_search_usage_errors(files, tmp_path, capsys, args, message):
     model, calib, _ = files
     rc = main(["optimize", model, "-o", str(tmp_path / "o.onnx"), "--calibration", calib] + args)
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_structural_knobs_scale_pruning_and_low_rank():
+    from onnxopt.optimize import plan as plan_pipeline
+    from onnxopt.target import load_target
+
+    _, specs, _ = plan_pipeline(load_target("cpu"), "lossless,prune-channels{ratio=0.4},"
+                                "lowrank-matmul{budget=0.6},quantize-dynamic", has_calibration=True)
+    plan = space.split(specs)
+    knobs = space.knobs_for(plan, has_calibration=True)
+    assert knobs["prune_scale"][0] == 1.0 and knobs["lowrank_scale"][0] == 1.0
+    half = space.build(plan, space.Candidate({"prune_scale": 0.5, "lowrank_scale": 0.5}), [])
+    assert half.lossy_pass("prune-channels").options["ratio"] == 0.2
+    assert half.lossy_pass("lowrank-matmul").options["budget"] == 0.8  # keeps more
+    none = space.build(plan, space.Candidate({"prune_scale": 0.0, "lowrank_scale": 0.0}), [])
+    assert [s.name for s in none.lossy] == ["quantize-dynamic"]
+    assert plan.lossy_pass("prune-channels").options["ratio"] == 0.4  # the base plan is untouched

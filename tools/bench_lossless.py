@@ -243,16 +243,6 @@ def lossless_text() -> str:
     return load_target("cpu").pipelines["lossless"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "IN", "OUT"), help=argparse.SUPPRESS)
@@ -333,7 +323,9 @@ def main() -> None:
                   f"| {r['save']:.2f} | {r['runs']} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |", flush=True)
         return
     tools = ["inspect", "onnxopt"] if args.scale else [t for t in args.tools.split(",") if t]
-    print(f"# {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    from onnxopt.hardware import cpu_model
+
+    print(f"# {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"# onnxopt pipeline '{args.pipeline}'" +
           (f" = {lossless_text()}" if args.pipeline == "lossless" else ""))
     rows = []

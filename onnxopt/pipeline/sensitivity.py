@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from onnxopt.ir.model import ModelState
 from onnxopt.ir.submodel import submodel
 from onnxopt.ir.validate import structural_problem
 from onnxopt.measure.fidelity import Fidelity
+from onnxopt.user_cache import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -261,17 +261,6 @@ class Sensitivity:
 def alone(keys: list[str], key: str) -> list[str]:
     """What to keep so that only ``key`` is compressed."""
     return [k for k in keys if k != key]
-
-
-def user_cache_dir() -> Path:
-    """Where onnxopt keeps what is costly to compute again: $ONNXOPT_CACHE, else the
-    platform's user cache folder (XDG_CACHE_HOME or ~/.cache, LOCALAPPDATA on Windows)."""
-    if os.environ.get("ONNXOPT_CACHE"):
-        return Path(os.environ["ONNXOPT_CACHE"])
-    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
-        return Path(os.environ["LOCALAPPDATA"]) / "onnxopt" / "cache"
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "onnxopt"
 
 
 def digest_batches(batches: list[dict[str, np.ndarray]]) -> str:

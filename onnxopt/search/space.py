@@ -132,6 +132,51 @@ register_knob(Knob("smooth_quant", (False, True), _has("quantize-static"), _befo
 register_knob(Knob("refit", (False, True), _has(*QUANTIZERS), _after("refit")))
 
 
+# Structural passes: how much they remove, scaled (1: as the pipeline says, 0: the pass is
+# dropped). Pruning ratios scale down; low-rank keeps more of each layer (budget or energy
+# closer to 1).
+STRUCTURAL = {"prune-channels": "ratio", "prune-magnitude": "sparsity",
+              "lowrank-matmul": "budget", "lowrank-conv": "budget"}
+
+
+def _option_value(spec: PassSpec, option: str):
+    if option in spec.options:
+        return spec.options[option]
+    return getattr(get_pass(spec.name).Options(), option)
+
+
+def _scale_structure(names: tuple[str, ...]) -> Callable[[Plan, float], None]:
+    def apply(plan: Plan, scale: float) -> None:
+        kept = []
+        for spec in plan.lossy:
+            if spec.name not in names or scale == 1.0:
+                kept.append(spec)
+                continue
+            if scale == 0.0:
+                continue  # the pass is not run
+            option = STRUCTURAL[spec.name]
+            if spec.name.startswith("lowrank"):
+                budget = float(_option_value(spec, "budget"))
+                if budget > 0:  # keep a share of the parameters: keep more
+                    spec.options["budget"] = round(1 - (1 - budget) * scale, 4)
+                else:  # per-layer energy: keep more of it
+                    energy = float(_option_value(spec, "energy"))
+                    spec.options["energy"] = round(1 - (1 - energy) * scale, 6)
+            else:
+                spec.options[option] = round(float(_option_value(spec, option)) * scale, 4)
+                if spec.options.get("schedule"):
+                    spec.options["schedule"] = [round(float(x) * scale, 4) for x in spec.options["schedule"]]
+            kept.append(spec)
+        plan.lossy = kept
+    return apply
+
+
+register_knob(Knob("prune_scale", (1.0, 0.5, 0.0), _has("prune-channels", "prune-magnitude"),
+                   _scale_structure(("prune-channels", "prune-magnitude"))))
+register_knob(Knob("lowrank_scale", (1.0, 0.5, 0.0), _has("lowrank-matmul", "lowrank-conv"),
+                   _scale_structure(("lowrank-matmul", "lowrank-conv"))))
+
+
 def knobs_for(plan: Plan, has_calibration: bool) -> dict[str, tuple]:
     """The knobs that apply to ``plan`` and their choices (refit needs calibration data)."""
     out = {}
