@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import Pass, PassResult, option, register_pass
-from onnxopt.errors import PipelineError, TargetError, UsageError
+from onnxopt.errors import CalibrationError, PipelineError, TargetError, UsageError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.sparse import encoded_sizes, sparse_constant, sparse_pays
 from onnxopt.ir.surgery import replace_input
@@ -100,6 +100,10 @@ class PruneMagnitudePass(Pass):
         storage: str = option("auto", "store pruned weights as ONNX sparse initializers: auto (weights at least "
                                       "75% zero, where that is smaller), dense, sparse",
                               choices=("auto", "dense", "sparse"))
+        refit: str = option("auto", "after each round, refit the kept weights of every pruned layer to the "
+                                    "original model's outputs, making up for the zeros (auto: when calibration "
+                                    "data is given)", choices=("auto", "on", "off"))
+        ridge: float = option(1e-3, "ridge of the refit, relative to the mean input energy")
 
     def run(self, model, ctx) -> PassResult:
         o = self.options
@@ -107,18 +111,25 @@ class PruneMagnitudePass(Pass):
         if any(not 0.0 <= s < 1.0 for s in rounds) or rounds != sorted(rounds):
             raise PipelineError(f"prune-magnitude: sparsity and schedule take increasing values in [0, 1), "
                                 f"not {rounds}")
+        if o.refit == "on" and ctx.calibration is None:
+            raise CalibrationError("prune-magnitude: refit=on needs calibration data (--calibration DATA)")
+        do_refit = o.refit == "on" or (o.refit == "auto" and ctx.calibration is not None)
         _check_op_types(o.op_types)
         weights, in_nodes = _weights(model, o.op_types)
         keep = {}
         for w in weights:
             given = _given_mask(ctx, w)
             keep[id(w.tensor)] = given if given is not None else np.ones(w.values.shape, bool)
+        refits: dict[str, int] = {}
         for target in rounds:
             if o.scope == "layer":
                 for w in weights:
                     keep[id(w.tensor)] = _layer_mask(np.abs(w.values), keep[id(w.tensor)], target)
             else:
                 _global_masks(weights, keep, target)
+            if do_refit:  # the next round ranks the refitted weights
+                for status, n in _refit(model, ctx, weights, keep, o.ridge).items():
+                    refits[status] = refits.get(status, 0) + n
         zeroed = total = stored_sparse = 0
         sizes = {"bytes_before": 0, "bytes_after": 0, "gzip_before": 0, "gzip_after": 0}
         for w in weights:
@@ -138,8 +149,31 @@ class PruneMagnitudePass(Pass):
                  "stored_sparse": stored_sparse, "weight_storage": sizes}
         if in_nodes:
             stats["left_in_constant_nodes"] = in_nodes
+        stats["refit"] = refits if do_refit else ("off (no calibration data)" if o.refit == "auto" else "off")
         changed = zeroed > 0 or stored_sparse > 0
         return PassResult(changed=changed, stats=stats)
+
+
+def _refit(model, ctx, weights: list[_Weight], keep: dict, ridge: float) -> dict[str, int]:
+    """Zero the dropped weights, then refit the layers layer by layer (each on the inputs the
+    refitted layers before it give) to the original model's outputs, zeros kept
+    (``onnxopt.data.reconstruct``); ``weights`` then hold the refitted values. A weight read
+    by more than one layer is zeroed but not refitted. Returns counts by refit status."""
+    from onnxopt.data.reconstruct import LayerFit, refit_layers
+
+    fits = []
+    for w in weights:
+        w.tensor.values = np.where(keep[id(w.tensor)], w.values, np.zeros((), w.values.dtype)).astype(w.values.dtype)
+        w.values = w.tensor.values
+        if len(w.tensor.outputs) == 1:
+            fits.append(LayerFit(w.node, keep_zeros=True))
+    records = refit_layers(model, ctx, fits, ridge=ridge)
+    for w in weights:
+        w.values = constant_value(w.tensor)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
 
 
 def _layer_mask(magnitude: np.ndarray, keep: np.ndarray, sparsity: float) -> np.ndarray:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxopt.data.calibration import Subset, batch_count
+from onnxopt.data.obs import hessian
 from onnxopt.data.statistics import REFERENCE, Calibration, Gram, Tap
 from onnxopt.errors import CalibrationError
 from onnxopt.ir.graphs import named
@@ -53,7 +54,7 @@ from onnxopt.ir.surgery import topological_order
 from onnxopt.pipeline.lineage import Teacher
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
-from onnxopt.quantization.gptq import Grid, gptq, hessian
+from onnxopt.quantization.gptq import Grid, gptq
 from onnxopt.quantization.stored import StoredLayer, read_layer
 
 logger = logging.getLogger(__name__)

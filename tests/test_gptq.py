@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnxopt.data.obs import hessian, output_error
 from onnxopt.data.statistics import Gram, Patches
-from onnxopt.quantization.gptq import Grid, gptq, hessian, output_error
+from onnxopt.quantization.gptq import Grid, gptq
 
 
 def correlated_inputs(rows=4000, cols=48, seed=0):

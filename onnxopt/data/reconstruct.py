@@ -41,10 +41,12 @@ logger = logging.getLogger(__name__)
 class LayerFit:
     """One layer to refit: ``node`` (a Conv with group 1, or a MatMul/Gemm dense layer)
     and ``columns``, the channels of the reference output its current outputs are (None:
-    all of them, in order)."""
+    all of them, in order). ``keep_zeros``: the weight's zeros are a pruning mask and stay
+    zero (the other weights are fitted, then made up for the zeros by the OBS sweep)."""
 
     node: gs.Node
     columns: np.ndarray | None = None
+    keep_zeros: bool = False
 
 
 def conv_patches(node: gs.Node) -> Patches | None:
@@ -164,9 +166,28 @@ class _Plan:
         # few samples per input: shrink harder toward the current weight, (inputs/samples)²
         # (negligible with plenty of data, dominant when the system is underdetermined)
         delta, b = rel.solve(ridge=ridge + (self.dim / max(gram.count, 1)) ** 2, bias=self.fit_bias)
+        if self.fit.keep_zeros:
+            delta, b = self._keep_zeros(gram, cols, self.w0 + delta, b, ridge)
         before = _error(gram, cols, self.w0, self.b0 if self.fit_bias else None)
         after = _error(gram, cols, self.w0 + delta, b)
         return self.w0 + delta, b, before, after
+
+    def _keep_zeros(self, gram: Gram, cols, w: np.ndarray, b, ridge: float):
+        """The fit ``w`` (+ ``b``) with the current weight's zeros put back, the kept weights
+        compensating them on this layer's inputs (``onnxopt.data.obs``); returns the change
+        from the current weight and the bias refitted for it."""
+        from onnxopt.data.obs import hessian, prune_compensated
+
+        n = max(gram.count, 1)
+        h = gram.xtx / n
+        mean = gram.sum_x / n
+        if self.fit_bias:  # the bias takes the mean: only the spread matters
+            h = h - np.outer(mean, mean)
+        keep = self.w0 != 0  # [dim, M]
+        pruned = prune_compensated(w.T, hessian(h, max(ridge, 0.01)), keep.T).T
+        if self.fit_bias:
+            b = gram.sum_y[cols] / n - mean @ pruned
+        return pruned - self.w0, b
 
     def write(self, w: np.ndarray, b: np.ndarray | None, names: NameTable) -> None:
         node = self.node

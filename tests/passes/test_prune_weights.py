@@ -135,3 +135,71 @@ def test_weights_in_constant_nodes_are_counted_not_pruned():
     del model.graph.initializer[0]
     _, result, _ = run(model, "prune-magnitude", sparsity=0.5, storage="dense")
     assert result.stats["left_in_constant_nodes"] == 1 and result.stats["weights"] == 1
+
+
+def _calibrated(model, batches=16, seed=1):
+    from onnxopt.data.statistics import open_calibration
+    from onnxopt.ir.model import Reference
+
+    m = load(model)
+    r = np.random.default_rng(seed)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = [{model.graph.input[0].name: r.standard_normal(shape).astype(np.float32)} for _ in range(batches)]
+
+    class Reader:  # read again for every level of the refit
+        def __init__(self):
+            self.rewind()
+
+        def rewind(self):
+            self.it = iter(data)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    ctx = PassContext(target=load_target("cpu"), reference=Reference(m))
+    ctx.calibration = open_calibration(Reader(), m, ctx.reference)
+    return m, ctx
+
+
+def _relative_error(ref, cand, seed=7):
+    shape = [d.dim_value for d in ref.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {ref.graph.input[0].name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    a, b = session(ref).run(None, feeds)[0], session(cand).run(None, feeds)[0]
+    return float(np.sum((a - b) ** 2) / np.sum(a ** 2))
+
+
+def _pruned(model, **options):
+    m, ctx = _calibrated(model)
+    result = get_pass("prune-magnitude")(**options).run(m, ctx)
+    m.modified = True
+    return m.to_proto(), result, ctx
+
+
+@pytest.mark.parametrize("builder", [pg.chain, pg.ffn])
+def test_refit_keeps_the_zeros_and_makes_up_for_them(builder):
+    model = builder()
+    plain, _, _ = _pruned(model, sparsity=0.6, refit="off")
+    refit, result, ctx = _pruned(model, sparsity=0.6, refit="on")
+    assert result.stats["refit"].get("refitted", 0) >= 1
+    after = weights(refit)
+    for name, mask in ctx.pruned_masks.items():
+        assert not after[name][~mask].any()  # every dropped weight is still zero
+    assert result.stats["sparsity"] == pytest.approx(0.6, abs=0.02)
+    assert _relative_error(model, refit) < 0.8 * _relative_error(model, plain)
+
+
+def test_rounds_with_refit_in_between_rank_the_refitted_weights():
+    model = pg.ffn()
+    one_shot, _, _ = _pruned(model, sparsity=0.7, refit="on")
+    rounds, result, _ = _pruned(model, schedule=[0.35, 0.55, 0.7], refit="on")
+    assert result.stats["sparsity"] == pytest.approx(0.7, abs=0.02)
+    assert sum(result.stats["refit"].values()) >= 3  # refits in every round
+    assert not np.allclose(weights(one_shot)[next(iter(weights(one_shot)))],
+                           weights(rounds)[next(iter(weights(rounds)))])
+
+
+def test_refit_on_needs_calibration_data():
+    from onnxopt.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="refit=on"):
+        run(pg.chain(), "prune-magnitude", refit="on")
