@@ -298,9 +298,10 @@ class _Scorer:
 
 
 def _patches(node):
-    from onnxopt.data.reconstruct import conv_patches
+    """The im2col view of an ungrouped Conv consumer (a grouped one is scored without it)."""
+    from onnxopt.data.statistics import conv_patches
 
-    return conv_patches(node)
+    return conv_patches(node) if int(node.attrs.get("group", 1)) == 1 else None
 
 
 def _obs_saliency(h: np.ndarray, w: np.ndarray, in_axis: int, width: int) -> np.ndarray | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.data.statistics import REFERENCE, Gram, Patches, Tap
+from onnxopt.data.statistics import REFERENCE, Gram, Patches, Tap, conv_patches
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.ir.surgery import replace_input
@@ -47,22 +47,6 @@ class LayerFit:
     node: gs.Node
     columns: np.ndarray | None = None
     keep_zeros: bool = False
-
-
-def conv_patches(node: gs.Node) -> Patches | None:
-    """The im2col view a Conv (group 1, explicit pads, 1-D or 2-D) reads its input through."""
-    attrs = node.attrs
-    if str(attrs.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") or int(attrs.get("group", 1)) != 1:
-        return None
-    w = node.inputs[1]
-    kernel = tuple(int(k) for k in w.shape[2:])
-    if len(kernel) not in (1, 2):
-        return None
-    n = len(kernel)
-    pads = tuple(int(p) for p in attrs.get("pads", [0] * (2 * n)))
-    strides = tuple(int(s) for s in attrs.get("strides", [1] * n))
-    dilations = tuple(int(d) for d in attrs.get("dilations", [1] * n))
-    return Patches(kernel, strides, pads, dilations)
 
 
 def transposed_conv_patches(node: gs.Node) -> Patches | None:
@@ -99,7 +83,7 @@ class _Plan:
         self.patches = None
         self.bias_add = None
         if node.op == "Conv":
-            self.patches = conv_patches(node)
+            self.patches = conv_patches(node) if int(node.attrs.get("group", 1)) == 1 else None
             if self.patches is None:
                 self.why = "grouped, padded by auto_pad or 3-D convolution"
                 return

@@ -358,6 +358,24 @@ class Patches:
         return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
+def conv_patches(node, kernel: tuple[int, ...] | None = None) -> Patches | None:
+    """The im2col geometry a 1-D or 2-D Conv reads its input through (grouped or not: a
+    group's columns are a run of the patch), ``kernel`` the weight's spatial shape when the
+    node's own weight input has none; None for auto_pad SAME_* or a 3-D Conv."""
+    if str(node.attrs.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+        return None
+    if kernel is None:
+        shape = node.inputs[1].shape
+        kernel = tuple(shape[2:]) if shape is not None else ()
+    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", kernel))
+    if len(kernel) not in (1, 2):
+        return None
+    n = len(kernel)
+    return Patches(kernel, tuple(int(x) for x in node.attrs.get("strides", [1] * n)),
+                   tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * n))),
+                   tuple(int(d) for d in node.attrs.get("dilations", [1] * n)))
+
+
 class Gram(Reducer):
     """XᵀX of one tensor (and XᵀY with a second one), accumulated in float64 over batches.
 

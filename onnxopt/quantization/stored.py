@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.data.statistics import Patches
+from onnxopt.data.statistics import Patches, conv_patches
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.quantization.gptq import Grid
@@ -232,18 +232,6 @@ def _per_row(values: np.ndarray | None, out: int) -> np.ndarray | None:
     if v.size != out:
         raise ValueError("not one value per output channel")
     return v.reshape(out, 1)
-
-
-def conv_patches(node: gs.Node, kernel: tuple[int, ...]) -> Patches | None:
-    """The im2col geometry of a 1-D or 2-D Conv (None: auto_pad or 3-D)."""
-    if len(kernel) not in (1, 2) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID",
-                                                                                   b"VALID"):
-        return None
-    dims = len(kernel)
-    return Patches(tuple(int(k) for k in node.attrs.get("kernel_shape", kernel)),
-                   tuple(int(s) for s in node.attrs.get("strides", [1] * dims)),
-                   tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * dims))),
-                   tuple(int(d) for d in node.attrs.get("dilations", [1] * dims)))
 
 
 def _layout(node: gs.Node, op: str, shape: tuple) -> tuple[int, int, int, int, bool, Patches | None]:
