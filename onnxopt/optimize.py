@@ -127,11 +127,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto | Model, target: str | o
     ``masks`` (an .npz path or a dict, initializer name -> bool array, True = kept) are
     pruning masks of an earlier run that the pruning passes respect; ``.masks`` of the
     result holds the masks this run's pruning passes left.
-    The input (file or proto) is never modified.
+    The input (file, proto or Model) is never modified.
     """
     started = time.perf_counter()
     target, specs, notes = plan(target, pipeline, has_calibration=calibration is not None)
-    m = load(model)
+    m = model.copy() if isinstance(model, Model) else load(model)
     if input_shapes:
         shapes = [f"{name}:{','.join(map(str, dims))}" for name, dims in input_shapes.items()]
         specs = [PassSpec("fix-shapes", {"shapes": shapes})] + specs

@@ -24,6 +24,15 @@ def test_load_proto_does_not_modify_callers_proto():
     assert proto.SerializeToString() == before
 
 
+def test_optimize_leaves_a_loaded_model_as_it_was():
+    """The search builds several candidates from one loaded Model: none may see another's passes."""
+    m = load(const_chain())
+    before = m.to_proto().SerializeToString()
+    first = onnxopt.optimize(m, pipeline="lossless")
+    assert m.to_proto().SerializeToString() == before
+    assert onnxopt.optimize(m, pipeline="lossless").model.SerializeToString() == first.model.SerializeToString()
+
+
 def test_unchanged_model_is_kept_and_provenance_added(tmp_path):
     proto = dead_branch()
     proto.doc_string = "doc"

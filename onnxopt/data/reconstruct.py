@@ -168,7 +168,10 @@ class _Plan:
         if self.fit_bias:  # the bias takes the mean: only the spread matters
             h = h - np.outer(mean, mean)
         keep = self.w0 != 0  # [dim, M]
-        pruned = prune_compensated(w.T, hessian(h, max(ridge, 0.01)), keep.T).T
+        # damped as the fit is: with fewer samples than inputs, H has directions the data
+        # never saw, and an undamped sweep would fit the calibration samples exactly
+        damp = min(10.0, max(ridge, 0.01) + (self.dim / n) ** 2)
+        pruned = prune_compensated(w.T, hessian(h, damp), keep.T).T
         if self.fit_bias:
             b = gram.sum_y[cols] / n - mean @ pruned
         return pruned - self.w0, b

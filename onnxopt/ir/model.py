@@ -103,6 +103,14 @@ class Model:
         yield from iter_graphs(self.graph)
 
     # -- snapshots (rollback) ----------------------------------------------------------------
+    def copy(self) -> "Model":
+        """Another Model of the same template with its own copy of the graph (weight arrays
+        shared: passes replace a constant's array, they never write into it)."""
+        other = Model.__new__(Model)
+        other.__dict__.update(self.__dict__)
+        other.restore(self.snapshot())
+        return other
+
     def snapshot(self) -> "ModelState":
         """A copy of everything a pass can change, for ``restore``."""
         return ModelState(self.graph.copy(), list(self.opset_import), self.modified)
