@@ -50,7 +50,7 @@ from onnxopt.errors import CalibrationError
 from onnxopt.ir.graphs import named
 from onnxopt.ir.names import NameTable
 from onnxopt.ir.submodel import upstream
-from onnxopt.ir.surgery import topological_order
+from onnxopt.ir.surgery import dependency_levels
 from onnxopt.pipeline.lineage import Teacher
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
@@ -140,7 +140,7 @@ class RefitPass(Pass):
             return PassResult(changed=False, stats=stats)
         fit, check, split = self._split(ctx.calibration.source)
         stats["check"] = split
-        waves = _waves(model.graph, jobs)
+        waves = dependency_levels(model.graph, jobs, lambda job: job.layer.node)
         names = NameTable.of(model.graph)
         chosen = dict.fromkeys(CANDIDATES, 0)
         before = after = 0.0
@@ -287,21 +287,3 @@ class RefitPass(Pass):
             return fit.sum_y / fit.count - fit.mean_x @ w.T
         base = prior_b if prior_b is not None else (now_b if now_b is not None else 0.0)
         return base + fit.mean_x @ (prior_w - w).T
-
-
-def _waves(graph, jobs: list[_Job]) -> list[list[_Job]]:
-    """Jobs grouped so that no job's input depends on a job of its own or a later wave."""
-    by_node = {id(job.layer.node): job for job in jobs}
-    level: dict[int, int] = {}  # id(node) -> wave of the nearest refitted layers upstream + 1
-    depth: dict[int, int] = {}  # id(tensor producer node) -> highest wave feeding it
-    for node in topological_order(graph):
-        feeding = max((depth.get(id(t.inputs[0]), -1) for t in node.inputs if t.inputs), default=-1)
-        if id(node) in by_node:
-            level[id(node)] = feeding + 1
-            depth[id(node)] = feeding + 1
-        else:
-            depth[id(node)] = feeding
-    waves: dict[int, list[_Job]] = {}
-    for job in jobs:
-        waves.setdefault(level.get(id(job.layer.node), 0), []).append(job)
-    return [waves[k] for k in sorted(waves)]

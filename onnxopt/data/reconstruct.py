@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.data.statistics import REFERENCE, Gram, Patches, Tap, conv_patches
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import NameTable, new_constant
-from onnxopt.ir.surgery import replace_input
+from onnxopt.ir.surgery import dependency_levels, replace_input
 from onnxopt.ir.weights import bias_add_after, dense_layer
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def refit_layers(model, ctx, fits: list[LayerFit], ridge: float = 1e-3,
             records.append({"layer": fit.node.name, "status": "skipped", "reason": plan.why})
             continue
         plans.append(plan)
-    for level in _levels(model.graph, plans):
+    for level in dependency_levels(model.graph, plans, lambda p: p.node):
         chunk: list[_Plan] = []
         used = 0
         for plan in level + [None]:
@@ -266,23 +266,6 @@ def refit_layers(model, ctx, fits: list[LayerFit], ridge: float = 1e-3,
                 records.extend(_fit_chunk(model, ctx, chunk, ridge, names))
             chunk, used = ([plan], plan.bytes()) if plan is not None else ([], 0)
     return records
-
-
-def _levels(graph: gs.Graph, plans: list[_Plan]) -> list[list[_Plan]]:
-    """The plans by depth: a layer comes after every refitted layer upstream of it, so its
-    statistics are collected on inputs those refits already changed; layers of one level
-    are independent and share one streamed run."""
-    from onnxopt.ir.surgery import topological_order
-
-    planned = {id(p.node): p for p in plans}
-    depth: dict[int, int] = {}
-    for node in topological_order(graph):
-        d = max((depth.get(id(t.inputs[0]), 0) for t in node.inputs if t.inputs), default=0)
-        depth[id(node)] = d + (1 if id(node) in planned else 0)
-    levels: dict[int, list[_Plan]] = {}
-    for p in plans:
-        levels.setdefault(depth[id(p.node)], []).append(p)
-    return [levels[k] for k in sorted(levels)]
 
 
 def _fit_chunk(model, ctx, chunk: list[_Plan], ridge: float, names: NameTable) -> list[dict]:

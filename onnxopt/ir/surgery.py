@@ -51,6 +51,24 @@ def topological_order(graph: gs.Graph) -> list[gs.Node]:
     return [nodes[i] for i in order]
 
 
+def dependency_levels(graph: gs.Graph, items: list, node_of) -> list[list]:
+    """``items`` (each with a node of ``graph``: ``node_of(item)``) grouped by level: an item
+    comes one level after the nearest items upstream of it, so items of one level depend on
+    none of their own level or a later one. Layer-by-layer refits use it: a level's inputs
+    are final once the levels before it are refitted, and a level's layers share one run."""
+    wanted: dict[int, list] = {}
+    for item in items:
+        wanted.setdefault(id(node_of(item)), []).append(item)
+    depth: dict[int, int] = {}  # id(node) -> levels of items up to and including it
+    for node in topological_order(graph):
+        d = max((depth.get(id(t.inputs[0]), 0) for t in node.inputs if t.inputs), default=0)
+        depth[id(node)] = d + (1 if id(node) in wanted else 0)
+    levels: dict[int, list] = {}
+    for item in items:
+        levels.setdefault(depth.get(id(node_of(item)), 1), []).append(item)
+    return [levels[k] for k in sorted(levels)]
+
+
 def detach_nodes(nodes) -> None:
     """Unlink ``nodes`` from every tensor they read or write (they keep no links)."""
     gone = {id(n) for n in nodes}
