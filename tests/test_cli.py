@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from tests import graphs
+from tests.tools import load_tool
 from onnxopt import Pass, PassResult
 from onnxopt.pipeline import registry
 from onnxopt.cli import main
@@ -232,14 +233,7 @@ def test_failing_pass_rolled_back_or_fatal_with_strict(capsys, toy_passes, model
 
 # -- the scale generators, at test size (issue 8.4; the real sizes are in BENCHMARKS.md) -------------------
 def _synthetic():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "make_synthetic_models.py"
-    spec = importlib.util.spec_from_file_location("make_synthetic_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("make_synthetic_models")
 
 
 def test_synthetic_chain_inspect_and_lossless(capsys, tmp_path):

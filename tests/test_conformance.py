@@ -9,28 +9,14 @@ with the suite's own comparison. The harness is tools/conformance.py (also a CLI
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 
 import onnxopt
+from tests.tools import load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("onnxopt_conformance_harness", TOOLS / "conformance.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = load_tool("conformance")
 
 
 def lossless(model: onnx.ModelProto):

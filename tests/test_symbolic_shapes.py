@@ -2,8 +2,6 @@
 peers got wrong (rank-2 values folded flat, Shape start/end, negative indices, the INT64
 "to the end" sentinel, allowzero, lying declared shapes)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from onnxopt.analysis.shapes import symbolic_shapes
 from onnxopt.ir.model import load
 
 from tests.graphs import init, make_model, tensor
+from tests.tools import load_tool
 
 B, S = D.symbol("batch"), D.symbol("seq")
 I64 = TensorProto.INT64
@@ -161,11 +160,7 @@ def test_if_with_a_known_condition_keeps_both_ranks_apart():
 
 # -- against onnxruntime -------------------------------------------------------------------
 def _check_shapes_tool():
-    path = Path(__file__).resolve().parent.parent / "tools" / "check_shapes.py"
-    spec = importlib.util.spec_from_file_location("onnxopt_check_shapes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("check_shapes")
 
 
 def test_claims_hold_on_conformance_cases_of_shape_ops():
