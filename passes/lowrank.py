@@ -51,7 +51,7 @@ from onnxopt.factorization.layers import METHODS, Split, conv_split, dense_split
 from onnxopt.factorization.ranks import Option, allocate, ranks_below, round_rank
 from onnxopt.ir.constants import is_constant
 from onnxopt.ir.names import NameTable
-from onnxopt.ir.surgery import topological_order
+from onnxopt.ir.surgery import dependency_levels
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
 
@@ -405,19 +405,7 @@ class _LowRankPass(Pass):
         """Refit the splits level by level (a level's splits have the same number of splits
         upstream), with statistics of the model as refitted so far."""
         o = self.options
-        by_last = {id(lay.split.last): lay for lay in chosen}
-        depth: dict[int, int] = {}
-        level: dict[int, int] = {}
-        for node in topological_order(model.graph):
-            d = max((depth.get(id(t), 0) for t in node.inputs), default=0)
-            lay = by_last.get(id(node))
-            if lay is not None:
-                level[id(lay)] = d
-                d += 1
-            for t in node.outputs:
-                depth[id(t)] = d
-        for current in sorted(set(level.values())):
-            group = [lay for lay in chosen if level.get(id(lay)) == current]
+        for group in dependency_levels(model.graph, chosen, lambda lay: lay.split.last):
             requests = []
             for lay in group:
                 gram, why = lay.split.refit_request()
