@@ -103,12 +103,13 @@ class Model:
         yield from iter_graphs(self.graph)
 
     # -- snapshots (rollback) ----------------------------------------------------------------
-    def copy(self) -> "Model":
-        """Another Model of the same template with its own copy of the graph (weight arrays
-        shared: passes replace a constant's array, they never write into it)."""
+    def copy(self, state: "ModelState | None" = None) -> "Model":
+        """Another Model of the same template holding a copy of ``state`` (default: this
+        model's contents): its own graph, weight arrays shared (passes replace a constant's
+        array, they never write into it)."""
         other = Model.__new__(Model)
         other.__dict__.update(self.__dict__)
-        other.restore(self.snapshot())
+        other.restore(state.copy() if state is not None else self.snapshot())
         return other
 
     def snapshot(self) -> "ModelState":
@@ -182,6 +183,10 @@ class ModelState:
     graph: gs.Graph
     opset_import: list[tuple[str, int]]
     modified: bool
+
+    def copy(self) -> "ModelState":
+        """A copy, so this state can be restored again later."""
+        return ModelState(self.graph.copy(), list(self.opset_import), self.modified)
 
 
 class Reference:

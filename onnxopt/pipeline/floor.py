@@ -39,8 +39,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.ir.graphs import node_key
 from onnxopt.ir.model import ModelState
 from onnxopt.measure.fidelity import FidelityProbe, Floor
-from onnxopt.pipeline.sensitivity import LayerTrials, Trial, clone_model, clone_state, describe, fewest, \
-    rank_by_own_error
+from onnxopt.pipeline.sensitivity import LayerTrials, Trial, describe, fewest, rank_by_own_error
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class FloorKeeper:
         if cls.keep_option is None:
             return below, []
         after = model.snapshot()
-        model.restore(clone_state(before))
+        model.restore(before.copy())
         candidates = [k for k in cls(**options).layers(model, ctx) if k]
         if not candidates:
             model.restore(after)
@@ -153,14 +152,14 @@ class FloorKeeper:
         """The model must not be slower than before the pass (``max_latency_ratio``): regions
         of layers that cost more in Q/DQ transitions than they save go back, worst first."""
         cls, options, model, ctx, before = trials.cls, trials.options, trials.model, trials.ctx, trials.before
-        before_proto = clone_model(model, before).export()
+        before_proto = model.copy(before).export()
         speed = self._speed(before_proto, model)
         report["speed"] = speed.to_json() if speed else None
         if speed is None or self.floor.fast_enough(speed.ratio):
             return None
         limit = self.floor.max_latency_ratio
         after = model.snapshot()
-        model.restore(clone_state(before))
+        model.restore(before.copy())
         base = dict(options)
         base[cls.keep_option] = list(base.get(cls.keep_option, [])) + kept if cls.keep_option else []
         regions = self._regions(cls(**base).layers(model, ctx), model, ctx) if cls.keep_option else []

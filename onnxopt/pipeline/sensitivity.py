@@ -67,7 +67,7 @@ class LayerTrials:
     def run(self, keep: list[str]) -> Trial | None:
         """The pass run again from ``before`` with ``keep`` left alone, or None when it failed."""
         model, ctx, cls = self.model, self.ctx, self.cls
-        model.restore(clone_state(self.before))
+        model.restore(self.before.copy())
         del ctx.notes[self.saved[0]:]
         ctx.metadata.clear()
         ctx.metadata.update(self.saved[1])
@@ -109,21 +109,6 @@ def describe(f: Fidelity) -> str:
     return f"worst output '{f.output}' at {f.snr_db:.1f} dB SNR, cosine {f.cosine:.5f}"
 
 
-def clone_state(state: ModelState) -> ModelState:
-    """A copy of a snapshot, so the snapshot itself can be restored again later."""
-    return ModelState(state.graph.copy(), list(state.opset_import), state.modified)
-
-
-def clone_model(model, state: ModelState):
-    """A Model sharing ``model``'s template with ``state`` as its contents (for export)."""
-    from onnxopt.ir.model import Model
-
-    other = Model.__new__(Model)
-    other.__dict__.update(model.__dict__)
-    other.restore(clone_state(state))
-    return other
-
-
 # -- ranking by the error each layer adds ---------------------------------------------------------
 def rank_by_own_error(candidates: list[str], model, after: ModelState, probe) -> list[str]:
     """``candidates`` (keys of layers of ``model``, the model before the pass) ordered by the
@@ -149,7 +134,7 @@ def rank_by_own_error(candidates: list[str], model, after: ModelState, probe) ->
                 data.append(t.name)
         else:
             layers[key] = (node, constants, data, node.outputs[0].name)
-    after_proto = clone_model(model, after).export()
+    after_proto = model.copy(after).export()
     available = capturable(after_proto)
     layers = {k: v for k, v in layers.items() if v[3] in available and all(n in available for n in v[2])}
     own = _own_snr(layers, after_proto, model, probe)
