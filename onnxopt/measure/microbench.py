@@ -5,7 +5,7 @@ that saves 20 % of the MACs can run slower as two GEMMs, a quantized layer can b
 than float on a CPU without the right dot products. ``MicroBenchmark.compare(a, b, feeds)``
 times both in onnxruntime on the given providers and threads (1 by default: the figure
 least disturbed by other load), interleaved A B B A … after a warm-up so that frequency
-changes and cache state hit both alike (``onnxopt.measure.compare.interleaved_latency``),
+changes and cache state hit both alike (``onnxopt.measure.speed.compare_speed``),
 and returns the medians and the median of the pairs' ratios.
 
 Results are cached under a key the caller gives (for a layer: its op, shapes, attributes
@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,19 +120,11 @@ class MicroBenchmark:
             hit = self.lookup(key)
             if hit is not None:
                 return Timing(hit.a_seconds, hit.b_seconds, hit.ratio, hit.runs, cached=True)
-        from onnxopt import runtime
-        from onnxopt.errors import ModelError
-        from onnxopt.measure.compare import interleaved_latency
+        from onnxopt.measure.speed import compare_speed
 
-        sess_a = runtime.session(a, self.providers, self.threads, level="all", spinning=False)
-        sess_b = runtime.session(b, self.providers, self.threads, level="all", spinning=False)
-        try:
-            times_a, times_b = interleaved_latency(sess_a, sess_b, feeds, runs=self.runs, warmup=self.warmup,
-                                                   budget_s=self.budget_s)
-        except ModelError as exc:  # a run failed
-            raise runtime.CannotRun(str(exc)) from None
-        ratio = statistics.median(tb / ta for ta, tb in zip(times_a, times_b) if ta > 0)
-        timing = Timing(statistics.median(times_a), statistics.median(times_b), ratio, len(times_a))
+        speed = compare_speed(a, b, feeds, self.providers, self.threads, runs=self.runs, budget_s=self.budget_s,
+                              warmup=self.warmup)
+        timing = Timing(speed.ms_a / 1e3, speed.ms_b / 1e3, speed.ratio, speed.runs)
         self.timed += 1
         if key is not None:
             self._store(self.cache_key(key), timing)

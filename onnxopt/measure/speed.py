@@ -30,16 +30,21 @@ class Speed:
 
 def compare_speed(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray],
                   providers: list[str] | None = None, threads: int = 1, runs: int = 30,
-                  budget_s: float = 15.0) -> Speed:
-    """Latency of ``b`` against ``a`` on ``feeds`` (raises onnxopt.runtime.CannotRun)."""
+                  budget_s: float = 15.0, warmup: int = 3) -> Speed:
+    """Latency of ``b`` against ``a`` on ``feeds`` (raises onnxopt.runtime.CannotRun when
+    onnxruntime cannot load or run either)."""
     from onnxopt import runtime
+    from onnxopt.errors import ModelError
     from onnxopt.measure.compare import interleaved_latency
 
     sess_a = runtime.session(a, providers, threads, level="all", spinning=False)
     sess_b = runtime.session(b, providers, threads, level="all", spinning=False)
     wanted = {i.name for i in sess_a.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in wanted}
-    times_a, times_b = interleaved_latency(sess_a, sess_b, feeds, runs=runs, budget_s=budget_s)
+    try:
+        times_a, times_b = interleaved_latency(sess_a, sess_b, feeds, runs=runs, warmup=warmup, budget_s=budget_s)
+    except ModelError as exc:  # a run failed
+        raise runtime.CannotRun(str(exc)) from None
     return Speed(pair_ratio(times_a, times_b), statistics.median(times_a) * 1e3,
                  statistics.median(times_b) * 1e3, len(times_a))
 
