@@ -181,10 +181,6 @@ def _as_proto_and_path(model, tmp: Path, label: str) -> tuple[onnx.ModelProto, P
     return m.to_proto(), path
 
 
-def _stats_input(value) -> np.ndarray:
-    return np.concatenate([np.asarray(v).ravel() for v in value]) if isinstance(value, list) else value
-
-
 def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
             max_drop: float | None = None, threads: int = 1, runs: int = 20,
             latency: bool = True, memory: bool = True, max_batches: int | None = None,
@@ -227,8 +223,7 @@ def compare(reference, candidate, data=None, metric: str | Callable = "cosine",
         if missing:
             raise ModelError(f"the candidate lacks output(s) {', '.join(sorted(missing))}")
         ref_all, cand_all = M.join_batches(ref_outs), M.join_batches(cand_outs)
-        stats = {name: M.output_stats(_stats_input(ref_all[name]), _stats_input(cand_all[name]))
-                 for name in ref_all}
+        stats = M.stats_by_output(ref_all, cand_all)
         result: dict[str, Any] = {
             "reference": {"path": str(reference) if not isinstance(reference, onnx.ModelProto) else None,
                           "file_bytes": ref_path.stat().st_size},

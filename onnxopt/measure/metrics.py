@@ -169,6 +169,15 @@ def join_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     return out
 
 
+def stats_by_output(reference: dict[str, Any], candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``output_stats`` of every output of ``reference``, both sides as ``join_batches`` gives
+    them (batches of different shapes are raveled into one array)."""
+    def joined(value):
+        return np.concatenate([np.asarray(v).ravel() for v in value]) if isinstance(value, list) else value
+
+    return {name: output_stats(joined(reference[name]), joined(candidate[name])) for name in reference}
+
+
 def min_row_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     """The smallest cosine between matching float outputs, row by row (rows = axis 0):
     the worst sample of the worst output, 1.0 when there is no float output."""

@@ -120,7 +120,7 @@ def evaluate(state: WorkerState, item: dict) -> dict:
         out["size"] = len(proto.SerializeToString())
         got = state.outputs(proto)
         ref_all, cand_all = M.join_batches(state.reference), M.join_batches(got)
-        stats = {name: M.output_stats(_flat(ref_all[name]), _flat(cand_all[name])) for name in ref_all}
+        stats = M.stats_by_output(ref_all, cand_all)
         fid = M.evaluate(state.metric, stats, ref_all, cand_all)
         out["drop"], out["value"] = float(fid.drop), fid.value
         speed = compare_speed(state.proto, proto, state.evaluation[0], None, 1, runs=int(item.get("runs", 400)),
@@ -195,10 +195,6 @@ def _prefix(state: WorkerState, prefix: str, pass_name: str, options: dict):
                 calibration.reduce(model, cls(**options).calibration_requests(model, ctx))
         state._prefixes[key] = (proto, calibration)
     return state._prefixes[key]
-
-
-def _flat(value):
-    return np.concatenate([np.asarray(v).ravel() for v in value]) if isinstance(value, list) else value
 
 
 TASKS = {"evaluate": evaluate, "layer_alone": layer_alone}
