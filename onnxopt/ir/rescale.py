@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.names import NameTable, new_constant
+from onnxopt.ir.weights import weight_axes
 
 _DEFAULT = (None, "", "ai.onnx")
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")  # f(x / s) = f(x) / s for s > 0, per channel
@@ -61,11 +62,10 @@ def input_axis(node: gs.Node, tensor: gs.Tensor) -> int | None:
 def input_channels(node: gs.Node) -> int | None:
     """Input channels a Conv/MatMul/Gemm reader's weight expects (all groups)."""
     shape = tuple(node.inputs[1].shape or ()) if len(node.inputs) > 1 else ()
-    if node.op == "Conv":
-        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 2 else None
-    if len(shape) != 2:
+    if node.op not in ("Conv", "MatMul", "Gemm") or (node.op != "Conv" and len(shape) != 2):
         return None
-    return int(shape[1]) if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else int(shape[0])
+    axes = weight_axes(node, 1, len(shape))
+    return axes.in_channels(shape) if axes is not None else None
 
 
 def _input_slices(node: gs.Node, w: np.ndarray, channels: int):
