@@ -51,7 +51,7 @@ from onnxopt.errors import PipelineError
 from onnxopt.ir.constants import constant_value
 from onnxopt.ir.graphs import named, node_key
 from onnxopt.ir.names import NameTable
-from onnxopt.ir.weights import bias_add_after, dense_layer
+from onnxopt.ir.weights import bias_add_after, dense_layer, is_float32_constant
 from onnxopt.pipeline.lineage import Origin
 from onnxopt.pipeline.pass_api import Pass, PassResult, option
 from onnxopt.pipeline.registry import register_pass
@@ -77,10 +77,6 @@ def _volume(t: gs.Constant) -> int:
     return int(np.prod(t.shape, dtype=np.int64))
 
 
-def _float_const(t) -> bool:
-    return isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32
-
-
 def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str | None:
     """Which rewrite applies to ``node`` ('matmul', 'gemm', 'conv', 'gather'), or None."""
     if node.domain not in (None, "", "ai.onnx") or not node.outputs:
@@ -92,13 +88,13 @@ def candidate_kind(node: gs.Node, op_types: set[str], min_elements: int) -> str 
     if node.op == "Conv" and "Conv" in op_types and len(node.inputs) >= 2:
         x, w = node.inputs[:2]
         b = node.inputs[2] if len(node.inputs) > 2 else None
-        if (isinstance(x, gs.Variable) and _float_const(w) and _volume(w) >= min_elements
+        if (isinstance(x, gs.Variable) and is_float32_constant(w) and _volume(w) >= min_elements
                 and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
-                and (b is None or b.name == "" or _float_const(b))):
+                and (b is None or b.name == "" or is_float32_constant(b))):
             return "conv"
     if node.op == "Gather" and "Gather" in op_types and len(node.inputs) == 2:
         data, idx = node.inputs
-        if (_float_const(data) and len(data.shape) == 2 and node.attrs.get("axis", 0) == 0
+        if (is_float32_constant(data) and len(data.shape) == 2 and node.attrs.get("axis", 0) == 0
                 and isinstance(idx, gs.Variable) and _volume(data) >= min_elements):
             return "gather"
     return None

@@ -34,7 +34,7 @@ from onnxopt.factorization import conv as C
 from onnxopt.ir.constants import constant_value, is_constant
 from onnxopt.ir.names import NameTable, new_constant
 from onnxopt.ir.surgery import remove_nodes, replace_input, take_outputs
-from onnxopt.ir.weights import _float32_constant, bias_add_after
+from onnxopt.ir.weights import bias_add_after, is_float32_constant
 
 METHODS = ("channel", "spatial", "tucker2", "separable")
 
@@ -210,7 +210,7 @@ class DenseSplit(Split):
         self.c = c
         n = self.n
         self.c_vector = None  # Gemm's C as [N] when it is a constant that broadcasts along rows
-        if c is not None and _float32_constant(c) and tuple(c.shape) in ((), (1,), (n,), (1, n), (1, 1)):
+        if c is not None and is_float32_constant(c) and tuple(c.shape) in ((), (1,), (n,), (1, n), (1, 1)):
             self.c_vector = np.broadcast_to(constant_value(c).reshape(-1), (n,)).astype(np.float64) * self.beta
 
     @property
@@ -382,7 +382,7 @@ def dense_split(node: gs.Node, graph: gs.Graph) -> DenseSplit | str:
             return "the weight is a Constant node (lift-constants, in the lossless pipeline, makes it an initializer)"
         return "the weight is not a constant" + (" (a constant left operand is not handled)"
                                                   if is_constant(x) else "")
-    if not _float32_constant(w):
+    if not is_float32_constant(w):
         return "the weight is not float32"
     if _users(w) > 1:
         return f"the weight is shared with {_users(w) - 1} other node(s)"
@@ -634,7 +634,7 @@ def conv_split(node: gs.Node, method: str) -> ConvSplit | str:
     w = node.inputs[1]
     if not isinstance(w, gs.Constant) and is_constant(w):
         return "the kernel is a Constant node (lift-constants, in the lossless pipeline, makes it an initializer)"
-    if not _float32_constant(w):
+    if not is_float32_constant(w):
         return "the kernel is not a float32 constant"
     if _users(w) > 1:
         return f"the kernel is shared with {_users(w) - 1} other node(s)"
@@ -642,7 +642,7 @@ def conv_split(node: gs.Node, method: str) -> ConvSplit | str:
     if kernel is None or kernel.ndim != 4:
         return "not a 2-D convolution"
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    if b is not None and not _float32_constant(b):
+    if b is not None and not is_float32_constant(b):
         return "the bias is not a float32 constant"
     m, cg, kh, kw = kernel.shape
     groups = int(node.attrs.get("group", 1))

@@ -130,7 +130,8 @@ class DenseLayer:
         return np.broadcast_to(constant_value(self.bias).reshape(-1), (self.n,)).astype(np.float32)
 
 
-def _float32_constant(t) -> bool:
+def is_float32_constant(t) -> bool:
+    """A graphsurgeon Constant of dtype float32 (a weight the float rewrites may change)."""
     try:
         return isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32
     except TypeError:
@@ -144,7 +145,7 @@ def dense_layer(node: gs.Node) -> DenseLayer | None:
     if node.domain not in (None, "", "ai.onnx") or len(node.inputs) < 2 or not node.outputs:
         return None
     x, w = node.inputs[:2]
-    if isinstance(x, gs.Constant) or not _float32_constant(w) or len(w.shape) != 2:
+    if isinstance(x, gs.Constant) or not is_float32_constant(w) or len(w.shape) != 2:
         return None
     if node.op == "MatMul" and len(node.inputs) == 2:
         return DenseLayer(node, x, w, False, None)
@@ -158,7 +159,7 @@ def dense_layer(node: gs.Node) -> DenseLayer | None:
     c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if c is not None:
         shape = tuple(c.shape)
-        if not _float32_constant(c) or float(attrs.get("beta", 1.0)) != 1.0 \
+        if not is_float32_constant(c) or float(attrs.get("beta", 1.0)) != 1.0 \
                 or shape not in ((), (1,), (n,), (1, n), (1, 1)):
             return None
     return DenseLayer(node, x, w, transposed, c)
@@ -175,6 +176,6 @@ def bias_add_after(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, gs.Constant
         return None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     n = node.inputs[1].shape[-1] if len(node.inputs) > 1 and node.inputs[1].shape else None
-    if _float32_constant(other) and len(other.shape) == 1 and other.shape[0] == n:
+    if is_float32_constant(other) and len(other.shape) == 1 and other.shape[0] == n:
         return add, other
     return None
